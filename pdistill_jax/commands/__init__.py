@@ -1,0 +1,1 @@
+"""One module per `pdistill` subcommand, each with `add_arguments(parser)` and `main(args)`."""

@@ -1,0 +1,261 @@
+"""The LoRA-augmented decoder transformer (Llama family and Qwen2) as Flax NNX modules.
+
+One set of base arrays serves both roles of prompt distillation: called with `use_lora=False`
+it is the teacher (the frozen base model), with `use_lora=True` it is the student. Every
+weight carries logical axis names (`axes` metadata) from which `sharding` derives placements.
+
+Layers are stacked along a leading axis and run with `jax.lax.scan`, so a 30-layer model
+compiles as fast as a 1-layer one. RoPE follows Hugging Face's rotate-half convention, so
+Hugging Face q/k weights load with a transpose and no permutation.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoraConfig, ModelConfig
+
+# A large finite negative: fully masked rows then give a uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: (layers, batch, slots, kv_heads, head_dim)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class LoRALinear(nnx.Module):
+    """y = x W (+ b) (+ scale * (x A) B when the adapter is on). W is (in, out), A (in, r), B (r, out)."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
+                 bias: bool, lora: LoraConfig | None, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (in_features, out_features), param_dtype),
+            axes=axes)
+        self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],))
+                             if bias else None)
+        self.lora_a = self.lora_b = nnx.data(None)  # declared data: filled when an adapter is on
+        if lora is not None:
+            self.lora_scale = lora.scale
+            # PEFT's default init: A ~ kaiming-uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
+            # so the student starts exactly equal to the teacher. LoRA state stays float32.
+            bound = 1.0 / math.sqrt(in_features)
+            self.lora_a = nnx.LoRAParam(
+                jax.random.uniform(rngs.lora(), (in_features, lora.rank), jnp.float32, -bound, bound),
+                axes=(axes[0], "lora"))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32),
+                                        axes=("lora", axes[1]))
+
+    def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if use_lora and self.lora_a is not None:
+            delta = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            y = y + (self.lora_scale * delta).astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As in HF: normalise in float32, cast back, then scale.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies (head_dim / 2,), with Llama 3 or linear scaling applied as in HF."""
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / s["factor"]
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * jnp.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = jnp.where(wavelen > old_len / low, inv / factor, inv)
+    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return jnp.where(medium, blended, out)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: (B, T, heads, head_dim); positions: (B, T)."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+
+        def proj(name, i, o, axes, bias=False):
+            use = lora if (lora is not None and name in lora.targets) else None
+            return LoRALinear(i, o, axes, bias=bias, lora=use, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+        self.q = proj("q", d, cfg.num_heads * hd, ("embed", "heads"), cfg.attention_bias)
+        self.k = proj("k", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
+        self.v = proj("v", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
+        self.o = proj("o", cfg.num_heads * hd, d, ("heads", "embed"))
+
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, cache_index, use_lora):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q(x, use_lora).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            cache_kv = (k, v)
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype))
+        return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim), use_lora), cache_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+
+        def proj(name, i, o, axes):
+            use = lora if (lora is not None and name in lora.targets) else None
+            return LoRALinear(i, o, axes, bias=False, lora=use, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+        self.gate = proj("gate", d, f, ("embed", "mlp"))
+        self.up = proj("up", d, f, ("embed", "mlp"))
+        self.down = proj("down", f, d, ("mlp", "embed"))
+
+    def __call__(self, x, use_lora):
+        return self.down(jax.nn.silu(self.gate(x, use_lora)) * self.up(x, use_lora), use_lora)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.attn = Attention(cfg, lora, dtype, param_dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
+
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, cache_index, use_lora):
+        h, cache_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv,
+                                cache_index, use_lora)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x), use_lora), cache_kv
+
+
+class Transformer(nnx.Module):
+    """Embedding, a scanned stack of blocks, final norm and LM head (tied or untied)."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(params=0, lora=0)
+        self.cfg, self.lora_config, self.dtype, self.remat = cfg, lora, dtype, remat
+        self.embed = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
+            axes=("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(r):
+            return Block(cfg, lora, dtype, param_dtype, r)
+
+        self.layers = make_blocks(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        head_lora = lora if (lora is not None and "lm_head" in lora.targets) else None
+        if cfg.tie_word_embeddings:
+            self.lm_head = nnx.data(None)
+            self.lm_head_lora_a = self.lm_head_lora_b = nnx.data(None)
+            if head_lora is not None:
+                # Tied head: the base weight is embed^T; only the adapter is separate.
+                bound = 1.0 / math.sqrt(cfg.hidden_size)
+                self.lm_head_lora_a = nnx.LoRAParam(jax.random.uniform(
+                    rngs.lora(), (cfg.hidden_size, head_lora.rank), jnp.float32, -bound, bound),
+                    axes=("embed", "lora"))
+                self.lm_head_lora_b = nnx.LoRAParam(
+                    jnp.zeros((head_lora.rank, cfg.vocab_size), jnp.float32), axes=("lora", "vocab"))
+                self.lm_head_scale = head_lora.scale
+        else:
+            self.lm_head = LoRALinear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
+                                      lora=head_lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array, *,
+                 cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+                 use_lora: bool = True) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states (B, T, D) and the updated cache.
+
+        tokens, positions: (B, T). key_valid: (B, S) marks real (non-pad) key slots, with S = T
+        without a cache and S = cache slots with one; the new tokens occupy slots
+        [cache_index, cache_index + T). Causality is by slot, RoPE by `positions`, so left-padded
+        prompts work with positions counted from each row's first real token.
+        """
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        t = tokens.shape[1]
+        q_slot = cache_index + jnp.arange(t)
+        k_slot = jnp.arange(key_valid.shape[1])
+        mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
+        inv_freq = rope_frequencies(self.cfg)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(h, xs):
+            state, kv = xs
+            block = nnx.merge(graphdef, state)
+            h, kv = block(h, positions, mask, inv_freq, kv, cache_index, use_lora)
+            return h, kv
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, new_kv = jax.lax.scan(body, x, (layer_state, None if cache is None else tuple(cache)))
+        return self.norm(x), (None if cache is None else KVCache(*new_kv))
+
+    def logits(self, hidden: jax.Array, use_lora: bool = True) -> jax.Array:
+        """LM head. Call it on the positions you need only: the vocabulary projection dominates."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden, use_lora)
+        out = hidden @ self.embed[...].astype(self.dtype).T
+        if use_lora and self.lm_head_lora_a is not None:
+            delta = (hidden @ self.lm_head_lora_a[...].astype(self.dtype)) @ \
+                self.lm_head_lora_b[...].astype(self.dtype)
+            out = out + (self.lm_head_scale * delta).astype(out.dtype)
+        return out
+
+
+def causal_inputs(tokens: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions counted from each row's first real token, for left- or right-padded batches."""
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    return positions, valid.astype(bool)

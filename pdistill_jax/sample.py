@@ -1,0 +1,136 @@
+"""Batched, jit-compiled generation with a KV cache: greedy, temperature, top-k, top-p.
+
+Prompts are left-padded into a few bucketed shapes so that a handful of compilations serve any
+mix of lengths. Each row draws from its own key, folded from the seed and the row's index in the
+caller's list, so a row's sample does not depend on what else shares its batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .model import Transformer, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    tokens: list[int]  # generated ids, end token excluded
+    finished: bool  # False when cut at max_new_tokens
+
+
+def bucket_length(n: int) -> int:
+    """Padded prompt length: powers of two up to 512, then multiples of 256."""
+    if n <= 512:
+        return max(16, 1 << math.ceil(math.log2(max(n, 1))))
+    return 256 * math.ceil(n / 256)
+
+
+def _choose(logits: jax.Array, key: jax.Array, temperature, top_k: int, use_top_p: bool, top_p):
+    """Next token for one row. Greedy and sampling share one compiled path."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(scaled, top_k)[0][-1]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    if use_top_p:
+        order = jnp.argsort(-scaled)
+        probs = jax.nn.softmax(scaled[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        keep_sorted = (jnp.cumsum(probs) - probs) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+        scaled = jnp.where(keep, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, scaled)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora"))
+def _generate_batch(graphdef, state, tokens, valid, keys, end_ids, temperature, top_p, *,
+                    max_new: int, top_k: int, use_top_p: bool, use_lora: bool):
+    model: Transformer = nnx.merge(graphdef, state)
+    b, p = tokens.shape
+    cache = init_cache(model.cfg, b, p + max_new, model.dtype)
+    key_valid = jnp.zeros((b, p + max_new), bool).at[:, :p].set(valid)
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    hidden, cache = model(tokens, positions, key_valid, cache=cache, cache_index=0, use_lora=use_lora)
+    logits = model.logits(hidden[:, -1], use_lora)  # left padding: the last slot is real
+    choose = jax.vmap(_choose, in_axes=(0, 0, None, None, None, None))
+
+    def cond(carry):
+        i, *_, done = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, key_valid, logits, pos, out, done = carry
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+        tok = choose(logits, step_keys, temperature, top_k, use_top_p, top_p)
+        tok = jnp.where(done, 0, tok)
+        out = out.at[:, i].set(jnp.where(done, -1, tok))
+        done = done | jnp.isin(tok, end_ids)
+        key_valid = key_valid.at[:, p + i].set(True)
+        hidden, cache = model(tok[:, None], pos[:, None], key_valid, cache=cache,
+                              cache_index=p + i, use_lora=use_lora)
+        return i + 1, cache, key_valid, model.logits(hidden[:, 0], use_lora), pos + 1, out, done
+
+    out = jnp.full((b, max_new), -1, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    carry = (jnp.int32(0), cache, key_valid, logits, positions[:, -1] + 1, out, done)
+    return jax.lax.while_loop(cond, body, carry)[5]
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+             end_ids: Sequence[int], seed: int = 0, batch_size: int = 16, use_lora: bool = True,
+             progress: Callable[[int], None] | None = None) -> list[Completion]:
+    """Completions for `prompts` (lists of token ids), in input order.
+
+    `progress(n)` is called with the number of rows finished after each batch.
+    """
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt cannot be continued; every prompt needs at least one token")
+    graphdef, state = nnx.split(model)
+    end = jnp.asarray(sorted(set(end_ids)), jnp.int32)
+    base_key = jax.random.key(seed)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
+    results: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = bucket_length(max(len(prompts[i]) for i in idx))
+        tokens = np.zeros((batch_size, width), np.int32)
+        valid = np.zeros((batch_size, width), bool)
+        for row, i in enumerate(idx):
+            ids = prompts[i]
+            tokens[row, width - len(ids):] = ids
+            valid[row, width - len(ids):] = True
+        valid[len(idx):, -1] = True  # filler rows: one real token, results discarded
+        rows = np.array(idx + [0] * (batch_size - len(idx)))
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(rows))
+        out = np.asarray(_generate_batch(
+            graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), keys, end,
+            jnp.float32(params.temperature), jnp.float32(params.top_p),
+            max_new=params.max_new_tokens, top_k=int(params.top_k),
+            use_top_p=params.top_p < 1.0, use_lora=use_lora))
+        end_set = set(int(e) for e in end_ids)
+        for row, i in enumerate(idx):
+            seq = [int(t) for t in out[row] if t >= 0]
+            cut = next((j for j, t in enumerate(seq) if t in end_set), None)
+            results[i] = Completion(seq if cut is None else seq[:cut], cut is not None)
+        if progress is not None:
+            progress(len(idx))
+    return results  # type: ignore[return-value]

@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+# Fake devices must be configured before JAX initialises; sharding tests use 8.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny_models.build_model(d, "llama", tie=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_qwen2")
+    tiny_models.build_model(d, "qwen2", tie=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    """The real SmolLM2-135M GGUF (fetched on first use); for tests marked slow."""
+    from pdistill_jax.registry import fetch
+
+    return fetch("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch, request):
+    # Tests never write into the user's cache, except slow ones that reuse the fetched model.
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("PDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
