@@ -11,6 +11,7 @@ Hugging Face q/k weights load with a transpose and no permutation.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -132,11 +133,11 @@ class Attention(nnx.Module):
         k = self.k(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache_kv is not None:
+        new_kv = (k, v)
+        if cache_kv is not None:  # attend over the cached keys with the new ones written in
             ck, cv = cache_kv
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            cache_kv = (k, v)
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
@@ -144,7 +145,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype))
-        return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim), use_lora), cache_kv
+        return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim), use_lora), new_kv
 
 
 class MLP(nnx.Module):
@@ -172,10 +173,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
 
     def __call__(self, x, positions, mask, inv_freq, cache_kv, cache_index, use_lora):
-        h, cache_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv,
-                                cache_index, use_lora)
+        """Returns the block's output and the keys/values of the new tokens (B, T, KV, hd)."""
+        h, new_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv,
+                              cache_index, use_lora)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x), use_lora), cache_kv
+        return x + self.mlp(self.mlp_norm(x), use_lora), new_kv
 
 
 class Transformer(nnx.Module):
@@ -231,17 +233,31 @@ class Transformer(nnx.Module):
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
         inv_freq = rope_frequencies(self.cfg)
         graphdef, layer_state = nnx.split(self.layers)
+        checkpoint = (partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+                      if self.remat else (lambda f: f))
 
-        def body(h, xs):
-            state, kv = xs
+        if cache is None:
+            @checkpoint
+            def body(h, state):
+                h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, None, 0, use_lora)
+                return h, None
+
+            x, _ = jax.lax.scan(body, x, layer_state)
+            return self.norm(x), None
+
+        # The cache rides in the scan carry and only the new tokens' rows are written, in place:
+        # passing it as scanned input/output would copy the whole cache on every decode step.
+        def cached_body(carry, state):
+            h, ck, cv, i = carry
             block = nnx.merge(graphdef, state)
-            h, kv = block(h, positions, mask, inv_freq, kv, cache_index, use_lora)
-            return h, kv
+            h, (k, v) = block(h, positions, mask, inv_freq, (ck[i], cv[i]), cache_index, use_lora)
+            at = (i, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            return (h, ck, cv, i + 1), None
 
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, None if cache is None else tuple(cache)))
-        return self.norm(x), (None if cache is None else KVCache(*new_kv))
+        (x, ck, cv, _), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v, jnp.int32(0)), layer_state)
+        return self.norm(x), KVCache(ck, cv)
 
     def logits(self, hidden: jax.Array, use_lora: bool = True) -> jax.Array:
         """LM head. Call it on the positions you need only: the vocabulary projection dominates."""

@@ -1,0 +1,78 @@
+"""Answering questions: closed-book, with the gold document, or with BM25-retrieved documents.
+
+With a document the prompt is the teacher's layout, `{document}\\n\\n---\\n\\n{question}`, so RAG,
+PD+RAG and the distillation teacher all read context the same way.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .load import LoadedModel
+from .retrieval import BM25Index
+from .sample import SamplingParams, generate
+from .tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_token_ids, raw_prompt_ids
+
+CONTEXTS = ("none", "gold", "bm25")
+PROMPT_FORMATS = ("chat", "raw")
+
+
+def question_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, context: str,
+                      top_k: int = 3, source: str = "questions") -> list[str | None]:
+    """The context text placed before each question (None for closed-book)."""
+    if context not in CONTEXTS:
+        raise ValueError(f"--context {context!r}: choose one of {', '.join(CONTEXTS)}")
+    if context == "none":
+        return [None] * len(questions)
+    if not docs:
+        raise ValueError(f"--context {context} needs --docs (a JSONL file of {{\"id\", \"text\"}} rows)")
+    if context == "gold":
+        by_id = {str(d["id"]): d["text"] for d in docs}
+        out = []
+        for n, q in enumerate(questions, 1):
+            doc_id = q.get("doc_id")
+            if doc_id is None:
+                raise ValueError(f"{source} row {n}: --context gold needs a \"doc_id\" field")
+            if str(doc_id) not in by_id:
+                raise ValueError(f"{source} row {n}: doc_id {doc_id!r} is not in --docs")
+            out.append(by_id[str(doc_id)])
+        return out
+    index = BM25Index([d["text"] for d in docs])
+    hits = index.search([q["question"] for q in questions], top_k)
+    return ["\n\n".join(docs[i]["text"] for i in row) for row in hits]
+
+
+def build_prompt(tokenizer, question: str, context: str | None, prompt_format: str = "chat",
+                 system: str | None = None) -> list[int]:
+    user = question if context is None else context + DOC_SEPARATOR + question
+    if prompt_format == "raw":
+        return raw_prompt_ids(tokenizer, user)
+    if prompt_format != "chat":
+        raise ValueError(f"--prompt-format {prompt_format!r}: choose chat or raw")
+    return chat_prompt_ids(tokenizer, user, system)
+
+
+def answer_questions(lm: LoadedModel, questions: Sequence[dict], *, docs: Sequence[dict] | None = None,
+                     context: str = "none", top_k: int = 3, prompt_format: str = "chat",
+                     system: str | None = None, sampling: SamplingParams = SamplingParams(),
+                     batch_size: int = 16, seed: int = 0, use_lora: bool = True,
+                     progress: Callable[[int], None] | None = None,
+                     source: str = "questions") -> list[dict]:
+    """Prediction rows {"question", "prediction", "doc_id"?} in input order."""
+    for n, q in enumerate(questions, 1):
+        if not isinstance(q.get("question"), str) or not q["question"].strip():
+            raise ValueError(f"{source} row {n}: missing or empty field \"question\"")
+    contexts = question_contexts(questions, docs, context, top_k, source)
+    prompts = [build_prompt(lm.tokenizer, q["question"], c, prompt_format, system)
+               for q, c in zip(questions, contexts)]
+    end = end_token_ids(lm.tokenizer, lm.cfg) if prompt_format == "chat" else \
+        [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
+    completions = generate(lm.model, prompts, sampling, end_ids=end, seed=seed,
+                           batch_size=batch_size, use_lora=use_lora, progress=progress)
+    rows = []
+    for q, c in zip(questions, completions):
+        row = {"question": q["question"],
+               "prediction": lm.tokenizer.decode(c.tokens, skip_special_tokens=True).strip()}
+        if "doc_id" in q:
+            row["doc_id"] = q["doc_id"]
+        rows.append(row)
+    return rows
