@@ -1,0 +1,29 @@
+import sys
+
+FORMATS = ("peft", "merged")
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="base model: registered name, Hugging Face directory or .gguf "
+                                   "file (default: the base_model_name_or_path the adapter names)")
+    p.add_argument("--adapter", required=True, help="a training RUN folder or a PEFT adapter folder")
+    p.add_argument("--out", required=True, help="folder to write (replaced only once complete)")
+    p.add_argument("--format", choices=FORMATS, default="peft",
+                   help="peft: LoRA adapter folder (PeftModel.from_pretrained, vLLM up to rank 512); "
+                        "merged: a full Hugging Face model with the adapter folded in")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weight dtype of a merged export (the merge itself is done in float32)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="merged export: split weights into shards of at most this size")
+
+
+def main(args):
+    from ..export import export_peft, save_merged
+
+    if args.format == "peft":
+        out = export_peft(args.out, args.model, args.adapter)
+    else:
+        out = save_merged(args.out, args.model, args.adapter, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size)
+    print(f"wrote {args.format} export to {out}", file=sys.stderr)
+    print(out)
