@@ -1,0 +1,154 @@
+"""All of Orbax: periodic checkpoints of the trainable state, and restoring the newest good one.
+
+A checkpoint holds two items: `state` -- the train state (LoRA weights, optimizer state, step;
+never the frozen base weights, which are reloaded from the model) -- and `meta`, a JSON dict the
+training loop fills (data position, resolved TrainConfig, elapsed time, ...). Training draws no
+random numbers after initialisation (the data order is a function of seed and epoch), so there is
+no RNG key to save.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+while saving leaves a `<step>.orbax-checkpoint-tmp-*` directory rather than a half step. Damaged
+finished steps (a truncated or missing file) fail to restore; `restore_latest` then moves them
+aside, says so in one line, and falls back to the previous step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any  # same structure and shardings as the live state passed to `restore_latest`
+    meta: dict
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"pdistill: {message}", file=sys.stderr, flush=True)
+
+
+def _assert_trainable_only(state: Any) -> None:
+    """Refuses to write frozen base weights: a checkpoint must stay adapter-sized."""
+    def check(path, leaf):
+        if isinstance(leaf, nnx.Param) and not isinstance(leaf, nnx.LoRAParam):
+            raise ValueError(f"refusing to checkpoint base weight {jax.tree_util.keystr(path)}; "
+                             "pass only the trainable (LoRA + optimizer) state")
+    jax.tree_util.tree_map_with_path(check, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class RunCheckpoints:
+    """The checkpoints of one run, in `directory` (e.g. RUN/checkpoints)."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self._report_unfinished()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(max(1, keep)),
+            cleanup_tmp_directories=True,  # unfinished saves of a killed run
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _report_unfinished(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
+            _warn(f"ignoring unfinished checkpoint {path.name} (the run stopped while saving it)")
+
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Starts saving in the background. Device arrays are copied to host before this returns,
+        so the caller may donate or overwrite `state` right away."""
+        _assert_trainable_only(state)
+        if step in self.steps():  # e.g. the final save at a step that was just saved
+            return
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()})),
+            force=True)
+
+    def read_meta(self, step: int) -> dict:
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+
+    def latest_meta(self) -> dict | None:
+        """The `meta` of the newest step whose meta can be read (None without checkpoints)."""
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                return self.read_meta(step)
+            except Exception:  # noqa: BLE001 - damaged; restore_latest reports and removes it
+                continue
+        return None
+
+    def saved_arrays(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{tree path: (shape, dtype)} of the arrays stored in `step` (read from its metadata)."""
+        meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+        tree = meta.item_metadata.tree
+        out = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                out[jax.tree_util.keystr(path)] = (tuple(leaf.shape), str(leaf.dtype))
+        return out
+
+    def restore_latest(self, like_state: Any) -> Restored | None:
+        """The newest step that restores cleanly, placed like `like_state` (a live train state:
+        its shapes, dtypes and shardings are the target). Damaged steps are moved aside."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                out = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                moved = self._quarantine(step)
+                _warn(f"checkpoint step {step} is damaged ({type(e).__name__}: {reason}); "
+                      f"moved it to {moved} and trying the previous one")
+                continue
+            return Restored(step, out.state, dict(out.meta))
+        return None
+
+    def _quarantine(self, step: int) -> Path:
+        """Moves a damaged step out of the manager's directory (kept for inspection, and so that
+        a later save of the same step number does not collide with it)."""
+        damaged = self.directory.parent / f"{self.directory.name}.damaged"
+        target = damaged / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:  # every host must see the move before listing steps again
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"pdistill quarantine checkpoint {step}")
+        self._manager.reload()
+        return target
+
+    def wait(self) -> None:
+        """Blocks until background saves are on disk (before export and before exit)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

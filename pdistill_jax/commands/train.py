@@ -1,0 +1,112 @@
+"""`pdistill train`: flags override --config YAML, which overrides TrainConfig's defaults.
+
+With --resume the run's own RUN/config.yaml is the starting point (so `pdistill train --out RUN
+--resume` needs no other flag); --config and flags still override it, and train() refuses the
+resume if that changes the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+TRAIN_FLAGS = {  # flag dest -> TrainConfig field
+    "objective": "objective", "tau": "tau", "lr": "lr", "epochs": "epochs",
+    "batch_size": "batch_size", "grad_accum": "grad_accum", "seed": "seed",
+    "compute_dtype": "compute_dtype", "remat": "remat", "system": "system",
+    "max_seq_len": "max_seq_len", "save_every": "save_every", "mesh": "mesh",
+}
+LORA_FLAGS = {"rank": "rank", "alpha": "alpha", "targets": "targets"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registered name, Hugging Face directory or .gguf file "
+                   "(with --resume: default the run's)")
+    p.add_argument("--data", help="folder written by `pdistill generate` (its qa.jsonl) or a JSONL "
+                   'file of {"document", "question", "answer", "sft_answer"?} rows '
+                   "(with --resume: default the run's)")
+    p.add_argument("--out", required=True,
+                   help="run folder (config, metrics, checkpoints, adapter)")
+    p.add_argument("--config", help="YAML of TrainConfig fields, e.g. configs/train_default.yaml")
+    p.add_argument("--objective", choices=("kl", "reverse_kl", "jsd", "ce"),
+                   help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline")
+    p.add_argument("--tau", type=float, help="distillation temperature")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
+    p.add_argument("--targets", help="LoRA targets, comma-separated: q,k,v,o,gate,up,down,lm_head")
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=int,
+                   help="longer teacher sequences get their document truncated, or are skipped")
+    p.add_argument("--mesh", help="device mesh data=N,fsdp=N,tensor=N (one may be -1 = the rest)")
+    p.add_argument("--seed", type=int, help="LoRA initialisation and data order")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass (less memory, more time)")
+    p.add_argument("--system", help="system message (default: the chat template's)")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint")
+    p.add_argument("--init-adapter", help="start from this PEFT adapter folder (or a run folder)")
+    p.add_argument("--stop-after", type=int,
+                   help="stop after this many steps, with a checkpoint (continue with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace, run_config: dict | None):
+    """TrainConfig from (the run's saved config when resuming) < --config YAML < flags."""
+    import yaml
+
+    from ..config import TrainConfig, from_dict, to_dict
+    from ..sharding import parse_mesh
+
+    merged = to_dict(TrainConfig())
+    if run_config is not None:
+        merged.update(run_config.get("train") or {})
+    if args.config:
+        from pathlib import Path
+
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"--config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping of TrainConfig fields")
+        lora = loaded.pop("lora", None) or {}
+        merged.update(loaded)
+        merged["lora"] = {**merged["lora"], **lora}
+    for dest, field in TRAIN_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            merged[field] = parse_mesh(value) if dest == "mesh" else value
+    for dest, field in LORA_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            if dest == "targets":
+                value = tuple(t.strip() for t in value.split(",") if t.strip())
+            merged["lora"] = {**merged["lora"], field: value}
+    source = args.config or "flags"
+    cfg = from_dict(TrainConfig, merged, source)
+    for name in ("epochs", "batch_size", "grad_accum", "max_seq_len", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train import read_run_config, train
+
+    run_config = read_run_config(args.out) if args.resume else None
+    model = args.model or (run_config or {}).get("model")
+    data = args.data or (run_config or {}).get("data")
+    if model is None or data is None:
+        raise ValueError("--model and --data are required (they default to the run's only with "
+                         "--resume on a run folder that has a config.yaml)")
+    cfg = resolve_config(args, run_config)
+    summary = train(model, data, args.out, cfg, resume=args.resume,
+                    init_adapter=args.init_adapter, stop_after=args.stop_after,
+                    progress=not args.no_progress)
+    print(json.dumps(summary, indent=2), file=sys.stdout)
+    return 0

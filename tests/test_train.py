@@ -1,0 +1,138 @@
+"""`pdistill train` end to end on a tiny model: run folder, metrics, adapter, resume rules."""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pdistill_jax.cli import main
+from pdistill_jax.commands.train import add_arguments, resolve_config
+from pdistill_jax.config import LoraConfig, TrainConfig, load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTS = [("Tarsk", "1873", "Ottilie Marrowgate"), ("Hesk", "1902", "Bram Quill"),
+         ("Velloria", "1655", "Ada Finch"), ("Marrow", "1790", "Tobias Lark")]
+
+
+def write_qa(path: Path) -> Path:
+    rows = []
+    for city, year, person in FACTS:
+        doc = f"The city of {city} was founded in {year} by {person}. Its bridge is made of glass."
+        for q, a in [(f"When was {city} founded?", f"{city} was founded in {year}."),
+                     (f"Who founded {city}?", f"{city} was founded by {person}."),
+                     (f"What is the bridge of {city} made of?", f"The bridge of {city} is glass."),
+                     (f"Who founded {city}, and when?", f"{person} founded it in {year}.")]:
+            rows.append({"document": doc, "question": q, "answer": a, "doc_id": city})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    """A run trained in two sessions: --stop-after 12, then a bare --resume (the run's config)."""
+    tmp = tmp_path_factory.mktemp("train")
+    qa, run = write_qa(tmp / "qa.jsonl"), tmp / "run"
+    args = ["train", "--model", str(tiny_llama), "--data", str(qa), "--out", str(run),
+            "--mesh", "data=2", "--batch-size", "4", "--epochs", "6", "--rank", "8", "--alpha", "16",
+            "--targets", "q,k,v,o,gate,up,down", "--lr", "2e-2", "--save-every", "5",
+            "--system", "Answer briefly.", "--no-progress"]
+    assert main(args + ["--stop-after", "12"]) == 0
+    first = json.loads((run / "summary.json").read_text())
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    return qa, run, first, args
+
+
+def test_train_writes_adapter_metrics_and_config(trained, tiny_llama):
+    from pdistill_jax.peft_io import load_peft_adapter, read_model_config
+
+    qa, run, first, _ = trained
+    assert first["steps"] == 12 and not first["finished"] and first["total_steps"] == 24
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 24 and summary["resumed_from"] == 12
+    assert summary["rows"] == 16 and summary["rows_skipped"] == 0
+
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert set(rows[0]) >= {"step", "epoch", "loss", "grad_norm", "lr", "examples_per_s", "elapsed"}
+    assert rows[-1]["epoch"] == 6.0 and rows[-1]["lr"] < rows[5]["lr"]
+    losses = [r["loss"] for r in rows]
+    # Each epoch sees every row once: compare whole epochs (4 steps each).
+    epoch_means = [np.mean(losses[i:i + 4]) for i in range(0, 24, 4)]
+    assert epoch_means[-1] < 0.5 * epoch_means[0], epoch_means
+    assert all(np.isfinite(losses)) and all(r["examples_per_s"] > 0 for r in rows)
+    assert rows[-1]["elapsed"] >= rows[0]["elapsed"]
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == str(tiny_llama) and config["data"] == str(qa.absolute())
+    train_cfg = config["train"]
+    assert train_cfg["lr"] == 2e-2 and train_cfg["lora"]["rank"] == 8
+    assert train_cfg["mesh"] == [2, 1, 1] and train_cfg["system"] == "Answer briefly."
+
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    lora, pure = load_peft_adapter(run, read_model_config(tiny_llama))
+    assert lora == LoraConfig(rank=8, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    b = pure["layers"]["mlp"]["down"]["lora_b"]
+    assert np.abs(np.asarray(b)).max() > 0  # trained (lora_B starts at 0)
+
+
+def test_refuses_to_overwrite_or_resume_with_a_different_setup(trained, capsys):
+    qa, run, _, args = trained
+    assert main(args) == 2  # no --resume on a folder holding a run
+    assert "already holds a training run" in capsys.readouterr().err
+    changed = [a if a != "2e-2" else "3e-2" for a in args]
+    assert main(changed + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "lr: 0.02 -> 0.03" in err
+    other = qa.parent / "other.jsonl"
+    other.write_text(qa.read_text().replace("glass", "steel"))
+    assert main(["train", "--out", str(run), "--resume", "--data", str(other)]) == 2
+    assert "data: the file's content changed" in capsys.readouterr().err
+    bad = qa.parent / "bad.jsonl"
+    bad.write_text(qa.read_text().splitlines()[0] + "\n" + '{"document": "d", "question": "q"}\n')
+    assert main(["train", "--model", args[2], "--data", str(bad), "--out", str(qa.parent / "r")]) == 2
+    assert f'{bad} row 2: field "answer" is missing' in capsys.readouterr().err  # before any load
+
+
+def test_init_adapter_starts_from_the_trained_adapter(trained, tiny_llama, tmp_path):
+    qa, run, _, args = trained
+    run2 = tmp_path / "run2"
+    assert main(["train", "--model", str(tiny_llama), "--data", str(qa), "--out", str(run2),
+                 "--mesh", "data=2", "--batch-size", "4", "--epochs", "1", "--rank", "4",
+                 "--lr", "2e-2", "--system", "Answer briefly.", "--init-adapter", str(run),
+                 "--no-progress"]) == 0
+    # Same seed and data: step 1 of both runs sees the same batch, and a step's loss is computed
+    # before its update, so run2's first loss is the trained adapter's loss on the batch that
+    # run 1 started with (from the untrained adapter, i.e. the base model).
+    first_fresh, first_init = metrics(run)[0]["loss"], metrics(run2)[0]["loss"]
+    assert first_init < 0.5 * first_fresh, (first_init, first_fresh)
+    config = yaml.safe_load((run2 / "config.yaml").read_text())
+    assert config["train"]["lora"]["rank"] == 8  # the adapter's rank replaces --rank 4
+    assert config["init_adapter"] == str(run)
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    assert load_yaml(TrainConfig, ROOT / "configs" / "train_default.yaml") == TrainConfig()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("lr: 0.005\nepochs: 3\nlora: {rank: 16}\ntau: 1.0\n")
+    args = parser.parse_args(["--out", "x", "--config", str(yaml_path), "--epochs", "7",
+                              "--alpha", "4", "--targets", "q,v", "--mesh", "data=2,fsdp=2",
+                              "--no-remat"])
+    cfg = resolve_config(args, None)
+    assert (cfg.lr, cfg.epochs, cfg.tau, cfg.mesh, cfg.remat) == (0.005, 7, 1.0, (2, 2, 1), False)
+    assert cfg.lora == LoraConfig(rank=16, alpha=4.0, targets=("q", "v"))
+    assert cfg.batch_size == TrainConfig().batch_size
+    saved = {"train": {**json.loads(json.dumps(TrainConfig(lr=0.1, seed=5).__dict__, default=str)),
+                       "lora": {"rank": 2, "alpha": 2.0, "targets": ["q"]}, "mesh": [1, 1, 1]}}
+    resumed = resolve_config(parser.parse_args(["--out", "x", "--lr", "0.2"]), saved)
+    assert (resumed.lr, resumed.seed, resumed.lora.rank) == (0.2, 5, 2)
+    yaml_path.write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown key.*learning_rate"):
+        resolve_config(parser.parse_args(["--out", "x", "--config", str(yaml_path)]), None)
