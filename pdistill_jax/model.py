@@ -133,7 +133,6 @@ class Attention(nnx.Module):
         k = self.k(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        new_kv = (k, v)
         if cache_kv is not None:  # attend over the cached keys with the new ones written in
             ck, cv = cache_kv
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
@@ -145,7 +144,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype))
-        return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim), use_lora), new_kv
+        return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim), use_lora), (k, v)
 
 
 class MLP(nnx.Module):
@@ -173,7 +172,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
 
     def __call__(self, x, positions, mask, inv_freq, cache_kv, cache_index, use_lora):
-        """Returns the block's output and the keys/values of the new tokens (B, T, KV, hd)."""
+        """The block's output and the keys/values: the updated cache slice when given one."""
         h, new_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv,
                               cache_index, use_lora)
         x = x + h
@@ -245,18 +244,14 @@ class Transformer(nnx.Module):
             x, _ = jax.lax.scan(body, x, layer_state)
             return self.norm(x), None
 
-        # The cache rides in the scan carry and only the new tokens' rows are written, in place:
-        # passing it as scanned input/output would copy the whole cache on every decode step.
-        def cached_body(carry, state):
-            h, ck, cv, i = carry
-            block = nnx.merge(graphdef, state)
-            h, (k, v) = block(h, positions, mask, inv_freq, (ck[i], cv[i]), cache_index, use_lora)
-            at = (i, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            return (h, ck, cv, i + 1), None
+        # Each layer's cache slice is a scanned input and its updated slice a scanned output.
+        # (Carrying the whole cache and updating it in place measured 5x slower on XLA:CPU.)
+        def cached_body(h, xs):
+            state, (ck, cv) = xs
+            return nnx.merge(graphdef, state)(h, positions, mask, inv_freq, (ck, cv),
+                                              cache_index, use_lora)
 
-        (x, ck, cv, _), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v, jnp.int32(0)), layer_state)
+        x, (ck, cv) = jax.lax.scan(cached_body, x, (layer_state, (cache.k, cache.v)))
         return self.norm(x), KVCache(ck, cv)
 
     def logits(self, hidden: jax.Array, use_lora: bool = True) -> jax.Array:
