@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pdistill_jax.jsonl import write_jsonl_atomic, write_text_atomic
+from .jsonl import write_jsonl_atomic, write_text_atomic
 
 Judge = Callable[[list[str]], list[str]]
 
@@ -139,7 +139,9 @@ def _check_rows(questions: Sequence[dict], predictions: Sequence[dict]) -> None:
                 f"row {i}: prediction is for question {p.get('question')!r} "
                 f"but the test question is {q.get('question')!r}"
             )
-        if "doc_id" in q and "doc_id" in p and q["doc_id"] != p["doc_id"]:
+        if not isinstance(p.get("prediction"), str):
+            raise ValueError(f"row {i}: 'prediction' must be a string, got {p.get('prediction')!r}")
+        if "doc_id" in q and "doc_id" in p and str(q["doc_id"]) != str(p["doc_id"]):
             raise ValueError(f"row {i}: prediction doc_id {p['doc_id']!r} != test doc_id {q['doc_id']!r}")
 
 
@@ -189,7 +191,7 @@ def evaluate(
     _check_rows(questions, predictions)
     rows: list[dict[str, Any]] = []
     for q, p in zip(questions, predictions):
-        prediction = str(p.get("prediction", ""))
+        prediction = p["prediction"]
         row: dict[str, Any] = {"question": q["question"], "answers": list(q["answers"])}
         if "doc_id" in q:
             row["doc_id"] = q["doc_id"]
@@ -213,7 +215,9 @@ def evaluate(
     return summary, rows
 
 
-def write_results(out_dir: str | os.PathLike, summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+def write_results(
+    out_dir: str | os.PathLike, summary: dict[str, Any], rows: Sequence[dict[str, Any]]
+) -> None:
     """Write ``results.json`` and ``per_question.jsonl`` under out_dir, each atomically.
 
     Atomic writes mean an interrupted evaluation never leaves a truncated

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pdistill_jax.evaluate import evaluate, match, write_results  # noqa: E402
+from pdistill_jax.evaluate import evaluate, match, normalize_answer, write_results  # noqa: E402
 from pdistill_jax.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
 
 DEMO = REPO / "pdistill_jax" / "assets" / "demo"
@@ -200,13 +200,24 @@ def answer_all(tokenizer, model, messages: list[str], label: str) -> list[str]:
     return outputs
 
 
+def answered_correctly(prediction: str, answers: list[str]) -> bool:
+    """``match``, and an accepted answer occurs as whole words of the prediction.
+
+    Stricter than ``match`` on purpose: a substring hit such as "0" inside
+    "-18.0" or "kitten" inside "kittens" is luck, and a retention question the
+    model only passes by luck would make forgetting look random.
+    """
+    words = f" {normalize_answer(prediction)} "
+    return match(prediction, answers) and any(f" {normalize_answer(a)} " in words for a in answers)
+
+
 def curate(tokenizer, model, out_path: Path) -> None:
     """Keep the candidate questions the base model answers correctly and write them."""
     predictions = answer_all(tokenizer, model, [q for q, _ in CANDIDATES], "general knowledge")
-    kept = [{"question": q, "answers": a} for (q, a), p in zip(CANDIDATES, predictions) if match(p, a)]
-    for (q, a), p in zip(CANDIDATES, predictions):
-        if not match(p, a):
-            print(f"  dropped: {q!r} -> {p!r}")
+    verdicts = [answered_correctly(p, a) for (_, a), p in zip(CANDIDATES, predictions)]
+    kept = [{"question": q, "answers": a} for (q, a), ok in zip(CANDIDATES, verdicts) if ok]
+    for (q, _), p, ok in zip(CANDIDATES, predictions, verdicts):
+        print(f"  {'kept' if ok else 'dropped'}: {q!r} -> {p!r}")
     write_jsonl_atomic(out_path, kept)
     print(f"kept {len(kept)}/{len(CANDIDATES)} -> {out_path}")
 
@@ -222,12 +233,14 @@ def demo_baselines(tokenizer, model, out_dir: Path) -> None:
     for name, messages in settings.items():
         outputs = answer_all(tokenizer, model, messages, name)
         predictions = [
-            {"question": q["question"], "doc_id": q["doc_id"], "prediction": p} for q, p in zip(questions, outputs)
+            {"question": q["question"], "doc_id": q["doc_id"], "prediction": p}
+            for q, p in zip(questions, outputs)
         ]
         write_jsonl_atomic(out_dir / name / "predictions.jsonl", predictions)
         summary, rows = evaluate(questions, predictions)
         write_results(out_dir / name, summary, rows)
-        print(f"{name}: match accuracy {summary['match_accuracy']:.3f} ({sum(r['match'] for r in rows)}/{summary['n']})")
+        correct = sum(r["match"] for r in rows)
+        print(f"{name}: match accuracy {summary['match_accuracy']:.3f} ({correct}/{summary['n']})")
         if name == "closed_book":
             for r in rows:
                 if r["match"]:
@@ -241,7 +254,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEMO / "general_knowledge.jsonl",
                         help="where to write the curated general-knowledge questions")
     parser.add_argument("--closed-book-demo", action="store_true",
-                        help="instead of curating, answer the demo questions closed-book and with the gold document")
+                        help="instead of curating, answer the demo questions closed-book "
+                             "and with the gold document")
     parser.add_argument("--predictions-dir", type=Path, default=REPO / "runs" / "demo_baselines",
                         help="output folder for --closed-book-demo")
     args = parser.parse_args()

@@ -68,7 +68,8 @@ def test_token_f1_counts_repeated_tokens_once_each() -> None:
 
 def test_judge_prompt_contains_inputs_and_grade_format() -> None:
     prompt = judge_prompt("Who built it?", ["Ann Bell", "Bell"], "It was Ann.")
-    for piece in ("Who built it?", '"Ann Bell"', '"Bell"', "It was Ann.", "<grade>true</grade>", "<grade>false</grade>"):
+    expected = ("Who built it?", '"Ann Bell"', '"Bell"', "It was Ann.", "<grade>true</grade>", "<grade>false</grade>")
+    for piece in expected:
         assert piece in prompt
 
 
@@ -118,7 +119,12 @@ def test_evaluate_without_judge() -> None:
 
 def test_evaluate_with_fake_judge_excludes_unparseable_grades() -> None:
     seen: list[list[str]] = []
-    replies = ["ok <grade>true</grade>", "wrong year <grade>false</grade>", "no verdict", "<grade>TRUE</grade>"]
+    replies = [
+        "ok <grade>true</grade>",
+        "wrong year <grade>false</grade>",
+        "no verdict",
+        "<grade>TRUE</grade>",
+    ]
 
     def fake_judge(prompts: list[str]) -> list[str]:
         seen.append(prompts)
@@ -169,11 +175,13 @@ def test_evaluate_mismatched_doc_id_names_row() -> None:
         evaluate(QUESTIONS, wrong)
 
 
-def test_evaluate_rejects_empty_answers_and_empty_input() -> None:
+def test_evaluate_rejects_malformed_rows_and_empty_input() -> None:
     with pytest.raises(ValueError, match="row 1: 'answers'"):
         evaluate([{"question": "Q", "answers": []}], [{"question": "Q", "prediction": "x"}])
     with pytest.raises(ValueError, match="no questions"):
         evaluate([], [])
+    with pytest.raises(ValueError, match="row 1: 'prediction' must be a string"):
+        evaluate([{"question": "Q", "answers": ["x"]}], [{"question": "Q"}])
 
 
 def test_write_results(tmp_path: Path) -> None:
@@ -182,7 +190,8 @@ def test_write_results(tmp_path: Path) -> None:
     write_results(out, summary, rows)
     assert json.loads((out / "results.json").read_text()) == summary
     assert read_jsonl(out / "per_question.jsonl") == rows
-    assert sorted(p.name for p in out.iterdir()) == ["per_question.jsonl", "results.json"]  # no temp files left
+    # no temp files left behind
+    assert sorted(p.name for p in out.iterdir()) == ["per_question.jsonl", "results.json"]
 
 
 def test_coverage_separates_untaught_facts() -> None:
@@ -192,7 +201,10 @@ def test_coverage_separates_untaught_facts() -> None:
         {"doc_id": "d3", "question": "unrelated", "answer": "Oslo"},  # other doc: must not count for d2
     ]
     result = coverage(QUESTIONS, training)
-    assert result["by_doc"] == {"d1": {"n_questions": 2, "covered": 1}, "d2": {"n_questions": 2, "covered": 1}}
+    assert result["by_doc"] == {
+        "d1": {"n_questions": 2, "covered": 1},
+        "d2": {"n_questions": 2, "covered": 1},
+    }
     assert result["n_questions"] == 4 and result["covered"] == 2 and result["fraction"] == 0.5
 
 
