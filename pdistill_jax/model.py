@@ -36,6 +36,32 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> K
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
+@jax.custom_vjp
+def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x A) B. Same math as autodiff; the custom backward only fixes the operand layouts."""
+    return (x @ a) @ b
+
+
+def _lora_delta_fwd(x, a, b):
+    h = x @ a
+    return h @ b, (x, a, b, h)
+
+
+def _lora_delta_bwd(res, g):
+    # dA = x^T (g B^T) and dB = h^T g contract over all tokens. Left to itself, XLA:CPU folds the
+    # transposes into the dots and then transposes the *large* (tokens, out) gradient in a slow
+    # strided copy (measured: ~40% of the student's backward on SmolLM2-135M). Transposing the
+    # small (tokens, r) operands explicitly, behind a barrier that stops the folding, avoids it.
+    x, a, b, h = res
+    dh = g @ b.T
+    x2, g2, h2, dh2 = (z.reshape(-1, z.shape[-1]) for z in (x, g, h, dh))
+    h_t, dh_t = jax.lax.optimization_barrier((h2.T, dh2.T))
+    return dh @ a.T, (dh_t @ x2).T, h_t @ g2
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 class LoRALinear(nnx.Module):
     """y = x W (+ b) (+ scale * (x A) B when the adapter is on). W is (in, out), A (in, r), B (r, out)."""
 
@@ -64,7 +90,7 @@ class LoRALinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if use_lora and self.lora_a is not None:
-            delta = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            delta = _lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype))
             y = y + (self.lora_scale * delta).astype(y.dtype)
         return y
 
@@ -137,14 +163,21 @@ class Attention(nnx.Module):
             ck, cv = cache_kv
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
+        # Heads-major layout with the query heads sharing a kv head stacked along the query axis:
+        # one (g*t, d) x (d, s) matmul per (batch, kv head). On XLA:CPU this runs the attention
+        # forward ~2x faster than contracting the (b, t, k, g, d) layout directly.
+        kv, groups, s = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k.shape[1]
+        q = q.reshape(b, t, kv, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(b, kv, groups * t, cfg.head_dim)
+        k_t = k.astype(q.dtype).transpose(0, 2, 1, 3)  # (b, kv, s, d)
+        v_t = v.astype(x.dtype).transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bkmd,bksd->bkms", q, k_t).astype(jnp.float32)
+        scores = scores.reshape(b, kv, groups, t, s) / math.sqrt(cfg.head_dim)
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype))
-        return self.o(out.reshape(b, t, cfg.num_heads * cfg.head_dim), use_lora), (k, v)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kv, groups * t, s)
+        out = jnp.einsum("bkms,bksd->bkmd", probs, v_t).reshape(b, kv, groups, t, cfg.head_dim)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return self.o(out, use_lora), (k, v)
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,156 @@
+"""Device mesh, logical-axis rules, and placement of model state and batches.
+
+The mesh has three axes: "data" (pure data parallelism: replicas of every weight), "fsdp"
+(data parallel too, but weights are split along their "embed" axis and all-gathered when used)
+and "tensor" (weights split along heads / mlp / vocab). Placements are derived from the logical
+axis names every model weight carries (`axes` metadata), never hand-written per weight.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
+
+# Logical axis name -> mesh axis (None = replicated).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "lora": None,  # rank dimension: small, and splitting it would add a reduction per LoRA matmul
+}
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one entry may be -1 for "all remaining devices"."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [int(s) for s in shape]
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape {tuple(shape)} must have 3 entries (data, fsdp, tensor)")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {tuple(shape)}: entries must be positive, at most one may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if len(devices) % known:
+        raise ValueError(f"mesh shape {tuple(shape)} (product {known}) does not divide the "
+                         f"{len(devices)} available devices; choose sizes whose product divides it")
+    shape = [len(devices) // known if s == -1 else s for s in shape]
+    # A mesh smaller than the device count (e.g. tests on a subset) uses the first devices.
+    # jax.make_mesh orders devices by the physical topology (TPU ICI rings); "Auto" axes let
+    # XLA propagate shardings from the inputs we place.
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices[: int(np.prod(shape))])
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """`data=2,fsdp=2,tensor=2` (missing axes = 1, one may be -1) -> (2, 2, 2)."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N (N an integer or -1)")
+        sizes[name.strip()] = int(value)
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def _spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh: Mesh) -> P:
+    """PartitionSpec for one weight; leading dims not named in `axes` (stacked layers) replicate."""
+    axes = tuple(axes or ())
+    names: list[Any] = [None] * (len(shape) - len(axes)) + [LOGICAL_RULES.get(a) for a in axes]
+    used: set[str] = set()
+    for i, (dim, name) in enumerate(zip(shape, names)):
+        if name is None:
+            continue
+        mesh_axes = (name,) if isinstance(name, str) else tuple(name)
+        size = int(np.prod([mesh.shape[m] for m in mesh_axes]))
+        # jit arguments must split evenly (JAX rejects uneven NamedShardings), and a mesh axis may
+        # appear once per spec: otherwise keep this dimension whole (replicated) rather than fail.
+        if size == 1 or dim % size or used & set(mesh_axes):
+            names[i] = None
+        else:
+            used |= set(mesh_axes)
+    return P(*names)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """A tree like `state` (an nnx.State, or any pytree of Variables) holding a NamedSharding
+    where each array is, derived from the Variables' `axes` metadata."""
+    def one(v):
+        if _is_variable(v):
+            return v.replace(NamedSharding(mesh, _spec_for(v.shape, v.get_metadata().get("axes"), mesh)))
+        return NamedSharding(mesh, P())  # plain arrays (counters, ...) are replicated
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def shard_state(state: Any, mesh: Mesh) -> Any:
+    """`state` with every array placed according to `state_shardings`."""
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (example) axis split over data x fsdp, the rest whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def _launched_multi_process() -> bool:
+    env = os.environ
+    if any(env.get(k) for k in _MULTI_PROCESS_ENV):
+        return True
+    for key in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if env.get(key, "1").isdigit() and int(env.get(key, "1")) > 1:
+            return True
+    # TPU pod slices: every host sees the other workers' hostnames; JAX auto-detects the rest.
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def initialize_distributed() -> bool:
+    """Joins the multi-process JAX cluster when launched as one (returns True), else no-op.
+
+    Must run before any other JAX call. With JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID set those are used; on TPU pods, SLURM and Open MPI JAX detects them itself.
+    """
+    if not _launched_multi_process():
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    env = os.environ
+    kwargs: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows (all of them on one process), split over data x fsdp.
+
+    Each process passes the consecutive slice of the global batch that its devices hold; the
+    global leading size is local size x process count.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
