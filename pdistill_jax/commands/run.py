@@ -1,0 +1,17 @@
+from pathlib import Path
+
+
+def add_arguments(p):
+    p.add_argument("config", help="a run config YAML, e.g. configs/demo.yaml")
+    p.add_argument("--out", help="override the config's output folder")
+
+
+def main(args):
+    import dataclasses
+
+    from ..run import load_run_config, run
+
+    cfg = load_run_config(args.config)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out=args.out)
+    run(cfg, config_dir=Path(args.config).resolve().parent)

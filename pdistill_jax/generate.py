@@ -1,0 +1,451 @@
+"""Training data for prompt distillation: documents -> model-written questions -> teacher answers.
+
+For a wave of documents (`docs_per_commit` at a time) the question prompts of all of them go
+through the batched sampler together, round after round, until every document has its quota of
+distinct questions or has used `max_calls_per_doc` calls; then the teacher (the base model with
+the document in its prompt) answers every question twice: at `a_temperature` (`answer`, the
+prefix on which prompt distillation compares teacher and student) and at `sft_temperature`
+(`sft_answer`, the target of the SFT baseline). The wave's rows are then committed.
+
+Output folder:
+  qa.jsonl              {"doc_id", "document", "question", "answer", "sft_answer",
+                         "answer_finished", "sft_finished"} (finished=False: cut at max tokens)
+  done.jsonl            one line per finished document: its question statistics (resume record)
+  dataset/              the same rows as a `datasets` Dataset (save_to_disk), rebuilt every run
+  documents.jsonl       the documents used, after chunking (with their source document id)
+  test_questions.jsonl  when the documents came with test questions (hf: datasets)
+  manifest.json         model, prompts, settings, counts, parse yield, per-document stats, timings
+  run.json              the settings the folder was started with (a rerun must match them)
+
+Resume: a wave's rows are appended to qa.jsonl and fsync'ed before its documents' lines are
+appended to done.jsonl, so a kill loses at most the wave in flight; on restart a torn last line
+is dropped and qa rows of documents without a done line are removed. Every sampler call's seed
+is derived from (seed, stage, the wave's document ids, round), and a resumed run rebuilds the
+same waves, so it writes what the uninterrupted run would have written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import to_dict
+from .documents import Document, chunk_document, load_documents
+from .jsonl import write_jsonl_atomic, write_text_atomic
+from .questions import QUESTION_INSTRUCTION, normalize_question, parse_questions, question_prompt
+from .tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_token_ids
+
+QA_FIELDS = ("doc_id", "document", "question", "answer", "sft_answer", "answer_finished",
+             "sft_finished")
+EXPECTED_QUESTIONS_PER_CALL = 3.0  # measured on SmolLM2-135M; sizes the first round of calls
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    questions_per_doc: int = 30  # distinct questions wanted per document (chunk)
+    max_calls_per_doc: int = 30  # question calls after which a document gives up on its quota
+    q_temperature: float = 1.0
+    q_top_k: int = 50
+    a_temperature: float = 1.5  # PD answers (the paper: 1.5, top-k 50)
+    a_top_k: int = 50
+    sft_temperature: float = 0.25  # SFT-baseline answers, same top-k
+    max_question_tokens: int = 96
+    max_answer_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    system: str | None = None  # system message everywhere; None = the chat template's default
+    chunk_tokens: int = 512  # longer documents are split into chunks of at most this many tokens
+    chunk_overlap: int = 64
+    docs_per_commit: int = 8  # documents per wave: the most a kill can lose
+
+    def __post_init__(self):
+        for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
+                     "max_answer_tokens", "batch_size", "docs_per_commit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generate config: {name}={getattr(self, name)} must be >= 1")
+        for name in ("q_temperature", "a_temperature", "sft_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"generate config: {name}={getattr(self, name)} must be >= 0")
+
+
+# Settings that may differ between a run and its resumption (they do not change the data's meaning).
+_RESUMABLE_CHANGES = ("batch_size",)
+
+
+def teacher_message(document: str, question: str) -> str:
+    """The teacher's user message: the document, a separator, the question (the paper's layout)."""
+    return f"{document}{DOC_SEPARATOR}{question}"
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from any JSON-able parts (stable across runs and machines)."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class DocQuestions:
+    """Question-stage state and statistics of one document."""
+
+    doc_id: str
+    questions: list[str] = dataclasses.field(default_factory=list)
+    seen: set[str] = dataclasses.field(default_factory=set)
+    parsed_per_call: list[int] = dataclasses.field(default_factory=list)  # what the parser kept
+    new_per_call: list[int] = dataclasses.field(default_factory=list)  # ... and was not a repeat
+
+    @property
+    def calls(self) -> int:
+        return len(self.parsed_per_call)
+
+    def add(self, questions: list[str]) -> None:
+        new = [q for q in questions if normalize_question(q) not in self.seen]
+        self.seen.update(normalize_question(q) for q in new)
+        self.questions.extend(new)
+        self.parsed_per_call.append(len(questions))
+        self.new_per_call.append(len(new))
+
+
+def ask_questions(model, tokenizer, end_ids: Sequence[int], docs: Sequence[Document],
+                  cfg: GenerateConfig, seed: int,
+                  on_batch: Callable[[str, int, int], None] | None = None) -> dict[str, DocQuestions]:
+    """Distinct questions for each document, written by the model itself.
+
+    Each round asks every unfinished document for about as many calls as its yield so far says
+    it still needs; the calls of all documents share the sampler's batches.
+    """
+    from .sample import SamplingParams, generate
+
+    state = {d.id: DocQuestions(d.id) for d in docs}
+    prompt_text = {d.id: question_prompt(d.text) for d in docs}
+    prompt_ids = {d.id: chat_prompt_ids(tokenizer, prompt_text[d.id], cfg.system) for d in docs}
+    params = SamplingParams(cfg.q_temperature, cfg.q_top_k, 1.0, cfg.max_question_tokens)
+    active = list(docs)
+    rnd = 0
+    while active:
+        calls: list[Document] = []
+        for d in active:
+            s = state[d.id]
+            need = cfg.questions_per_doc - len(s.questions)
+            per_call = max(0.5, sum(s.new_per_call) / s.calls) if s.calls else EXPECTED_QUESTIONS_PER_CALL
+            calls += [d] * min(cfg.max_calls_per_doc - s.calls, max(1, math.ceil(need / per_call)))
+        calls = _fill_last_batch(calls, active, state, cfg)
+        done_rows = 0
+
+        def progress(n, total=len(calls)):
+            nonlocal done_rows
+            done_rows += n
+            if on_batch:
+                on_batch(f"questions r{rnd}", done_rows, total)
+
+        outs = generate(model, [prompt_ids[d.id] for d in calls], params, end_ids=end_ids,
+                        seed=derive_seed(seed, "questions", rnd), batch_size=cfg.batch_size,
+                        progress=progress)
+        for d, out in zip(calls, outs):
+            text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+            state[d.id].add(parse_questions(text, d.text, prompt_text[d.id]))
+        active = [d for d in active if len(state[d.id].questions) < cfg.questions_per_doc
+                  and state[d.id].calls < cfg.max_calls_per_doc]
+        rnd += 1
+    for s in state.values():  # a round may overshoot the quota; keep the earliest questions
+        del s.questions[cfg.questions_per_doc:]
+    return state
+
+
+def _fill_last_batch(calls: list[Document], active: list[Document],
+                     state: dict[str, DocQuestions], cfg: GenerateConfig) -> list[Document]:
+    """Extra calls for the active documents, round-robin, up to a whole number of batches.
+
+    The sampler runs fixed-shape batches, so the empty rows of a last partial batch cost as much
+    as real ones: spending them on more calls makes a further round less likely, for free.
+    """
+    count = {d.id: 0 for d in active}
+    for d in calls:
+        count[d.id] += 1
+    room = -len(calls) % cfg.batch_size
+    extra: list[Document] = []
+    while room:
+        added = False
+        for d in active:
+            if room and state[d.id].calls + count[d.id] < cfg.max_calls_per_doc:
+                count[d.id] += 1
+                extra.append(d)
+                room -= 1
+                added = True
+        if not added:
+            break
+    order = {d.id: i for i, d in enumerate(active)}
+    return sorted(calls + extra, key=lambda d: order[d.id])  # a document's calls stay together
+
+
+def answer_questions(model, tokenizer, end_ids: Sequence[int],
+                     items: Sequence[tuple[Document, str]], cfg: GenerateConfig, seed: int,
+                     on_batch: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    """qa rows: the teacher's answers to (document, question) pairs, at the PD and SFT temperatures."""
+    from .sample import SamplingParams, generate
+
+    if not items:
+        return []
+    prompts = [chat_prompt_ids(tokenizer, teacher_message(d.text, q), cfg.system) for d, q in items]
+    results = {}
+    for stage, temperature in (("answer", cfg.a_temperature), ("sft", cfg.sft_temperature)):
+        done_rows = 0
+
+        def progress(n, stage=stage):
+            nonlocal done_rows
+            done_rows += n
+            if on_batch:
+                on_batch(f"{stage}s", done_rows, len(prompts))
+
+        params = SamplingParams(temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens)
+        results[stage] = generate(model, prompts, params, end_ids=end_ids,
+                                  seed=derive_seed(seed, stage), batch_size=cfg.batch_size,
+                                  progress=progress)
+    rows = []
+    for (doc, question), pd, sft in zip(items, results["answer"], results["sft"]):
+        rows.append({
+            "doc_id": doc.id, "document": doc.text, "question": question,
+            "answer": tokenizer.decode(pd.tokens, skip_special_tokens=True).strip(),
+            "sft_answer": tokenizer.decode(sft.tokens, skip_special_tokens=True).strip(),
+            "answer_finished": pd.finished, "sft_finished": sft.finished,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- the committed state of a run
+
+def read_committed_jsonl(path: Path) -> list[dict]:
+    """Rows of an append-only JSONL file; a torn last line (a kill mid-write) is cut off the file.
+
+    Every row is written with its newline, so bytes after the last newline are an interrupted
+    write; a bad line before that is corruption, not a kill, and raises.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    rows = []
+    for lineno, line in enumerate(data[:complete].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line.decode("utf-8")))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: corrupt line ({e}); fix or delete it, or use a "
+                             f"new --out") from None
+    if complete < len(data):
+        print(f"warning: {path}: dropping a torn last line (an interrupted write)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+    return rows
+
+
+def append_jsonl_durable(path: Path, rows: Sequence[dict]) -> None:
+    """Append rows and fsync, so that once this returns they survive a kill or power loss."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_progress(out: Path) -> tuple[list[dict], dict[str, dict]]:
+    """(qa rows, done records by doc id) of an output folder, repaired after a kill."""
+    done = {r["doc_id"]: r for r in read_committed_jsonl(out / "done.jsonl")}
+    qa_path = out / "qa.jsonl"
+    rows = read_committed_jsonl(qa_path)
+    kept = [r for r in rows if r.get("doc_id") in done]
+    if len(kept) != len(rows):  # rows of a wave whose done lines never landed: redo that wave
+        write_jsonl_atomic(qa_path, kept)
+    counts: dict[str, int] = {}
+    for r in kept:
+        counts[r["doc_id"]] = counts.get(r["doc_id"], 0) + 1
+    for doc_id, rec in done.items():
+        if counts.get(doc_id, 0) != rec["rows"]:
+            raise ValueError(f"{qa_path}: document {doc_id!r} has {counts.get(doc_id, 0)} rows but "
+                             f"done.jsonl records {rec['rows']}; the folder was edited by hand — "
+                             f"use a new --out")
+    return kept, done
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """A rerun must use the settings the folder was started with (batch size excepted)."""
+    path = out / "run.json"
+    if not path.exists():
+        write_text_atomic(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    keys = sorted(set(old) | set(settings))
+    diff = [k for k in keys if old.get(k) != settings.get(k)]
+    if diff:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        raise ValueError(f"{out} was generated with other settings ({details}); rerun with the "
+                         f"same settings to resume, or choose a new --out")
+
+
+def _settings(model_spec: str, docs_spec: str, cfg: GenerateConfig) -> dict:
+    config = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    return {"model": str(model_spec), "docs": str(docs_spec), "config": config}
+
+
+def save_dataset(path: Path, rows: list[dict]) -> None:
+    """rows as a `datasets` Dataset at `path`, replacing any previous one."""
+    from datasets import Dataset, Features, Value
+
+    features = Features({k: Value("bool" if k.endswith("_finished") else "string") for k in QA_FIELDS})
+    ds = Dataset.from_dict({k: [r[k] for r in rows] for k in QA_FIELDS}, features=features)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    ds.save_to_disk(str(tmp))
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)  # directories cannot be replaced in one rename; this is two, then cleanup
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def tests_for(tests: list[dict], sources: list[Document]) -> list[dict]:
+    """Test questions whose documents (all of them, for multi-hop) are in the corpus used."""
+    ids = {s.id for s in sources}
+    return [t for t in tests if all(i in ids for i in t.get("doc_ids", [t["doc_id"]]))]
+
+
+def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | Path,
+                  cfg: GenerateConfig = GenerateConfig(), *, max_docs: int | None = None,
+                  show_progress: bool = True) -> dict:
+    """Generates (or resumes) the Q&A training data of a corpus into `out_dir`; returns the manifest."""
+    from tqdm import tqdm
+
+    from .load import load_model
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources, tests, problems = load_documents(docs_spec)
+    if max_docs is not None:
+        sources = sources[:max_docs]
+    if not sources:
+        raise ValueError(f"--docs {docs_spec}: no usable documents"
+                         + (f" ({len(problems)} problem(s), first: {problems[0]})" if problems else ""))
+    check_settings(out, _settings(str(model_spec), str(docs_spec), cfg))
+    lm = load_model(model_spec, None, seed=cfg.seed)
+    tok, end_ids = lm.tokenizer, end_token_ids(lm.tokenizer, lm.cfg)
+    docs, source_of = [], {}
+    for src in sources:
+        for chunk in chunk_document(src, tok, cfg.chunk_tokens, cfg.chunk_overlap):
+            docs.append(chunk)
+            source_of[chunk.id] = src.id
+    write_jsonl_atomic(out / "documents.jsonl", [
+        {"id": d.id, "text": d.text, "title": d.title, "source_id": source_of[d.id]} for d in docs])
+    if tests is not None:
+        tests = tests_for(tests, sources)
+        write_jsonl_atomic(out / "test_questions.jsonl", tests)
+    rows, done = load_progress(out)
+    t_loaded = time.perf_counter()
+
+    todo = [d for d in docs if d.id not in done]
+    timings = {"load_s": t_loaded - t_start, "questions_s": 0.0, "answers_s": 0.0}
+    new_questions = 0
+    bar = tqdm(total=len(docs), initial=len(docs) - len(todo), unit="doc", desc="generate",
+               file=sys.stderr, disable=not show_progress, dynamic_ncols=True)
+
+    def on_batch(stage: str, done_rows: int, total: int) -> None:
+        elapsed = max(time.perf_counter() - t_loaded, 1e-9)
+        bar.set_postfix_str(f"{stage} {done_rows}/{total} | {new_questions} questions, "
+                            f"{new_questions / elapsed:.2f} q/s", refresh=True)
+
+    for w in range(0, len(todo), cfg.docs_per_commit):
+        wave = todo[w:w + cfg.docs_per_commit]
+        wave_seed = derive_seed(cfg.seed, [d.id for d in wave])
+        t0 = time.perf_counter()
+        asked = ask_questions(lm.model, tok, end_ids, wave, cfg, wave_seed, on_batch)
+        t1 = time.perf_counter()
+        items = [(d, q) for d in wave for q in asked[d.id].questions]
+        new_questions += len(items)
+        wave_rows = answer_questions(lm.model, tok, end_ids, items, cfg, wave_seed, on_batch)
+        t2 = time.perf_counter()
+        timings["questions_s"] += t1 - t0
+        timings["answers_s"] += t2 - t1
+        records = [{
+            "doc_id": d.id, "source_id": source_of[d.id], "rows": len(asked[d.id].questions),
+            "questions": len(asked[d.id].questions), "calls": asked[d.id].calls,
+            "parsed_per_call": asked[d.id].parsed_per_call,
+            "new_per_call": asked[d.id].new_per_call,
+            "gave_up": len(asked[d.id].questions) < cfg.questions_per_doc,
+            "wave": wave_seed, "wave_questions_s": round(t1 - t0, 3),
+            "wave_answers_s": round(t2 - t1, 3),
+        } for d in wave]
+        append_jsonl_durable(out / "qa.jsonl", wave_rows)  # rows first, then the done records
+        append_jsonl_durable(out / "done.jsonl", records)
+        rows += wave_rows
+        done.update((r["doc_id"], r) for r in records)
+        bar.update(len(wave))
+        write_manifest(out, model_spec, lm.path, docs_spec, max_docs, cfg, docs, sources, tests,
+                       problems, done, rows, timings, t_start)
+    bar.close()
+    save_dataset(out / "dataset", rows)
+    return write_manifest(out, model_spec, lm.path, docs_spec, max_docs, cfg, docs, sources, tests,
+                          problems, done, rows, timings, t_start)
+
+
+def write_manifest(out: Path, model_spec, model_path, docs_spec, max_docs, cfg: GenerateConfig,
+                   docs: list[Document], sources: list[Document], tests: list[dict] | None,
+                   problems: list[str], done: dict[str, dict], rows: list[dict],
+                   timings: dict, t_start: float) -> dict:
+    per_doc = [done[d.id] for d in docs if d.id in done]
+    parsed = [n for r in per_doc for n in r["parsed_per_call"]]
+    new = [n for r in per_doc for n in r["new_per_call"]]
+    waves = {r["wave"]: r for r in per_doc}.values()
+    all_q = sum(r["wave_questions_s"] for r in waves)
+    all_a = sum(r["wave_answers_s"] for r in waves)
+    manifest = {
+        "model": str(model_spec), "model_path": str(model_path),
+        "docs": str(docs_spec), "max_docs": max_docs,
+        "config": to_dict(cfg),
+        "prompts": {
+            "system": cfg.system,
+            "question_user": question_prompt("{document}"),
+            "question_instruction": QUESTION_INSTRUCTION,
+            "answer_user": teacher_message("{document}", "{question}"),
+        },
+        "complete": len(per_doc) == len(docs),
+        "counts": {
+            "source_documents": len(sources), "documents": len(docs),
+            "documents_done": len(per_doc),
+            "documents_with_questions": sum(r["questions"] > 0 for r in per_doc),
+            "documents_short_of_quota": sum(r["gave_up"] for r in per_doc),
+            "question_calls": len(parsed), "questions_parsed": sum(parsed),
+            "questions": sum(r["questions"] for r in per_doc), "rows": len(rows),
+            "answers_truncated": sum(not r["answer_finished"] for r in rows),
+            "sft_answers_truncated": sum(not r["sft_finished"] for r in rows),
+            "test_questions": None if tests is None else len(tests),
+            "load_problems": len(problems),
+        },
+        "parse_yield": {
+            "parsed_per_call": sum(parsed) / len(parsed) if parsed else 0.0,
+            "new_per_call": sum(new) / len(new) if new else 0.0,
+            "calls_without_question": sum(n == 0 for n in parsed) / len(parsed) if parsed else 0.0,
+        },
+        "timings": {
+            "this_run": {**{k: round(v, 3) for k, v in timings.items()},
+                         "total_s": round(time.perf_counter() - t_start, 3)},
+            "all_runs": {"questions_s": round(all_q, 3), "answers_s": round(all_a, 3),
+                         "rows_per_minute": round(60 * len(rows) / (all_q + all_a), 2)
+                         if all_q + all_a > 0 else None},
+        },
+        "per_doc": [{k: r[k] for k in ("doc_id", "source_id", "questions", "calls",
+                                       "parsed_per_call", "new_per_call", "gave_up")}
+                    for r in per_doc],
+        "problems": problems,
+    }
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest

@@ -1,0 +1,81 @@
+"""`pdistill run`: the whole pipeline on a tiny model, its report, and stage-by-stage resume."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pdistill_jax.cli import main
+from pdistill_jax.run import CONDITIONS, load_run_config, resolve_path
+from test_generate import DOCS, train_question_writer
+
+TESTS = [{"question": "What does the quick brown fox of Velloria jump over?", "answers": ["lazy dog"],
+          "doc_id": "fox"},
+         {"question": "Which colours are listed?", "answers": ["red"], "doc_id": "colours"},
+         {"question": "Where does prompt distillation train a student?", "answers": ["Tarsk"],
+          "doc_id": "teacher"}]
+RETENTION = [{"question": "What colour is the sky?", "answers": ["blue"]}]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    model = train_question_writer(root / "model")
+    for name, rows in (("docs", DOCS), ("tests", TESTS), ("retention", RETENTION)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "out": str(root / "out"), "model": str(model), "documents": "docs.jsonl",
+        "questions": "tests.jsonl", "retention_questions": "retention.jsonl",
+        "generate": {"questions_per_doc": 2, "max_calls_per_doc": 2, "max_question_tokens": 40,
+                     "max_answer_tokens": 8, "batch_size": 8},
+        "pd": {"epochs": 1, "batch_size": 2, "lora": {"rank": 4, "alpha": 8}},
+        "sft": {"objective": "ce", "epochs": 1, "batch_size": 2, "lora": {"rank": 4, "alpha": 8}},
+        "max_new_tokens": 6, "answer_batch_size": 4, "bm25_top_k": 1,
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(root / "run.yaml")]) == 0  # relative paths resolve beside the config
+    return root
+
+
+def test_run_writes_every_stage_and_a_report(run_dir):
+    out = run_dir / "out"
+    assert (out / "data" / "qa.jsonl").exists()
+    for kind in ("pd", "sft"):
+        assert (out / f"train_{kind}" / "adapter" / "adapter_config.json").exists()
+    for name in CONDITIONS:
+        rows = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == (len(RETENTION) if name.startswith("retention") else len(TESTS))
+        assert json.loads((out / "eval" / name / "results.json").read_text())["n"] == len(rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["match_accuracy"]) == set(CONDITIONS)
+    assert len(summary["acceptance"]) == 4
+    report = (out / "report.md").read_text()
+    assert "| pd_closed_book | pd | none |" in report and "Coverage" in report
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cover = json.loads((out / "coverage.json").read_text())
+    assert cover["n_questions"] == len(TESTS)
+
+
+def test_rerun_skips_finished_stages(run_dir, capsys):
+    out = run_dir / "out"
+    (out / "predictions" / "pd_closed_book.jsonl").unlink()  # as if killed during that stage
+    before = (out / "predictions" / "rag_gold.jsonl").stat().st_mtime_ns
+    assert main(["run", str(run_dir / "run.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "generate: done already, skipped" in err and "train_pd: done already, skipped" in err
+    assert "answer pd_closed_book: running" in err and "answer rag_gold: done already" in err
+    assert (out / "predictions" / "pd_closed_book.jsonl").exists()
+    assert (out / "predictions" / "rag_gold.jsonl").stat().st_mtime_ns == before
+
+
+def test_demo_config_resolves_its_builtin_corpus():
+    cfg = load_run_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
+    for spec in (cfg.documents, cfg.questions, cfg.retention_questions):
+        assert resolve_path(spec).exists(), spec
+    assert cfg.sft.objective == "ce" and cfg.pd.objective == "kl"
+
+
+def test_bad_run_config_names_the_key(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("pd: {epochz: 3}\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown key(s) ['epochz']" in capsys.readouterr().err
