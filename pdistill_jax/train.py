@@ -230,6 +230,11 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
              f"of {rows_per_step} rows")
 
         mesh = make_mesh(cfg.mesh)
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if cfg.batch_size % shards:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split over the mesh's data x fsdp "
+                             f"= {shards} devices; use a multiple of {shards} or a smaller --mesh "
+                             "(e.g. data=1,fsdp=1,tensor=1)")
         graphdef, base, state, optimizer = init_train_state(lm.model, cfg, total_steps, mesh)
         lm.model = None  # the base now lives (sharded) in `base`; drop the unsharded copy
         step_fn = make_train_step(graphdef, optimizer, cfg, mesh)

@@ -28,8 +28,9 @@ def run_dir(tmp_path_factory):
         "questions": "tests.jsonl", "retention_questions": "retention.jsonl",
         "generate": {"questions_per_doc": 2, "max_calls_per_doc": 2, "max_question_tokens": 40,
                      "max_answer_tokens": 8, "batch_size": 8},
-        "pd": {"epochs": 1, "batch_size": 2, "lora": {"rank": 4, "alpha": 8}},
-        "sft": {"objective": "ce", "epochs": 1, "batch_size": 2, "lora": {"rank": 4, "alpha": 8}},
+        "pd": {"epochs": 1, "batch_size": 2, "mesh": [1, 1, 1], "lora": {"rank": 4, "alpha": 8}},
+        "sft": {"objective": "ce", "epochs": 1, "batch_size": 2, "mesh": [1, 1, 1],
+                "lora": {"rank": 4, "alpha": 8}},
         "max_new_tokens": 6, "answer_batch_size": 4, "bm25_top_k": 1,
     }
     (root / "run.yaml").write_text(yaml.safe_dump(config))

@@ -136,3 +136,11 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     yaml_path.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown key.*learning_rate"):
         resolve_config(parser.parse_args(["--out", "x", "--config", str(yaml_path)]), None)
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_refused_in_one_line(tiny_llama, tmp_path, capsys):
+    data = write_qa(tmp_path / "qa.jsonl")
+    args = ["train", "--model", str(tiny_llama), "--data", str(data), "--out", str(tmp_path / "run"),
+            "--batch-size", "3", "--mesh", "data=2,fsdp=1,tensor=1", "--no-progress"]
+    assert main(args) == 2
+    assert "batch_size 3 does not split over the mesh's data x fsdp = 2 devices" in capsys.readouterr().err
