@@ -8,7 +8,7 @@
    batch size), with the same temperature, top-k, max new tokens and end tokens.
 Both report Q&A pairs per minute = our run's pairs / each side's sampling time.
 
-    python scripts/bench_generate.py --max-docs 2 --questions-per-doc 6 [--json out.json]
+    python scripts/bench_generate.py --max-docs 2 --questions-per-doc 6 [--torch-threads N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ def run_torch(args, ours_dir: Path, manifest: dict) -> dict:
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     cfg = manifest["config"]
     end = end_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else end[0]
@@ -109,6 +111,9 @@ def main() -> int:
     p.add_argument("--max-docs", type=int, default=2)
     p.add_argument("--questions-per-doc", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads (0 = torch's default); on a busy machine 1 thread "
+                        "can be many times faster than oversubscribed ones")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
