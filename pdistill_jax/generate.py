@@ -195,22 +195,24 @@ def answer_questions(model, tokenizer, end_ids: Sequence[int],
     if not items:
         return []
     prompts = [chat_prompt_ids(tokenizer, teacher_message(d.text, q), cfg.system) for d, q in items]
-    results = {}
-    for stage, temperature in (("answer", cfg.a_temperature), ("sft", cfg.sft_temperature)):
-        done_rows = 0
+    n = len(prompts)
+    done_rows = 0
 
-        def progress(n, stage=stage):
-            nonlocal done_rows
-            done_rows += n
-            if on_batch:
-                on_batch(f"{stage}s", done_rows, len(prompts))
+    def progress(rows):
+        nonlocal done_rows
+        done_rows += rows
+        if on_batch:
+            on_batch("answers", done_rows, 2 * n)
 
-        params = SamplingParams(temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens)
-        results[stage] = generate(model, prompts, params, end_ids=end_ids,
-                                  seed=derive_seed(seed, stage), batch_size=cfg.batch_size,
-                                  progress=progress)
+    # The PD answer (hot) and the SFT answer (cold) of a question continue the same teacher
+    # prompt: asked together, the sampler prefills that prompt once for both.
+    outs = generate(model, prompts + prompts,
+                    SamplingParams(cfg.a_temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
+                    end_ids=end_ids, seed=derive_seed(seed, "answers"), batch_size=cfg.batch_size,
+                    temperatures=[cfg.a_temperature] * n + [cfg.sft_temperature] * n,
+                    progress=progress)
     rows = []
-    for (doc, question), pd, sft in zip(items, results["answer"], results["sft"]):
+    for (doc, question), pd, sft in zip(items, outs[:n], outs[n:]):
         rows.append({
             "doc_id": doc.id, "document": doc.text, "question": question,
             "answer": tokenizer.decode(pd.tokens, skip_special_tokens=True).strip(),

@@ -25,14 +25,18 @@ _MASK_VALUE = -1e30
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: (layers, batch, slots, kv_heads, head_dim)."""
+    """Keys and values of every layer: (layers, batch, kv_heads, slots, head_dim).
+
+    Heads before slots: attention reads each (batch, kv head) as one contiguous (slots, head_dim)
+    matrix, so a decode step never transposes the cache (it did, a full copy per layer, when
+    slots came first)."""
 
     k: jax.Array
     v: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -159,18 +163,19 @@ class Attention(nnx.Module):
         k = self.k(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): the cache layout
         if cache_kv is not None:  # attend over the cached keys with the new ones written in
             ck, cv = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
         # Heads-major layout with the query heads sharing a kv head stacked along the query axis:
         # one (g*t, d) x (d, s) matmul per (batch, kv head). On XLA:CPU this runs the attention
         # forward ~2x faster than contracting the (b, t, k, g, d) layout directly.
-        kv, groups, s = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k.shape[1]
+        kv, groups, s = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k.shape[2]
         q = q.reshape(b, t, kv, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         q = q.reshape(b, kv, groups * t, cfg.head_dim)
-        k_t = k.astype(q.dtype).transpose(0, 2, 1, 3)  # (b, kv, s, d)
-        v_t = v.astype(x.dtype).transpose(0, 2, 1, 3)
+        k_t = k.astype(q.dtype)  # (b, kv, s, d)
+        v_t = v.astype(x.dtype)
         scores = jnp.einsum("bkmd,bksd->bkms", q, k_t).astype(jnp.float32)
         scores = scores.reshape(b, kv, groups, t, s) / math.sqrt(cfg.head_dim)
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)

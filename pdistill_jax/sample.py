@@ -3,6 +3,11 @@
 Prompts are left-padded into a few bucketed shapes so that a handful of compilations serve any
 mix of lengths. Each row draws from its own key, folded from the seed and the row's index in the
 caller's list, so a row's sample does not depend on what else shares its batch.
+
+Identical prompts in a batch are prefilled once and their KV cache is copied to every row that
+continues them (several question calls about one document; the PD and SFT answers to one
+teacher prompt). Prefill of a document-length prompt is most of a batch's cost on a CPU, so this
+halves the teacher-answer stage and cuts question writing by more.
 """
 from __future__ import annotations
 
@@ -40,36 +45,52 @@ def bucket_length(n: int) -> int:
     return 256 * math.ceil(n / 256)
 
 
+def _top_p_mask(sorted_logits: jax.Array, top_p) -> jax.Array:
+    """Keep the smallest prefix of descending logits whose mass reaches top_p (at least one)."""
+    probs = jax.nn.softmax(sorted_logits)
+    return (jnp.cumsum(probs) - probs) < top_p
+
+
 def _choose(logits: jax.Array, key: jax.Array, temperature, top_k: int, use_top_p: bool, top_p):
-    """Next token for one row. Greedy and sampling share one compiled path."""
+    """Next token for one row. Greedy and sampling share one compiled path.
+
+    With top-k, the draw is made among the k candidates only: Gumbel noise for a 49k-152k
+    vocabulary at every step (threefry on a CPU) cost more than the model's decode step itself.
+    """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     if top_k:
-        kth = jax.lax.top_k(scaled, top_k)[0][-1]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    if use_top_p:
-        order = jnp.argsort(-scaled)
-        probs = jax.nn.softmax(scaled[order])
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        keep_sorted = (jnp.cumsum(probs) - probs) < top_p
-        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-        scaled = jnp.where(keep, scaled, -jnp.inf)
-    sampled = jax.random.categorical(key, scaled)
+        values, candidates = jax.lax.top_k(scaled, top_k)  # descending
+        if use_top_p:
+            values = jnp.where(_top_p_mask(values, top_p), values, -jnp.inf)
+        sampled = candidates[jax.random.categorical(key, values)]
+    else:
+        if use_top_p:
+            order = jnp.argsort(-scaled)
+            keep = jnp.zeros(scaled.shape, bool).at[order].set(_top_p_mask(scaled[order], top_p))
+            scaled = jnp.where(keep, scaled, -jnp.inf)
+        sampled = jax.random.categorical(key, scaled)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora"))
-def _generate_batch(graphdef, state, tokens, valid, keys, end_ids, temperature, top_p, *,
+def _generate_batch(graphdef, state, tokens, valid, src, keys, end_ids, temperature, top_p, *,
                     max_new: int, top_k: int, use_top_p: bool, use_lora: bool):
+    """tokens, valid (U, P): the distinct prompts; src (B,): the prompt row each output row
+    continues; keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end."""
     model: Transformer = nnx.merge(graphdef, state)
-    b, p = tokens.shape
-    cache = init_cache(model.cfg, b, p + max_new, model.dtype)
-    key_valid = jnp.zeros((b, p + max_new), bool).at[:, :p].set(valid)
+    u, p = tokens.shape
+    b = src.shape[0]
+    cache = init_cache(model.cfg, u, p + max_new, model.dtype)
+    key_valid = jnp.zeros((u, p + max_new), bool).at[:, :p].set(valid)
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     hidden, cache = model(tokens, positions, key_valid, cache=cache, cache_index=0, use_lora=use_lora)
     logits = model.logits(hidden[:, -1], use_lora)  # left padding: the last slot is real
-    choose = jax.vmap(_choose, in_axes=(0, 0, None, None, None, None))
+    if u != b:  # fan the prefilled prompts out to the rows that continue them (else src = identity)
+        cache = jax.tree.map(lambda c: jnp.take(c, src, axis=1), cache)
+        key_valid, positions, logits = key_valid[src], positions[src], logits[src]
+    choose = jax.vmap(_choose, in_axes=(0, 0, 0, None, None, None))
 
     def cond(carry):
         i, *_, done = carry
@@ -93,37 +114,63 @@ def _generate_batch(graphdef, state, tokens, valid, keys, end_ids, temperature, 
     return jax.lax.while_loop(cond, body, carry)[5]
 
 
+def prefill_rows(distinct: int, batch_size: int) -> int:
+    """Prompt rows prefilled for a batch with `distinct` different prompts: a power of two, at
+    most the batch size, so that only a few shapes are ever compiled."""
+    return min(batch_size, 1 << math.ceil(math.log2(max(distinct, 1))))
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              end_ids: Sequence[int], seed: int = 0, batch_size: int = 16, use_lora: bool = True,
+             temperatures: Sequence[float] | None = None,
              progress: Callable[[int], None] | None = None) -> list[Completion]:
     """Completions for `prompts` (lists of token ids), in input order.
 
-    `progress(n)` is called with the number of rows finished after each batch.
+    `temperatures`, one per prompt, overrides params.temperature row by row (so the same prompt
+    can be sampled hot and cold in one batch, sharing its prefill). `progress(n)` is called with
+    the number of rows finished after each batch.
     """
     if params.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("an empty prompt cannot be continued; every prompt needs at least one token")
+    if temperatures is not None and len(temperatures) != len(prompts):
+        raise ValueError(f"{len(temperatures)} temperatures for {len(prompts)} prompts; give one "
+                         "per prompt or none")
+    temps = np.full(len(prompts), params.temperature, np.float32) if temperatures is None else \
+        np.asarray(temperatures, np.float32)
     graphdef, state = nnx.split(model)
     end = jnp.asarray(sorted(set(end_ids)), jnp.int32)
     base_key = jax.random.key(seed)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
+    # Similar lengths together, and identical prompts next to each other so they share a prefill.
+    keyed = [tuple(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(keyed[i]), keyed[i]))
     results: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = bucket_length(max(len(prompts[i]) for i in idx))
-        tokens = np.zeros((batch_size, width), np.int32)
-        valid = np.zeros((batch_size, width), bool)
-        for row, i in enumerate(idx):
-            ids = prompts[i]
-            tokens[row, width - len(ids):] = ids
-            valid[row, width - len(ids):] = True
-        valid[len(idx):, -1] = True  # filler rows: one real token, results discarded
+        distinct = list(dict.fromkeys(keyed[i] for i in idx))
+        u = prefill_rows(len(distinct), batch_size)
+        if u == batch_size:  # nothing to save: one prompt row per output row, no fan-out
+            distinct = [keyed[i] for i in idx]
+            src = np.arange(batch_size, dtype=np.int32)
+        else:
+            slot = {ids: n for n, ids in enumerate(distinct)}
+            src = np.zeros(batch_size, np.int32)  # filler output rows continue prompt 0, discarded
+            src[:len(idx)] = [slot[keyed[i]] for i in idx]
+        width = bucket_length(len(distinct[0]))
+        tokens = np.zeros((u, width), np.int32)
+        valid = np.zeros((u, width), bool)
+        for n, ids in enumerate(distinct):
+            tokens[n, width - len(ids):] = ids
+            valid[n, width - len(ids):] = True
+        valid[len(distinct):, -1] = True  # filler prompt rows: one real token, results discarded
+        row_temps = np.zeros(batch_size, np.float32)
+        row_temps[:len(idx)] = temps[idx]
         rows = np.array(idx + [0] * (batch_size - len(idx)))
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(rows))
         out = np.asarray(_generate_batch(
-            graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), keys, end,
-            jnp.float32(params.temperature), jnp.float32(params.top_p),
+            graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(src), keys, end,
+            jnp.asarray(row_temps), jnp.float32(params.top_p),
             max_new=params.max_new_tokens, top_k=int(params.top_k),
             use_top_p=params.top_p < 1.0, use_lora=use_lora))
         end_set = set(int(e) for e in end_ids)

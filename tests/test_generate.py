@@ -131,13 +131,16 @@ def test_answer_path_builds_rows_from_chosen_questions(tiny_llama):
     # the teacher sees the document: the row equals sampling that prompt directly
     prompt = chat_prompt_ids(lm.tokenizer, f"{doc.text}\n\n---\n\n{items[1][1]}")
     assert teacher_message(doc.text, items[1][1]) == f"{doc.text}\n\n---\n\n{items[1][1]}"
-    direct = generate(lm.model, [chat_prompt_ids(lm.tokenizer, teacher_message(doc.text, q))
-                                 for _, q in items],
+    # The PD (hot) and SFT (cold) answers are one sampler call over the prompts twice over.
+    teacher_prompts = [chat_prompt_ids(lm.tokenizer, teacher_message(doc.text, q)) for _, q in items]
+    direct = generate(lm.model, teacher_prompts + teacher_prompts,
                       SamplingParams(cfg.a_temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
-                      end_ids=end, seed=derive_seed(11, "answer"), batch_size=4)
+                      end_ids=end, seed=derive_seed(11, "answers"), batch_size=4,
+                      temperatures=[cfg.a_temperature] * 2 + [cfg.sft_temperature] * 2)
     assert len(prompt) > len(chat_prompt_ids(lm.tokenizer, items[1][1]))
-    assert [lm.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in direct] == \
-        [r["answer"] for r in rows]
+    texts = [lm.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in direct]
+    assert texts[:2] == [r["answer"] for r in rows]
+    assert texts[2:] == [r["sft_answer"] for r in rows]
     assert answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=11) == rows  # reproducible
     other = answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=12)
     assert [r["answer"] for r in other] != [r["answer"] for r in rows]

@@ -71,3 +71,58 @@ def test_bad_requests(setup):
         generate(lm.model, prompts, SamplingParams(max_new_tokens=0), end_ids=end)
     with pytest.raises(ValueError, match="empty prompt"):
         generate(lm.model, [[]], SamplingParams(), end_ids=end)
+
+
+@pytest.mark.parametrize("layout", ["fan_out", "one_row_each"])
+def test_shared_prefill_equals_separate_rows(setup, layout):
+    # Repeated prompts are prefilled once and fanned out; each row must still be exactly what it
+    # is when generated alone (batch_size=1 never shares), hot and cold rows alike. With 5
+    # distinct prompts in a batch of 8 there is nothing to save and rows keep their own prompt.
+    _, lm, prompts, end = setup
+    if layout == "fan_out":  # 4 distinct prompts in the first batch of 8: prefilled 4 times
+        repeated = [prompts[0]] * 3 + [prompts[1]] * 2 + prompts[2:] + [prompts[0]]
+    else:
+        repeated = [prompts[0]] * 2 + prompts[1:] + [prompts[3], prompts[0]]
+    temps = [1.5, 0.0, 1.0, 1.5, 0.25, 0.0, 1.2, 0.7, 1.5][:len(repeated)]
+    params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=12)
+    shared = generate(lm.model, repeated, params, end_ids=end, seed=5, batch_size=8, temperatures=temps)
+    alone = generate(lm.model, repeated, params, end_ids=end, seed=5, batch_size=1, temperatures=temps)
+    assert shared == alone
+    assert shared[0] != shared[1]  # a hot and a greedy continuation of the same prompt differ
+    greedy = generate(lm.model, [prompts[0]], SamplingParams(max_new_tokens=12), end_ids=end)
+    assert shared[1] == greedy[0]  # temperature 0 in a row is greedy
+
+
+def test_prefill_rows_are_few_shapes():
+    from pdistill_jax.sample import prefill_rows
+
+    assert [prefill_rows(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert prefill_rows(3, 2) == 2
+
+
+def test_temperatures_must_match_prompts(setup):
+    _, lm, prompts, end = setup
+    with pytest.raises(ValueError, match="2 temperatures for 5 prompts"):
+        generate(lm.model, prompts, SamplingParams(), end_ids=end, temperatures=[0.0, 1.0])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,expected", [
+    (1.0, 3, 1.0, [0.4, 0.25, 0.15, 0, 0, 0]),  # top-k renormalises the k best
+    (1.0, 4, 0.6, [0.4, 0.25, 0, 0, 0, 0]),  # then top-p: the smallest prefix reaching 0.6
+    (1.0, 0, 0.6, [0.4, 0.25, 0, 0, 0, 0]),  # top-p alone, over the whole vocabulary
+    (2.0, 2, 1.0, [0.4 ** 0.5, 0.25 ** 0.5, 0, 0, 0, 0]),  # temperature flattens before the cut
+    (1.0, 0, 1.0, [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]),  # plain sampling
+])
+def test_sampling_distribution(temperature, top_k, top_p, expected):
+    import jax
+    import jax.numpy as jnp
+
+    from pdistill_jax.sample import _choose
+
+    perm = np.array([3, 0, 5, 1, 4, 2])  # token i has probability p[perm[i]]: no sorted input
+    logits = jnp.log(jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))[perm]
+    n = 20000
+    draw = jax.jit(jax.vmap(lambda k: _choose(logits, k, temperature, top_k, top_p < 1.0, top_p)))
+    freq = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), n))), minlength=6) / n
+    want = np.array(expected) / np.sum(expected)
+    assert np.abs(freq[np.argsort(perm)] - want).max() < 0.015
