@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module under pdistill_jax.commands, one-line help). Imported lazily: jax is slow to load.
@@ -18,6 +19,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Compiled XLA programs persist across runs (a train-step shape costs tens of seconds to
+    # compile on a CPU): a resumed or repeated run with the same shapes skips compiling. Set
+    # before the command imports jax; a user's own JAX_COMPILATION_CACHE_DIR wins.
+    from .registry import cache_dir
+
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
     parser = argparse.ArgumentParser(prog="pdistill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
