@@ -210,6 +210,9 @@ class TrainConfig:
     save_every: int = 200  # steps between Orbax checkpoints (and one at the end)
     keep_checkpoints: int = 2
     log_every: int = 10
+    # Host memory (GiB) the frozen teacher's hidden states at the answer positions may take to be
+    # computed once per run instead of in every step (teacher_cache.py); 0 = never cache.
+    teacher_cache_gb: float = 4.0
 
     def __post_init__(self):
         if self.objective not in ("kl", "reverse_kl", "jsd", "ce"):

@@ -33,6 +33,10 @@ class QARow:
     answer: str  # the teacher's sampled answer (prompt distillation)
     sft_answer: str | None = None  # a low-temperature answer used as ground truth by `ce`
     doc_id: str | int | None = None
+    # False when generation cut the answer at its token limit: `ce` then has no end-of-turn
+    # target for it (it would teach the student to stop mid-sentence).
+    answer_finished: bool = True
+    sft_finished: bool = True
 
 
 def resolve_data_file(path: str | Path) -> Path:
@@ -64,7 +68,15 @@ def read_qa_rows(path: str | Path) -> list[QARow]:
         if sft is not None and (not isinstance(sft, str) or not sft.strip()):
             raise ValueError(f"{file} row {n}: field \"sft_answer\" must be a non-empty string "
                              "when present")
-        rows.append(QARow(raw["document"], raw["question"], raw["answer"], sft, raw.get("doc_id")))
+        flags = {}
+        for field in ("answer_finished", "sft_finished"):
+            value = raw.get(field, True)
+            if not isinstance(value, bool):
+                raise ValueError(f"{file} row {n}: field \"{field}\" must be true or false when "
+                                 f"present, got {value!r}")
+            flags[field] = value
+        rows.append(QARow(raw["document"], raw["question"], raw["answer"], sft, raw.get("doc_id"),
+                          **flags))
     if not rows:
         raise ValueError(f"{file} holds no rows")
     return rows
@@ -72,7 +84,8 @@ def read_qa_rows(path: str | Path) -> list[QARow]:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One tokenised row. Both sequences end with their targets (answer ids + end-of-turn)."""
+    """One tokenised row. Both sequences end with their targets: answer ids + end-of-turn (no
+    end-of-turn for a `ce` answer that generation cut at its token limit)."""
 
     teacher: np.ndarray  # int32: teacher prompt + answer ids + eot
     student: np.ndarray  # int32: student prompt + answer ids (sft ids for `ce`) + eot
@@ -99,9 +112,14 @@ def tokenize_rows(rows: Sequence[QARow], tokenizer, *, objective: str = "kl",
     examples, truncated, skipped = [], 0, 0
     for row in rows:
         answer = _encode(tokenizer, row.answer)
-        student_answer = answer
-        if objective == "ce" and row.sft_answer is not None:
-            student_answer = _encode(tokenizer, row.sft_answer)
+        student_answer, end = answer, [eot]
+        if objective == "ce":
+            finished = row.answer_finished
+            if row.sft_answer is not None:
+                student_answer, finished = _encode(tokenizer, row.sft_answer), row.sft_finished
+            # The distillation objectives match whole distributions at the end position, cut
+            # answer or not; cross-entropy would make the end token a target.
+            end = [eot] if finished else []
         prompt_budget = max_seq_len - len(answer) - 1
         fitted = _teacher_prompt(tokenizer, row.document, row.question, system, prompt_budget)
         student_prompt = chat_prompt_ids(tokenizer, row.question, system)
@@ -112,7 +130,7 @@ def tokenize_rows(rows: Sequence[QARow], tokenizer, *, objective: str = "kl",
         truncated += was_cut
         examples.append(Example(
             teacher=np.asarray(teacher_prompt + answer + [eot], np.int32),
-            student=np.asarray(student_prompt + student_answer + [eot], np.int32),
+            student=np.asarray(student_prompt + student_answer + end, np.int32),
             teacher_prompt_len=len(teacher_prompt), student_prompt_len=len(student_prompt)))
     return TokenizedData(examples, truncated, skipped)
 

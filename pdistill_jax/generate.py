@@ -196,23 +196,25 @@ def answer_questions(model, tokenizer, end_ids: Sequence[int],
         return []
     prompts = [chat_prompt_ids(tokenizer, teacher_message(d.text, q), cfg.system) for d, q in items]
     n = len(prompts)
+    # At one temperature a single answer serves both objectives (PD and SFT then train on the
+    # same text); otherwise the PD answer (hot) and the SFT answer (cold) continue the same
+    # teacher prompt, asked together so that the sampler prefills the prompt once for both.
+    shared = cfg.a_temperature == cfg.sft_temperature
+    temperatures = [cfg.a_temperature] * n + ([] if shared else [cfg.sft_temperature] * n)
     done_rows = 0
 
     def progress(rows):
         nonlocal done_rows
         done_rows += rows
         if on_batch:
-            on_batch("answers", done_rows, 2 * n)
+            on_batch("answers", done_rows, len(temperatures))
 
-    # The PD answer (hot) and the SFT answer (cold) of a question continue the same teacher
-    # prompt: asked together, the sampler prefills that prompt once for both.
-    outs = generate(model, prompts + prompts,
+    outs = generate(model, prompts if shared else prompts + prompts,
                     SamplingParams(cfg.a_temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
                     end_ids=end_ids, seed=derive_seed(seed, "answers"), batch_size=cfg.batch_size,
-                    temperatures=[cfg.a_temperature] * n + [cfg.sft_temperature] * n,
-                    progress=progress)
+                    temperatures=temperatures, progress=progress)
     rows = []
-    for (doc, question), pd, sft in zip(items, outs[:n], outs[n:]):
+    for (doc, question), pd, sft in zip(items, outs[:n], outs[n:] if not shared else outs):
         rows.append({
             "doc_id": doc.id, "document": doc.text, "question": question,
             "answer": tokenizer.decode(pd.tokens, skip_special_tokens=True).strip(),

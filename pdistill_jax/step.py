@@ -1,7 +1,8 @@
 """The jit-compiled prompt-distillation training step: objectives, optimizer, gradient accumulation.
 
 One `jax.jit` per step does all of it: the teacher forward (base model, adapter off, document in
-the prompt, no gradient), the student forward (adapter on, question only), the hidden states
+the prompt, no gradient) unless the batch brings the teacher's cached hidden states (the teacher
+is frozen, so they are the same every epoch: teacher_cache.py), the student forward (adapter on, question only), the hidden states
 gathered at the answer positions *before* the LM head, the loss chunked over answer positions,
 the LoRA gradients, and one AdamW update. One copy of the base weights serves both roles and is
 never an output of the step, so it is never copied; only the TrainState (LoRA + optimizer state
@@ -22,8 +23,12 @@ from .config import TrainConfig
 from .model import Transformer, causal_inputs
 from .sharding import batch_sharding, replicated, shard_state, state_shardings
 
-BATCH_KEYS = ("teacher_tokens", "teacher_valid", "student_tokens", "student_valid", "targets",
-              "target_mask", "teacher_pos", "student_pos")
+STUDENT_KEYS = ("student_tokens", "student_valid", "targets", "target_mask", "student_pos")
+TEACHER_KEYS = ("teacher_tokens", "teacher_valid", "teacher_pos")
+BATCH_KEYS = TEACHER_KEYS[:2] + STUDENT_KEYS[:4] + TEACHER_KEYS[2:] + STUDENT_KEYS[4:]
+# Instead of TEACHER_KEYS a batch may carry the teacher's final hidden states at the answer
+# positions, (B, A, D), computed once per run by `make_teacher_hidden` (see teacher_cache.py).
+TEACHER_HIDDEN = "teacher_hidden"
 DEFAULT_LOSS_CHUNK = 16  # answer positions per LM-head chunk (bounds the (B, c, V) logits in memory)
 
 
@@ -116,6 +121,13 @@ def _gather(hidden: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
 
 
+def teacher_hidden(model: Transformer, batch: dict) -> jax.Array:
+    """The teacher's (base model, adapter off) final hidden states at the answer positions, (B, A, D)."""
+    t_pos, t_valid = causal_inputs(batch["teacher_tokens"], batch["teacher_valid"])
+    hidden_t, _ = model(batch["teacher_tokens"], t_pos, t_valid, use_lora=False)
+    return _gather(hidden_t, batch["teacher_pos"])
+
+
 def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int = DEFAULT_LOSS_CHUNK
                    ) -> Callable[[nnx.State, nnx.State, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
     """(lora, base, batch) -> (sum of per-sequence mean losses, (sequences with answers, answer tokens)).
@@ -134,9 +146,8 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int = D
                 lambda h, t: losses.cross_entropy_per_token(model.logits(h, True), t),
                 (h_s, batch["targets"]), loss_chunk)
         else:
-            t_pos, t_valid = causal_inputs(batch["teacher_tokens"], batch["teacher_valid"])
-            hidden_t, _ = model(batch["teacher_tokens"], t_pos, t_valid, use_lora=False)
-            h_t = jax.lax.stop_gradient(_gather(hidden_t, batch["teacher_pos"]))
+            h_t = batch[TEACHER_HIDDEN] if TEACHER_HIDDEN in batch else teacher_hidden(model, batch)
+            h_t = jax.lax.stop_gradient(h_t.astype(model.dtype))
             token_loss = {
                 "kl": losses.forward_kl_per_token,
                 "reverse_kl": losses.reverse_kl_per_token,
@@ -162,10 +173,15 @@ def _micro_batches(batch: dict, grad_accum: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _check_keys(batch: dict) -> None:
-    missing = [k for k in BATCH_KEYS if k not in batch]
+def _step_inputs(batch: dict) -> dict:
+    """The arrays the step reads: the student keys and either the teacher's tokens or its cached
+    hidden states (then the teacher tokens are not sent to the devices at all)."""
+    teacher = (TEACHER_HIDDEN,) if TEACHER_HIDDEN in batch else TEACHER_KEYS
+    missing = [k for k in STUDENT_KEYS + teacher if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing}; expected the keys {list(BATCH_KEYS)}")
+        raise ValueError(f"batch lacks {missing}; expected the keys {list(BATCH_KEYS)} (or "
+                         f"{TEACHER_HIDDEN!r} in place of {list(TEACHER_KEYS)})")
+    return {k: batch[k] for k in STUDENT_KEYS + teacher}
 
 
 def _data_shards(mesh: Mesh) -> int:
@@ -173,7 +189,6 @@ def _data_shards(mesh: Mesh) -> int:
 
 
 def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
-    _check_keys(batch)
     rows = batch["student_tokens"].shape[0]
     if rows != cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"training batch has {rows} rows; expected batch_size * grad_accum = "
@@ -228,8 +243,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def train_step(state: TrainState, base: nnx.State, batch: dict):
         nonlocal jitted
+        batch = _step_inputs(batch)
         _check_batch(batch, cfg, mesh)
-        batch = {k: batch[k] for k in BATCH_KEYS}
         if jitted is None:  # shardings come from the state's metadata, known at the first call
             state_sh = train_state_shardings(state, mesh)
             jitted = jax.jit(step, donate_argnums=0,
@@ -257,12 +272,11 @@ def make_eval_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh, *,
 
     def eval_loss(lora, base, batch):
         nonlocal jitted
-        _check_keys(batch)
+        batch = _step_inputs(batch)
         rows = batch["student_tokens"].shape[0]
         if rows % _data_shards(mesh):
             raise ValueError(f"evaluation batch of {rows} rows does not split over data x fsdp = "
                              f"{_data_shards(mesh)} devices; pad it to a multiple")
-        batch = {k: batch[k] for k in BATCH_KEYS}
         if jitted is None:
             jitted = jax.jit(evaluate, in_shardings=(state_shardings(lora, mesh),
                                                      state_shardings(base, mesh), batch_sharding(mesh)),
@@ -270,3 +284,25 @@ def make_eval_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh, *,
         return jitted(lora, base, batch)
 
     return eval_loss
+
+
+def make_teacher_hidden(graphdef: nnx.GraphDef, mesh: Mesh
+                        ) -> Callable[[nnx.State, nnx.State, dict], jax.Array]:
+    """(lora, base, batch) -> the teacher's hidden states at the answer positions, (B, A, D),
+    sharded over the batch like the batch. The adapter is off, so `lora` is read for its
+    structure only; any number of rows that splits over data x fsdp."""
+    def hidden(lora, base, batch):
+        return teacher_hidden(nnx.merge(graphdef, lora, base), batch)
+
+    jitted = None
+
+    def run(lora, base, batch):
+        nonlocal jitted
+        batch = {k: batch[k] for k in TEACHER_KEYS}
+        if jitted is None:
+            jitted = jax.jit(hidden, in_shardings=(state_shardings(lora, mesh),
+                                                   state_shardings(base, mesh), batch_sharding(mesh)),
+                             out_shardings=batch_sharding(mesh))
+        return jitted(lora, base, batch)
+
+    return run

@@ -31,13 +31,14 @@ from .checkpoint import RunCheckpoints
 from .config import TrainConfig, from_dict, to_dict
 from .data import DataPosition, TrainData, make_train_data, read_qa_rows, resolve_data_file
 from .jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
+from .teacher_cache import attach_teacher_hidden, compute_teacher_cache, teacher_cache_bytes
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINT_DIR, ADAPTER_DIR = "checkpoints", "adapter"
 # TrainConfig fields a resumed run may change: they affect speed or bookkeeping, not the
 # optimisation problem, the schedule or the data order.
 RESUMABLE_CHANGES = ("mesh", "remat", "compute_dtype", "save_every", "keep_checkpoints",
-                     "log_every")
+                     "log_every", "teacher_cache_gb")
 
 
 def _say(message: str) -> None:
@@ -256,6 +257,10 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                 _say(f"--resume: no usable checkpoint in {out / CHECKPOINT_DIR}; "
                      "starting from step 0")
         start_step = position.global_step(spe)
+        teacher_cache, teacher_cache_s = None, None
+        if cfg.objective != "ce" and start_step < total_steps:
+            teacher_cache, teacher_cache_s = _teacher_cache(data, lm.cfg.hidden_size, cfg,
+                                                            graphdef, state, base, mesh)
 
         run_config = {"model": str(model_spec), "model_path": str(lm.path), "data": str(data_file),
                       "data_sha256": data_sha, "init_adapter": init_adapter,
@@ -277,6 +282,8 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         try:
             loop_start = time.perf_counter()
             for pos, indices, batch in data.batches(position, cfg.epochs):
+                if teacher_cache is not None:
+                    batch = attach_teacher_hidden(batch, indices, teacher_cache)
                 state, metrics = step_fn(state, base, global_batch(_local_rows(batch), mesh))
                 step += 1
                 if first_step_s is None:  # compilation included: reported separately
@@ -317,11 +324,36 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
             _say(f"stopped at step {step} of {total_steps}; continue with --resume")
         summary = _summary(out, step, total_steps, cfg, data, first_step_s, first_rows,
                            examples_seen, loop_s, session_start, log, resumed_from, adapter)
+        summary["teacher_cache_s"] = teacher_cache_s
         if jax.process_index() == 0:
             write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
         checkpoints.close()
+
+
+def _teacher_cache(data: TrainData, hidden_size: int, cfg: TrainConfig, graphdef, state, base,
+                   mesh) -> tuple[list[np.ndarray] | None, float | None]:
+    """The teacher's hidden states at every row's answer positions, computed once (None when
+    they would exceed cfg.teacher_cache_gb: the step then runs the teacher itself)."""
+    from .sharding import global_batch
+    from .step import make_teacher_hidden
+
+    need = teacher_cache_bytes(data.examples, hidden_size, _compute_dtype(cfg))
+    if need > cfg.teacher_cache_gb * 2**30:
+        if cfg.teacher_cache_gb > 0:
+            _say(f"the teacher's hidden states would take {need / 2**30:.1f} GiB, more than "
+                 f"teacher_cache_gb={cfg.teacher_cache_gb:g}: the teacher runs in every step")
+        return None, None
+    start = time.perf_counter()
+    hidden_fn = make_teacher_hidden(graphdef, mesh)
+    cache = compute_teacher_cache(
+        data.examples, cfg.batch_size, lambda batch: hidden_fn(state.lora, base, batch),
+        lambda batch: global_batch(_local_rows(batch), mesh), data.pad_id)
+    seconds = time.perf_counter() - start
+    _say(f"teacher run once over {len(cache)} rows, its hidden states at the answer positions "
+         f"kept ({need / 2**20:.0f} MiB) in {seconds:.0f} s")
+    return cache, round(seconds, 3)
 
 
 def _check_resume(saved: dict, cfg: TrainConfig, model_spec: str, data_sha: str,

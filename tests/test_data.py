@@ -76,6 +76,22 @@ def test_ce_student_uses_sft_answer(tok):
         rows[0].answer + "<|im_end|>"
 
 
+def test_a_cut_answer_has_no_end_target_for_ce_but_keeps_it_for_kl(tok, tmp_path):
+    row = {"document": DOC, "question": "When was Tarsk founded?", "answer": "In 1873, by",
+           "sft_answer": "Tarsk was founded in", "answer_finished": False, "sft_finished": False}
+    rows = read_qa_rows(_write(tmp_path / "qa.jsonl", [row]))
+    assert not rows[0].answer_finished and not rows[0].sft_finished
+    ce = tokenize_rows(rows, tok, objective="ce").examples[0]
+    assert tok.decode(ce.targets) == "Tarsk was founded in"  # no end-of-turn to learn
+    kl = tokenize_rows(rows, tok, objective="kl").examples[0]
+    assert tok.decode(kl.targets) == "In 1873, by<|im_end|>"  # the KL compares distributions there
+    finished = read_qa_rows(_write(tmp_path / "done.jsonl", [{**row, "sft_finished": True}]))
+    assert tok.decode(tokenize_rows(finished, tok, objective="ce").examples[0].targets) == \
+        "Tarsk was founded in<|im_end|>"
+    with pytest.raises(ValueError, match=r'row 1: field "sft_finished" must be true or false'):
+        read_qa_rows(_write(tmp_path / "bad.jsonl", [{**row, "sft_finished": "no"}]))
+
+
 def test_long_documents_are_truncated_and_hopeless_rows_skipped(tok):
     question, answer = "What is the capital?", "The capital is Tarsk."
     short = QARow(DOC, question, answer)

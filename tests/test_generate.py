@@ -6,6 +6,7 @@ questions: the real sampler, parser and answering path then produce real rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -144,6 +145,15 @@ def test_answer_path_builds_rows_from_chosen_questions(tiny_llama):
     assert answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=11) == rows  # reproducible
     other = answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=12)
     assert [r["answer"] for r in other] != [r["answer"] for r in rows]
+    # One temperature for both: one answer per question, used as PD answer and SFT answer.
+    one = dataclasses.replace(cfg, a_temperature=0.7, sft_temperature=0.7)
+    shared = answer_questions(lm.model, lm.tokenizer, end, items, one, seed=11)
+    direct = generate(lm.model, teacher_prompts,
+                      SamplingParams(0.7, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
+                      end_ids=end, seed=derive_seed(11, "answers"), batch_size=4)
+    texts = [lm.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in direct]
+    assert [r["answer"] for r in shared] == [r["sft_answer"] for r in shared] == texts
+    assert [r["answer_finished"] for r in shared] == [r["sft_finished"] for r in shared]
 
 
 def test_question_rounds_stop_at_quota_or_max_calls(tiny_llama):

@@ -1,0 +1,57 @@
+"""The teacher's hidden states computed once per run give the same training as the teacher run
+in every step: the same step losses and the same adapter."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from pdistill_jax.config import LoraConfig, TrainConfig
+from pdistill_jax.step import TEACHER_HIDDEN, TEACHER_KEYS, make_teacher_hidden, make_train_step
+from pdistill_jax.teacher_cache import attach_teacher_hidden
+from pdistill_jax.train import train
+
+from test_step import random_batch, setup, tiny_lora, train_config  # noqa: F401 (fixture)
+from test_train import metrics, write_qa
+
+
+@pytest.mark.parametrize("objective", ["kl", "jsd"])
+def test_step_with_cached_teacher_hidden_equals_step_with_teacher(tiny_lora, objective):  # noqa: F811
+    cfg = train_config(objective=objective, batch_size=4)
+    _, mesh, graphdef, base, state, optimizer = setup(tiny_lora, cfg, mesh_shape=(2, 1, 1))
+    batch = random_batch(0, tiny_lora.cfg.vocab_size, 4)
+    hidden = np.asarray(make_teacher_hidden(graphdef, mesh)(state.lora, base, batch))
+    assert hidden.shape == batch["targets"].shape + (tiny_lora.cfg.hidden_size,)
+    cache = [hidden[r, :batch["target_mask"][r].sum()] for r in range(4)]
+    cached = attach_teacher_hidden(batch, list(range(4)), cache)
+    assert TEACHER_HIDDEN in cached and not set(TEACHER_KEYS) & set(cached)
+
+    results = []
+    for b in (batch, cached):  # a fresh state each time: the step donates it
+        _, _, graphdef, base, state, optimizer = setup(tiny_lora, cfg, mesh_shape=(2, 1, 1))
+        step = make_train_step(graphdef, optimizer, cfg, mesh)
+        for _ in range(3):
+            state, m = step(state, base, b)
+        results.append((float(m["loss"]),
+                        np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.lora)])))
+    assert results[0][0] > 0
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp_path):
+    qa = write_qa(tmp_path / "qa.jsonl")
+    cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16), lr=2e-2, batch_size=4, epochs=2,
+                      mesh=(2, 1, 1), system="Answer briefly.")
+    runs = {}
+    for gb in (4.0, 0.0):
+        out = tmp_path / f"run_{gb}"
+        runs[gb] = train(str(tiny_llama), qa, out, dataclasses.replace(cfg, teacher_cache_gb=gb),
+                         progress=False), out
+    (cached, cached_dir), (plain, plain_dir) = runs[4.0], runs[0.0]
+    assert cached["teacher_cache_s"] is not None and plain["teacher_cache_s"] is None
+    got = [r["loss"] for r in metrics(cached_dir)]
+    want = [r["loss"] for r in metrics(plain_dir)]
+    assert len(got) == len(want) == 8
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert cached["finished"] and plain["finished"]
