@@ -4,10 +4,11 @@ Prompts are left-padded into a few bucketed shapes so that a handful of compilat
 mix of lengths. Each row draws from its own key, folded from the seed and the row's index in the
 caller's list, so a row's sample does not depend on what else shares its batch.
 
-Identical prompts in a batch are prefilled once and their KV cache is copied to every row that
-continues them (several question calls about one document; the PD and SFT answers to one
-teacher prompt). Measured on SmolLM2-135M, 16 rows of 250-token prompts, 4 distinct: the prefill
-drops from 6.3 s to 2.0 s (docs/benchmarks.md).
+A prefix shared by several prompts of a batch is prefilled once and its KV cache copied to every
+row that continues it; each row then prefills only its own rest. Prompts are sorted by content,
+so the shared prefixes sit together: one document with several questions (the teacher's
+answers, RAG), one prompt sampled several times (question calls). Measured on SmolLM2-135M, 16
+rows of 250-token prompts, 4 distinct: the prefill drops from 6.3 s to 2.0 s (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -75,23 +76,50 @@ def _choose(logits: jax.Array, key: jax.Array, temperature, top_k: int, use_top_
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora"))
-def _generate_batch(graphdef, state, tokens, valid, src, keys, end_ids, temperature, top_p, *,
-                    max_new: int, top_k: int, use_top_p: bool, use_lora: bool):
-    """tokens, valid (U, P): the distinct prompts; src (B,): the prompt row each output row
-    continues; keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end."""
-    model: Transformer = nnx.merge(graphdef, state)
+def prefill(model: Transformer, tokens, valid, src, suffix, suffix_valid, extra_slots: int,
+            use_lora: bool):
+    """Prefills shared prefixes once and each row's own suffix against them.
+
+    tokens, valid (U, P): the distinct prefixes, left-padded; src (B,): the prefix row each row
+    continues; suffix, suffix_valid (B, S): each row's own rest, left-padded (S = 0: none, then
+    B = U and src is the identity unless prefixes repeat). Returns the last stage's hidden states
+    (B, S or P, D) and positions (B, S or P), and the KV cache and key validity of B rows with
+    `extra_slots` free slots after the prompt.
+    """
     u, p = tokens.shape
-    b = src.shape[0]
-    cache = init_cache(model.cfg, u, p + max_new, model.dtype)
-    key_valid = jnp.zeros((u, p + max_new), bool).at[:, :p].set(valid)
+    b, s = suffix.shape[0], suffix.shape[1]
+    cache = init_cache(model.cfg, u, p + s + extra_slots, model.dtype)
+    key_valid = jnp.zeros((u, p + s + extra_slots), bool).at[:, :p].set(valid)
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     hidden, cache = model(tokens, positions, key_valid, cache=cache, cache_index=0, use_lora=use_lora)
-    logits = model.logits(hidden[:, -1], use_lora)  # left padding: the last slot is real
-    if u != b:  # fan the prefilled prompts out to the rows that continue them (else src = identity)
+    if u != b or s:  # fan the prefixes out to the rows that continue them (else src = identity)
         cache = jax.tree.map(lambda c: jnp.take(c, src, axis=1), cache)
-        key_valid, positions, logits = key_valid[src], positions[src], logits[src]
+        key_valid, positions, hidden = key_valid[src], positions[src], hidden[src]
+    if s:  # each row's suffix, left-padded after its prefix, attends to the shared cache
+        key_valid = key_valid.at[:, p:p + s].set(suffix_valid)
+        seen = jnp.sum(valid.astype(jnp.int32), axis=1)[src]
+        positions = seen[:, None] + jnp.maximum(jnp.cumsum(suffix_valid.astype(jnp.int32), axis=1) - 1, 0)
+        hidden, cache = model(suffix, positions, key_valid, cache=cache, cache_index=p,
+                              use_lora=use_lora)
+    return hidden, positions, cache, key_valid
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora"))
+def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, keys, end_ids,
+                    temperature, top_p, *, max_new: int, top_k: int, use_top_p: bool,
+                    use_lora: bool):
+    """tokens, valid (U, P): the distinct prompt prefixes; src (B,): the prefix row each output
+    row continues; suffix, suffix_valid (B, S): each row's own rest of the prompt (S = 0: none);
+    keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end."""
+    model: Transformer = nnx.merge(graphdef, state)
+    p, s = tokens.shape[1], suffix.shape[1]
+    b = src.shape[0]
+    hidden, positions, cache, key_valid = prefill(model, tokens, valid, src, suffix, suffix_valid,
+                                                  max_new, use_lora)
+    logits = model.logits(hidden[:, -1], use_lora)  # left padding: the last slot is real
+    last = positions[:, -1]
     choose = jax.vmap(_choose, in_axes=(0, 0, 0, None, None, None))
+    start = p + s
 
     def cond(carry):
         i, *_, done = carry
@@ -104,15 +132,62 @@ def _generate_batch(graphdef, state, tokens, valid, src, keys, end_ids, temperat
         tok = jnp.where(done, 0, tok)
         out = out.at[:, i].set(jnp.where(done, -1, tok))
         done = done | jnp.isin(tok, end_ids)
-        key_valid = key_valid.at[:, p + i].set(True)
+        key_valid = key_valid.at[:, start + i].set(True)
         hidden, cache = model(tok[:, None], pos[:, None], key_valid, cache=cache,
-                              cache_index=p + i, use_lora=use_lora)
+                              cache_index=start + i, use_lora=use_lora)
         return i + 1, cache, key_valid, model.logits(hidden[:, 0], use_lora), pos + 1, out, done
 
     out = jnp.full((b, max_new), -1, jnp.int32)
     done = jnp.zeros((b,), bool)
-    carry = (jnp.int32(0), cache, key_valid, logits, positions[:, -1] + 1, out, done)
+    carry = (jnp.int32(0), cache, key_valid, logits, last + 1, out, done)
     return jax.lax.while_loop(cond, body, carry)[5]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def plan_prefill(prompts: Sequence[tuple[int, ...]], batch_size: int
+                 ) -> tuple[list[tuple[int, ...]], np.ndarray, list[tuple[int, ...]]]:
+    """How to prefill one batch: (distinct prefixes, the prefix index of every row, every row's
+    suffix). Rows sharing a long prefix (one document, several questions; one prompt sampled
+    several times) get it prefilled once; the suffixes are empty when sharing would not save.
+
+    Consecutive rows (the caller sorts prompts, so shared prefixes are adjacent) form a group
+    while their common prefix stays at least a quarter of the first row's length and 16 tokens;
+    every suffix keeps at least one token, so every row's own logits come from its suffix.
+    The choice is by padded prefill work: prefix rows x width + rows x suffix width, against
+    rows x full width for each row on its own.
+    """
+    groups: list[list[int]] = []
+    shared: list[int] = []
+    for i, ids in enumerate(prompts):
+        if groups:
+            first = prompts[groups[-1][0]]
+            lcp = min(shared[-1], _common_prefix(first, ids))
+            if lcp >= max(16, len(first) // 4):
+                groups[-1].append(i)
+                shared[-1] = lcp
+                continue
+        groups.append([i])
+        shared.append(len(ids))
+    cuts = [min(lcp, min(len(prompts[i]) for i in g) - 1) for g, lcp in zip(groups, shared)]
+    prefixes = [prompts[g[0]][:cut] for g, cut in zip(groups, cuts)]
+    src = np.zeros(len(prompts), np.int32)
+    suffixes: list[tuple[int, ...]] = [()] * len(prompts)
+    for n, (g, cut) in enumerate(zip(groups, cuts)):
+        for i in g:
+            src[i], suffixes[i] = n, prompts[i][cut:]
+    whole = batch_size * bucket_length(max(len(ids) for ids in prompts))
+    split = (prefill_rows(len(prefixes), batch_size) * bucket_length(max(map(len, prefixes)))
+             + batch_size * bucket_length(max(map(len, suffixes))))
+    if len(prefixes) == len(prompts) or split >= whole:
+        return list(prompts), np.arange(len(prompts), dtype=np.int32), [()] * len(prompts)
+    return prefixes, src, suffixes
 
 
 def prefill_rows(distinct: int, batch_size: int) -> int:
@@ -143,34 +218,26 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     graphdef, state = nnx.split(model)
     end = jnp.asarray(sorted(set(end_ids)), jnp.int32)
     base_key = jax.random.key(seed)
-    # Similar lengths together, and identical prompts next to each other so they share a prefill.
+    # Sorted by content: prompts that share a prefix (one document) are next to each other.
     keyed = [tuple(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(keyed[i]), keyed[i]))
+    order = sorted(range(len(prompts)), key=lambda i: keyed[i])
     results: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        distinct = list(dict.fromkeys(keyed[i] for i in idx))
-        u = prefill_rows(len(distinct), batch_size)
-        if u == batch_size:  # nothing to save: one prompt row per output row, no fan-out
-            distinct = [keyed[i] for i in idx]
-            src = np.arange(batch_size, dtype=np.int32)
-        else:
-            slot = {ids: n for n, ids in enumerate(distinct)}
-            src = np.zeros(batch_size, np.int32)  # filler output rows continue prompt 0, discarded
-            src[:len(idx)] = [slot[keyed[i]] for i in idx]
-        width = bucket_length(max(len(ids) for ids in distinct))
-        tokens = np.zeros((u, width), np.int32)
-        valid = np.zeros((u, width), bool)
-        for n, ids in enumerate(distinct):
-            tokens[n, width - len(ids):] = ids
-            valid[n, width - len(ids):] = True
-        valid[len(distinct):, -1] = True  # filler prompt rows: one real token, results discarded
+        prefixes, row_src, suffixes = plan_prefill([keyed[i] for i in idx], batch_size)
+        u = prefill_rows(len(prefixes), batch_size)
+        tokens, valid = _left_padded(prefixes, u)
+        src = np.zeros(batch_size, np.int32)  # filler output rows continue prefix 0, discarded
+        src[:len(idx)] = row_src
+        suffix, suffix_valid = (_left_padded(suffixes, batch_size) if any(suffixes) else
+                                (np.zeros((batch_size, 0), np.int32), np.zeros((batch_size, 0), bool)))
         row_temps = np.zeros(batch_size, np.float32)
         row_temps[:len(idx)] = temps[idx]
         rows = np.array(idx + [0] * (batch_size - len(idx)))
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(rows))
         out = np.asarray(_generate_batch(
-            graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(src), keys, end,
+            graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(src),
+            jnp.asarray(suffix), jnp.asarray(suffix_valid), keys, end,
             jnp.asarray(row_temps), jnp.float32(params.top_p),
             max_new=params.max_new_tokens, top_k=int(params.top_k),
             use_top_p=params.top_p < 1.0, use_lora=use_lora))
@@ -182,3 +249,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
         if progress is not None:
             progress(len(idx))
     return results  # type: ignore[return-value]
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, bucketed width) ids and validity, each sequence right-aligned; rows beyond the
+    sequences are filler with one valid token (their results are discarded)."""
+    width = bucket_length(max(len(ids) for ids in seqs))
+    tokens = np.zeros((rows, width), np.int32)
+    valid = np.zeros((rows, width), bool)
+    for n, ids in enumerate(seqs):
+        if ids:
+            tokens[n, width - len(ids):] = ids
+            valid[n, width - len(ids):] = True
+    valid[len(seqs):, -1] = True
+    return tokens, valid

@@ -10,12 +10,16 @@ the one the uncached step computes (up to float rounding order).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .data import Example, collate
+from .sample import _left_padded, plan_prefill, prefill, prefill_rows
 from .step import TEACHER_HIDDEN, TEACHER_KEYS
 
 
@@ -47,6 +51,62 @@ def compute_teacher_cache(examples: Sequence[Example], rows: int,
             cache[i] = hidden[r, :len(examples[i].targets)].copy()
         if progress is not None:
             progress(len(idx))
+    return cache  # type: ignore[return-value]
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefix_shared_hidden(graphdef, lora, base, tokens, valid, src, suffix, suffix_valid, gather):
+    model = nnx.merge(graphdef, lora, base)
+    hidden, *_ = prefill(model, tokens, valid, src, suffix, suffix_valid, 0, use_lora=False)
+    return jnp.take_along_axis(hidden, gather[..., None], axis=1)
+
+
+def compute_teacher_cache_shared(examples: Sequence[Example], rows: int, graphdef, lora, base
+                                 ) -> list[np.ndarray]:
+    """As compute_teacher_cache, on one process, with every document prefilled once per batch.
+
+    The teacher rows of one document differ only after the document (the question and the
+    answer), so rows are sorted by prompt, and each batch's shared prefixes go through the model
+    once (sample.prefill, as the sampler does) before each row's own question and answer: for
+    the demo's 12 questions a document this is about a third of the teacher's work.
+    """
+    order = sorted(range(len(examples)),
+                   key=lambda i: tuple(examples[i].teacher[:examples[i].teacher_prompt_len]))
+    cache: list[np.ndarray | None] = [None] * len(examples)
+    answers = max(len(e.targets) for e in examples)  # one gather width: one shape fewer to compile
+    for start in range(0, len(order), rows):
+        idx = order[start:start + rows]
+        chosen = [examples[i] for i in idx]
+        # The plan is made on the prompts, so a cut never passes the last prompt token, whose
+        # hidden state predicts the first answer token.
+        prefixes, src_rows, _ = plan_prefill(
+            [tuple(e.teacher[:e.teacher_prompt_len]) for e in chosen], rows)
+        if len(prefixes) == len(chosen):  # nothing shared: each row whole, as one prefix
+            prefixes, cuts = [tuple(e.teacher) for e in chosen], [len(e.teacher) for e in chosen]
+            suffixes = []
+        else:
+            cuts = [len(prefixes[src_rows[r]]) for r in range(len(chosen))]
+            suffixes = [tuple(e.teacher[cut:]) for e, cut in zip(chosen, cuts)]
+        tokens, valid = _left_padded(prefixes, prefill_rows(len(prefixes), rows) if suffixes else rows)
+        src = np.zeros(rows, np.int32)
+        src[:len(chosen)] = src_rows if suffixes else np.arange(len(chosen))
+        if suffixes:
+            suffix, suffix_valid = _left_padded(suffixes, rows)
+            last = [len(s) for s in suffixes]
+        else:
+            suffix, suffix_valid = np.zeros((rows, 0), np.int32), np.zeros((rows, 0), bool)
+            last = [len(e.teacher) for e in chosen]
+        width = tokens.shape[1] if not suffixes else suffix.shape[1]
+        gather = np.zeros((rows, answers), np.int32)
+        for r, (e, cut, n) in enumerate(zip(chosen, cuts, last)):
+            # position p of the teacher sequence sits at slot width - n + (p - start of stage)
+            stage_start = cut if suffixes else 0
+            pos = e.teacher_prompt_len - 1 + np.arange(len(e.targets))
+            gather[r, :len(e.targets)] = width - n + pos - stage_start
+        hidden = np.asarray(_prefix_shared_hidden(
+            graphdef, lora, base, tokens, valid, src, suffix, suffix_valid, gather))
+        for r, i in enumerate(idx):
+            cache[i] = hidden[r, :len(examples[i].targets)].copy()
     return cache  # type: ignore[return-value]
 
 

@@ -31,7 +31,8 @@ from .checkpoint import RunCheckpoints
 from .config import TrainConfig, from_dict, to_dict
 from .data import DataPosition, TrainData, make_train_data, read_qa_rows, resolve_data_file
 from .jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
-from .teacher_cache import attach_teacher_hidden, compute_teacher_cache, teacher_cache_bytes
+from .teacher_cache import (attach_teacher_hidden, compute_teacher_cache, compute_teacher_cache_shared,
+                            teacher_cache_bytes)
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINT_DIR, ADAPTER_DIR = "checkpoints", "adapter"
@@ -346,10 +347,13 @@ def _teacher_cache(data: TrainData, hidden_size: int, cfg: TrainConfig, graphdef
                  f"teacher_cache_gb={cfg.teacher_cache_gb:g}: the teacher runs in every step")
         return None, None
     start = time.perf_counter()
-    hidden_fn = make_teacher_hidden(graphdef, mesh)
-    cache = compute_teacher_cache(
-        data.examples, cfg.batch_size, lambda batch: hidden_fn(state.lora, base, batch),
-        lambda batch: global_batch(_local_rows(batch), mesh), data.pad_id)
+    if jax.process_count() == 1:
+        cache = compute_teacher_cache_shared(data.examples, cfg.batch_size, graphdef, state.lora, base)
+    else:  # every process feeds its own rows of a batch-sharded teacher forward
+        hidden_fn = make_teacher_hidden(graphdef, mesh)
+        cache = compute_teacher_cache(
+            data.examples, cfg.batch_size, lambda batch: hidden_fn(state.lora, base, batch),
+            lambda batch: global_batch(_local_rows(batch), mesh), data.pad_id)
     seconds = time.perf_counter() - start
     _say(f"teacher run once over {len(cache)} rows, its hidden states at the answer positions "
          f"kept ({need / 2**20:.0f} MiB) in {seconds:.0f} s")

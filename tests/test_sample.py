@@ -93,6 +93,64 @@ def test_shared_prefill_equals_separate_rows(setup, layout):
     assert shared[1] == greedy[0]  # temperature 0 in a row is greedy
 
 
+def test_documents_shared_by_prompts_are_prefilled_once_and_rows_are_unchanged(setup):
+    # RAG-style prompts: two documents, several questions each. The document prefix is prefilled
+    # once per document and each question continues it; greedy and sampled rows must be exactly
+    # what they are alone.
+    from pdistill_jax.sample import plan_prefill
+
+    _, lm, _, end = setup
+    docs = ["The kingdom of Velloria was founded in 1873 by Ottilie Marrowgate, an engineer. " * 2,
+            "Bram Quill sold cheese in Hesk and paid for the glass bridge repairs in 1921. " * 2]
+    questions = ["Who founded it?", "When?", "What did Bram sell, and where did he sell it?"]
+    prompts = [chat_prompt_ids(lm.tokenizer, f"{d}\n\n{q}") for d in docs for q in questions]
+    prefixes, src, suffixes = plan_prefill(sorted(tuple(p) for p in prompts), 8)
+    assert len(prefixes) == 2 and sorted(src.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert all(0 < len(sfx) < min(map(len, prefixes)) for sfx in suffixes)  # the questions only
+    for params, temps in [(SamplingParams(max_new_tokens=10), None),
+                          (SamplingParams(temperature=1.0, top_k=50, max_new_tokens=10),
+                           [1.5, 0.0, 1.0, 0.7, 0.0, 1.2])]:
+        shared = generate(lm.model, prompts, params, end_ids=end, seed=4, batch_size=8,
+                          temperatures=temps)
+        alone = generate(lm.model, prompts, params, end_ids=end, seed=4, batch_size=1,
+                         temperatures=temps)
+        assert shared == alone
+
+
+def test_split_prefill_with_as_many_prefix_rows_as_rows(setup):
+    # 3 prefixes in a batch of 4 rows pad to 4 prefix rows: the rows must still be fanned out
+    # to their own prefix, not taken as one prefix row each.
+    from pdistill_jax.sample import plan_prefill
+
+    _, lm, _, end = setup
+    shared = list(range(10, 50))
+    prompts = [shared + list(range(60, 90)), shared + list(range(61, 91)),
+               list(range(5, 35)), list(range(6, 36))]
+    prefixes, src, _ = plan_prefill(sorted(tuple(p) for p in prompts), 4)
+    assert len(prefixes) == 3 and len(set(src.tolist())) == 3
+    params = SamplingParams(max_new_tokens=8)
+    assert generate(lm.model, prompts, params, end_ids=end, batch_size=4) == \
+        generate(lm.model, prompts, params, end_ids=end, batch_size=1)
+
+
+def test_prefill_plan_shares_only_when_it_saves():
+    from pdistill_jax.sample import plan_prefill
+
+    template = tuple(range(1, 21))  # a 20-token chat template opening every prompt
+    unrelated = [template + tuple(range(100 + 100 * i, 200 + 100 * i)) for i in range(4)]
+    prefixes, src, suffixes = plan_prefill(unrelated, 4)  # 20 of 120 tokens shared: no saving
+    assert prefixes == unrelated and src.tolist() == [0, 1, 2, 3] and suffixes == [()] * 4
+    shorter = [p[:70] for p in unrelated]  # 20 of 70: 1 x 32 + 4 x 64 padded tokens < 4 x 128
+    prefixes, src, suffixes = plan_prefill(shorter, 4)
+    assert prefixes == [template] and src.tolist() == [0] * 4 and len(suffixes[0]) == 50
+    same = [template + tuple(range(30, 230))] * 4  # one prompt sampled 4 times
+    prefixes, src, suffixes = plan_prefill(same, 4)
+    assert prefixes == [same[0][:-1]] and src.tolist() == [0] * 4
+    assert suffixes == [same[0][-1:]] * 4  # each row's logits come from its own last token
+    short = [(5,), (5,)]  # a one-token prompt keeps its token as the suffix
+    assert plan_prefill(short, 2)[0] == list(short)  # nothing to save
+
+
 def test_prefill_rows_are_few_shapes():
     from pdistill_jax.sample import prefill_rows
 

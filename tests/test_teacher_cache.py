@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from pdistill_jax.config import LoraConfig, TrainConfig
+from pdistill_jax.data import make_train_data, read_qa_rows
+from pdistill_jax.sample import plan_prefill
+from pdistill_jax.sharding import global_batch
 from pdistill_jax.step import TEACHER_HIDDEN, TEACHER_KEYS, make_teacher_hidden, make_train_step
-from pdistill_jax.teacher_cache import attach_teacher_hidden
+from pdistill_jax.teacher_cache import (attach_teacher_hidden, compute_teacher_cache,
+                                        compute_teacher_cache_shared)
+from pdistill_jax.tokenizer import load_tokenizer
 from pdistill_jax.train import train
 
 from test_step import random_batch, setup, tiny_lora, train_config  # noqa: F401 (fixture)
@@ -55,3 +60,24 @@ def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp
     assert len(got) == len(want) == 8
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert cached["finished"] and plain["finished"]
+
+
+def test_documents_prefilled_once_give_the_same_teacher_states(tiny_lora, tiny_llama, tmp_path):  # noqa: F811
+    # 16 rows over 4 documents, plus a repeated question with another answer (the rows then
+    # share their whole prompt): the prefix-shared teacher equals the plain batched teacher.
+    rows = read_qa_rows(write_qa(tmp_path / "qa.jsonl"))
+    rows.append(dataclasses.replace(rows[0], answer="Nobody knows, sadly."))
+    data = make_train_data(rows, load_tokenizer(tiny_llama), objective="kl", max_seq_len=256,
+                           system=None, rows_per_step=4, seed=0)
+    prompts = sorted(tuple(e.teacher[:e.teacher_prompt_len]) for e in data.examples)
+    assert len(plan_prefill(prompts[:4], 4)[0]) == 1  # one document's rows: one shared prefix
+    cfg = train_config(batch_size=4)
+    _, mesh, graphdef, base, state, _ = setup(tiny_lora, cfg, mesh_shape=(2, 1, 1))
+    hidden_fn = make_teacher_hidden(graphdef, mesh)
+    plain = compute_teacher_cache(data.examples, 4, lambda b: hidden_fn(state.lora, base, b),
+                                  lambda b: global_batch(b, mesh))
+    shared = compute_teacher_cache_shared(data.examples, 4, graphdef, state.lora, base)
+    assert len(shared) == len(plain) == 17
+    for got, want, e in zip(shared, plain, data.examples):
+        assert got.shape == want.shape == (len(e.targets), tiny_lora.cfg.hidden_size)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
