@@ -268,22 +268,33 @@ def make_eval_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh, *,
         total, (count, tokens) = loss_sums(lora, base, batch)
         return {"loss": total / jnp.maximum(count, 1.0), "sequences": count, "answer_tokens": tokens}
 
-    jitted = None
+    jitted = _jit_on_mesh(evaluate, mesh, replicated(mesh))
 
     def eval_loss(lora, base, batch):
-        nonlocal jitted
         batch = _step_inputs(batch)
         rows = batch["student_tokens"].shape[0]
         if rows % _data_shards(mesh):
             raise ValueError(f"evaluation batch of {rows} rows does not split over data x fsdp = "
                              f"{_data_shards(mesh)} devices; pad it to a multiple")
-        if jitted is None:
-            jitted = jax.jit(evaluate, in_shardings=(state_shardings(lora, mesh),
-                                                     state_shardings(base, mesh), batch_sharding(mesh)),
-                             out_shardings=replicated(mesh))
         return jitted(lora, base, batch)
 
     return eval_loss
+
+
+def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:
+    """fn(lora, base, batch) jitted at its first call, with the state shardings read from the
+    states' metadata then and the batch split over data x fsdp."""
+    jitted = None
+
+    def call(lora, base, batch):
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fn, in_shardings=(state_shardings(lora, mesh),
+                                               state_shardings(base, mesh), batch_sharding(mesh)),
+                             out_shardings=out_sharding)
+        return jitted(lora, base, batch)
+
+    return call
 
 
 def make_teacher_hidden(graphdef: nnx.GraphDef, mesh: Mesh
@@ -294,15 +305,5 @@ def make_teacher_hidden(graphdef: nnx.GraphDef, mesh: Mesh
     def hidden(lora, base, batch):
         return teacher_hidden(nnx.merge(graphdef, lora, base), batch)
 
-    jitted = None
-
-    def run(lora, base, batch):
-        nonlocal jitted
-        batch = {k: batch[k] for k in TEACHER_KEYS}
-        if jitted is None:
-            jitted = jax.jit(hidden, in_shardings=(state_shardings(lora, mesh),
-                                                   state_shardings(base, mesh), batch_sharding(mesh)),
-                             out_shardings=batch_sharding(mesh))
-        return jitted(lora, base, batch)
-
-    return run
+    jitted = _jit_on_mesh(hidden, mesh, batch_sharding(mesh))
+    return lambda lora, base, batch: jitted(lora, base, {k: batch[k] for k in TEACHER_KEYS})
