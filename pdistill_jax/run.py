@@ -84,6 +84,13 @@ def _log(msg: str) -> None:
 
 
 def run(cfg: RunConfig, config_dir: Path | None = None) -> dict:
+    from .load import reuse_loaded_checkpoints
+
+    with reuse_loaded_checkpoints():  # every stage loads the same base model: read it once
+        return _run(cfg, config_dir)
+
+
+def _run(cfg: RunConfig, config_dir: Path | None) -> dict:
     from .answer import answer_questions
     from .evaluate import coverage, evaluate, write_results
     from .generate import generate_data
@@ -134,7 +141,9 @@ def run(cfg: RunConfig, config_dir: Path | None = None) -> dict:
         return loaded[adapter]
 
     results = {}
-    for name, (adapter, context, qset) in CONDITIONS.items():
+    # Grouped by model (stable sort), so each model is built once.
+    by_model = sorted(CONDITIONS.items(), key=lambda item: (None, "sft", "pd").index(item[1][0]))
+    for name, (adapter, context, qset) in by_model:
         questions = tests if qset == "test" else retention
         if not questions:
             continue
@@ -154,6 +163,7 @@ def run(cfg: RunConfig, config_dir: Path | None = None) -> dict:
                   eval_dir, *evaluate(questions, read_jsonl(pred_path), None)))
         results[name] = json.loads((eval_dir / "results.json").read_text())
 
+    results = {name: results[name] for name in CONDITIONS if name in results}  # report order
     if cfg.judge:
         _judge_all(cfg, out, tests, retention, results)
     cover = coverage(tests, read_jsonl(data_dir / "qa.jsonl"))

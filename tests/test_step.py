@@ -13,7 +13,7 @@ from pdistill_jax.load import load_model
 from pdistill_jax.model import causal_inputs
 from pdistill_jax.sharding import make_mesh
 from pdistill_jax.step import (init_train_state, make_eval_loss, make_train_step,
-                               lr_schedule)
+                               loss_chunk_for, lr_schedule)
 
 END_ID = 2  # stands in for the end-of-turn id; any id works for the step
 
@@ -162,10 +162,23 @@ def test_gather_before_head_equals_full_logits(tiny_lora):
             "ce": losses.cross_entropy(s, b["targets"], b["target_mask"])}
     for objective, want in refs.items():
         ocfg = train_config(objective=objective)
-        got = make_eval_loss(graphdef, ocfg, mesh, loss_chunk=4)(lora, base, batch)
-        assert float(want) > 1e-3
-        np.testing.assert_allclose(float(got["loss"]), float(want), rtol=1e-5, err_msg=objective)
-        assert float(got["answer_tokens"]) == batch["target_mask"].sum()
+        for chunk in (4, None):  # 4: several chunks under jax.checkpoint; None: one (they fit)
+            got = make_eval_loss(graphdef, ocfg, mesh, loss_chunk=chunk)(lora, base, batch)
+            assert float(want) > 1e-3
+            np.testing.assert_allclose(float(got["loss"]), float(want), rtol=1e-5,
+                                       err_msg=f"{objective}, chunk {chunk}")
+            assert float(got["answer_tokens"]) == batch["target_mask"].sum()
+
+
+def test_loss_chunk_for_keeps_logits_within_the_budget():
+    assert loss_chunk_for(8, 48, 49152) == 48  # the demo: 18.9M logits, one chunk
+    assert loss_chunk_for(8, 100, 152064) == 25  # 27 fit: 4 chunks of 25, not 27+27+27+19
+    for rows, positions, vocab in [(8, 512, 152064), (64, 100, 32000), (1, 7, 10), (3, 1, 2**30)]:
+        chunk = loss_chunk_for(rows, positions, vocab)
+        assert 1 <= chunk <= positions
+        n = -(-positions // chunk)
+        assert rows * chunk * vocab <= max(1 << 25, rows * vocab)  # one position always goes
+        assert n * chunk - positions < n  # equal chunks: less than one position of padding each
 
 
 @pytest.mark.parametrize("objective", ["ce", "reverse_kl", "jsd"])
