@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .data import bucket_length as data_bucket_length
 from .model import Transformer, init_cache
 
 
@@ -40,10 +41,9 @@ class Completion:
 
 
 def bucket_length(n: int) -> int:
-    """Padded prompt length: powers of two up to 512, then multiples of 256."""
-    if n <= 512:
-        return max(16, 1 << math.ceil(math.log2(max(n, 1))))
-    return 256 * math.ceil(n / 256)
+    """Padded prompt length: 16, 32, 64, then two sizes per octave (96, 128, 192, 256, 384, ...),
+    the training batches' ladder. A 260-token document prompt pads to 384, not 512."""
+    return data_bucket_length(n, minimum=16)
 
 
 def _top_p_mask(sorted_logits: jax.Array, top_p) -> jax.Array:

@@ -62,7 +62,8 @@ def test_top_k_one_is_greedy(setup):
 
 
 def test_bucket_lengths_bound_compiled_shapes():
-    assert [bucket_length(n) for n in (1, 16, 17, 100, 512, 513, 900)] == [16, 16, 32, 128, 512, 768, 1024]
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 260, 512, 513, 900)] == \
+        [16, 16, 32, 128, 384, 512, 768, 1024]
 
 
 def test_bad_requests(setup):
@@ -123,8 +124,8 @@ def test_split_prefill_with_as_many_prefix_rows_as_rows(setup):
     from pdistill_jax.sample import plan_prefill
 
     _, lm, _, end = setup
-    shared = list(range(10, 50))
-    prompts = [shared + list(range(60, 90)), shared + list(range(61, 91)),
+    shared = list(range(10, 110))
+    prompts = [shared + list(range(160, 190)), shared + list(range(161, 191)),
                list(range(5, 35)), list(range(6, 36))]
     prefixes, src, _ = plan_prefill(sorted(tuple(p) for p in prompts), 4)
     assert len(prefixes) == 3 and len(set(src.tolist())) == 3
