@@ -104,13 +104,17 @@ def prefill(model: Transformer, tokens, valid, src, suffix, suffix_valid, extra_
     return hidden, positions, cache, key_valid
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora"))
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora",
+                                   "sampled"))
 def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, keys, end_ids,
                     temperature, top_p, *, max_new: int, top_k: int, use_top_p: bool,
-                    use_lora: bool):
+                    use_lora: bool, sampled: bool):
     """tokens, valid (U, P): the distinct prompt prefixes; src (B,): the prefix row each output
     row continues; suffix, suffix_valid (B, S): each row's own rest of the prompt (S = 0: none);
-    keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end."""
+    keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end.
+
+    sampled=False (every row greedy) compiles argmax alone: the sampling branch, computed and
+    discarded for greedy rows, cost 137 vs 113 ms a decode step at 32 rows without top-k."""
     model: Transformer = nnx.merge(graphdef, state)
     p, s = tokens.shape[1], suffix.shape[1]
     b = src.shape[0]
@@ -127,8 +131,11 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
 
     def body(carry):
         i, cache, key_valid, logits, pos, out, done = carry
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-        tok = choose(logits, step_keys, temperature, top_k, use_top_p, top_p)
+        if sampled:
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+            tok = choose(logits, step_keys, temperature, top_k, use_top_p, top_p)
+        else:
+            tok = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
         tok = jnp.where(done, 0, tok)
         out = out.at[:, i].set(jnp.where(done, -1, tok))
         done = done | jnp.isin(tok, end_ids)
@@ -240,7 +247,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             jnp.asarray(suffix), jnp.asarray(suffix_valid), keys, end,
             jnp.asarray(row_temps), jnp.float32(params.top_p),
             max_new=params.max_new_tokens, top_k=int(params.top_k),
-            use_top_p=params.top_p < 1.0, use_lora=use_lora))
+            use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=bool(np.any(temps > 0))))
         end_set = set(int(e) for e in end_ids)
         for row, i in enumerate(idx):
             seq = [int(t) for t in out[row] if t >= 0]

@@ -91,7 +91,7 @@ def test_shared_prefill_equals_separate_rows(setup, layout):
     assert shared == alone
     assert shared[0] != shared[1]  # a hot and a greedy continuation of the same prompt differ
     greedy = generate(lm.model, [prompts[0]], SamplingParams(max_new_tokens=12), end_ids=end)
-    assert shared[1] == greedy[0]  # temperature 0 in a row is greedy
+    assert shared[1] == greedy[0]  # temperature 0 in a sampled batch = the argmax-only program
 
 
 def test_documents_shared_by_prompts_are_prefilled_once_and_rows_are_unchanged(setup):
