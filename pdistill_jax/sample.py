@@ -114,7 +114,7 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
     keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end.
 
     sampled=False (every row greedy) compiles argmax alone: the sampling branch, computed and
-    discarded for greedy rows, cost 137 vs 113 ms a decode step at 32 rows without top-k."""
+    discarded for greedy rows, made a decode step at 32 rows 137 ms instead of 122 ms."""
     model: Transformer = nnx.merge(graphdef, state)
     p, s = tokens.shape[1], suffix.shape[1]
     b = src.shape[0]

@@ -31,8 +31,9 @@ BATCH_KEYS = TEACHER_KEYS[:2] + STUDENT_KEYS[:4] + TEACHER_KEYS[2:] + STUDENT_KE
 TEACHER_HIDDEN = "teacher_hidden"
 # Elements of one (B, c, V) LM-head chunk of logits (128 MiB in float32): the loss runs over the
 # answer positions in as few chunks as stay within it. Chunked logits are recomputed in the
-# backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits (measured: SmolLM2-135M, rank-32 LoRA, cached teacher, 8 rows x
-# 48 answer positions: one chunk 3.61 s a step, three chunks of 16 positions 3.77 s).
+# backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits
+# (measured: SmolLM2-135M, rank-32 LoRA, cached teacher, 8 rows x 48 answer positions: one chunk
+# 3.61 s a step, three chunks of 16 positions 3.77 s).
 LOGITS_PER_CHUNK = 1 << 25
 
 
