@@ -222,6 +222,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
                          "per prompt or none")
     temps = np.full(len(prompts), params.temperature, np.float32) if temperatures is None else \
         np.asarray(temperatures, np.float32)
+    sampled = bool(np.any(temps > 0))  # all greedy: the batches compile argmax alone
     graphdef, state = nnx.split(model)
     end = jnp.asarray(sorted(set(end_ids)), jnp.int32)
     base_key = jax.random.key(seed)
@@ -247,7 +248,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             jnp.asarray(suffix), jnp.asarray(suffix_valid), keys, end,
             jnp.asarray(row_temps), jnp.float32(params.top_p),
             max_new=params.max_new_tokens, top_k=int(params.top_k),
-            use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=bool(np.any(temps > 0))))
+            use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=sampled))
         end_set = set(int(e) for e in end_ids)
         for row, i in enumerate(idx):
             seq = [int(t) for t in out[row] if t >= 0]
