@@ -224,6 +224,9 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         data = make_train_data(qa_rows, lm.tokenizer, objective=cfg.objective,
                                max_seq_len=cfg.max_seq_len, system=cfg.system,
                                rows_per_step=rows_per_step, seed=cfg.seed)
+        cache_teacher = cfg.objective != "ce" and _teacher_cache_fits(data, lm.cfg.hidden_size, cfg)
+        if cfg.objective == "ce" or cache_teacher:  # the step runs no teacher sequence
+            data = dataclasses.replace(data, order_by="student")
         spe = data.steps_per_epoch
         total_steps = spe * cfg.epochs
         _say(f"{len(data.examples)} training rows from {data_file} ({data.truncated} with the "
@@ -259,7 +262,7 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                      "starting from step 0")
         start_step = position.global_step(spe)
         teacher_cache, teacher_cache_s = None, None
-        if cfg.objective != "ce" and start_step < total_steps:
+        if cache_teacher and start_step < total_steps:
             teacher_cache, teacher_cache_s = _teacher_cache(data, lm.cfg.hidden_size, cfg,
                                                             graphdef, state, base, mesh)
 
@@ -333,19 +336,25 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         checkpoints.close()
 
 
-def _teacher_cache(data: TrainData, hidden_size: int, cfg: TrainConfig, graphdef, state, base,
-                   mesh) -> tuple[list[np.ndarray] | None, float | None]:
-    """The teacher's hidden states at every row's answer positions, computed once (None when
-    they would exceed cfg.teacher_cache_gb: the step then runs the teacher itself)."""
-    from .sharding import global_batch
-    from .step import make_teacher_hidden
-
+def _teacher_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig) -> bool:
+    """Whether the teacher's hidden states at the answer positions fit cfg.teacher_cache_gb (if
+    not, the step runs the teacher itself)."""
     need = teacher_cache_bytes(data.examples, hidden_size, _compute_dtype(cfg))
     if need > cfg.teacher_cache_gb * 2**30:
         if cfg.teacher_cache_gb > 0:
             _say(f"the teacher's hidden states would take {need / 2**30:.1f} GiB, more than "
                  f"teacher_cache_gb={cfg.teacher_cache_gb:g}: the teacher runs in every step")
-        return None, None
+        return False
+    return True
+
+
+def _teacher_cache(data: TrainData, hidden_size: int, cfg: TrainConfig, graphdef, state, base,
+                   mesh) -> tuple[list[np.ndarray], float]:
+    """The teacher's hidden states at every row's answer positions, computed once."""
+    from .sharding import global_batch
+    from .step import make_teacher_hidden
+
+    need = teacher_cache_bytes(data.examples, hidden_size, _compute_dtype(cfg))
     start = time.perf_counter()
     if jax.process_count() == 1:
         cache = compute_teacher_cache_shared(data.examples, cfg.batch_size, graphdef, state.lora, base)

@@ -143,6 +143,27 @@ def test_bucketing_bounds_the_number_of_shapes(tok):
     print(f"shapes {len(shapes)} vs {len(random_shapes)}, padding {waste:.3f} vs {random_waste:.3f}")
 
 
+def _padding(data, side, epochs=3):
+    waste = real = 0
+    for epoch in range(epochs):
+        for idx in data.plan(epoch):
+            valid = collate(data.examples, idx, data.rows_per_step)[f"{side}_valid"]
+            waste, real = waste + (~valid).sum(), real + valid.sum()
+    return waste / (waste + real)
+
+
+def test_batches_group_rows_by_the_sequence_the_step_runs(tok):
+    # Document and answer lengths vary independently, so teacher and student lengths disagree.
+    examples = tokenize_rows(_rows(96, seed=2), tok).examples
+    by_teacher = TrainData(examples, rows_per_step=4, seed=0)
+    by_student = TrainData(examples, rows_per_step=4, seed=0, order_by="student")
+    assert by_student.lengths.tolist() == [len(e.student) for e in examples]
+    assert _padding(by_student, "student") < 0.75 * _padding(by_teacher, "student")
+    assert _padding(by_teacher, "teacher") < _padding(by_student, "teacher")
+    with pytest.raises(ValueError, match="order_by='answer'; choose teacher or student"):
+        TrainData(examples, rows_per_step=4, seed=0, order_by="answer")
+
+
 def test_epoch_order_differs_per_epoch_is_reproducible_and_resumable(tok):
     examples = tokenize_rows(_rows(30), tok).examples
     data = TrainData(examples, rows_per_step=4, seed=7)
