@@ -44,8 +44,15 @@ def test_step_with_cached_teacher_hidden_equals_step_with_teacher(tiny_lora, obj
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
 
 
-def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp_path):
+def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp_path, monkeypatch):
     qa = write_qa(tmp_path / "qa.jsonl")
+    # A cached run groups rows by student length, a plain one by teacher length; compare the two
+    # on the same batches by planning the plain run by student length too.
+    import pdistill_jax.train as train_module
+
+    def by_student(*args, **kwargs):
+        return make_train_data(*args, **kwargs, order_by="student")
+    monkeypatch.setattr(train_module, "make_train_data", by_student)
     cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16), lr=2e-2, batch_size=4, epochs=2,
                       mesh=(2, 1, 1), system="Answer briefly.")
     runs = {}
