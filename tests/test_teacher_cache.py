@@ -51,7 +51,7 @@ def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp
     import pdistill_jax.train as train_module
 
     def by_student(*args, **kwargs):
-        return make_train_data(*args, **kwargs, order_by="student")
+        return dataclasses.replace(make_train_data(*args, **kwargs), order_by="student")
     monkeypatch.setattr(train_module, "make_train_data", by_student)
     cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16), lr=2e-2, batch_size=4, epochs=2,
                       mesh=(2, 1, 1), system="Answer briefly.")
