@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .config import to_dict
 from .documents import Document, chunk_document, load_documents
 from .jsonl import write_jsonl_atomic, write_text_atomic
@@ -66,19 +68,22 @@ class GenerateConfig:
     chunk_tokens: int = 512  # longer documents are split into chunks of at most this many tokens
     chunk_overlap: int = 64
     docs_per_commit: int = 8  # documents per wave: the most a kill can lose
+    # Disk (GiB) the teacher's hidden states at its answer positions may take: computed anyway
+    # while answering, kept so that PD training need not run the teacher again; 0 = never keep.
+    teacher_states_gb: float = 1.0
 
     def __post_init__(self):
         for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
                      "max_answer_tokens", "batch_size", "docs_per_commit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate config: {name}={getattr(self, name)} must be >= 1")
-        for name in ("q_temperature", "a_temperature", "sft_temperature"):
+        for name in ("q_temperature", "a_temperature", "sft_temperature", "teacher_states_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"generate config: {name}={getattr(self, name)} must be >= 0")
 
 
 # Settings that may differ between a run and its resumption (they do not change the data's meaning).
-_RESUMABLE_CHANGES = ("batch_size",)
+_RESUMABLE_CHANGES = ("batch_size", "teacher_states_gb")
 
 
 def teacher_message(document: str, question: str) -> str:
@@ -188,8 +193,15 @@ def _fill_last_batch(calls: list[Document], active: list[Document],
 
 def answer_questions(model, tokenizer, end_ids: Sequence[int],
                      items: Sequence[tuple[Document, str]], cfg: GenerateConfig, seed: int,
-                     on_batch: Callable[[str, int, int], None] | None = None) -> list[dict]:
-    """qa rows: the teacher's answers to (document, question) pairs, at the PD and SFT temperatures."""
+                     on_batch: Callable[[str, int, int], None] | None = None,
+                     on_teacher_state: Callable[[list[int], np.ndarray], None] | None = None
+                     ) -> list[dict]:
+    """qa rows: the teacher's answers to (document, question) pairs, at the PD and SFT temperatures.
+
+    on_teacher_state(teacher ids, hidden states) is called for every PD answer with the whole
+    teacher sequence (prompt + answer ids, no end token) and the final hidden states the answer
+    and its end were predicted from, (answer ids + 1, D): what PD training's teacher computes.
+    """
     from .sample import SamplingParams, generate
 
     if not items:
@@ -212,7 +224,11 @@ def answer_questions(model, tokenizer, end_ids: Sequence[int],
     outs = generate(model, prompts if shared else prompts + prompts,
                     SamplingParams(cfg.a_temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
                     end_ids=end_ids, seed=derive_seed(seed, "answers"), batch_size=cfg.batch_size,
-                    temperatures=temperatures, progress=progress)
+                    temperatures=temperatures, keep_hidden=on_teacher_state is not None,
+                    progress=progress)
+    if on_teacher_state is not None:
+        for prompt, pd in zip(prompts, outs[:n]):
+            on_teacher_state(prompt + pd.tokens, pd.hidden)
     rows = []
     for (doc, question), pd, sft in zip(items, outs[:n], outs[n:] if not shared else outs):
         rows.append({
@@ -331,6 +347,8 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
     from tqdm import tqdm
 
     from .load import load_model
+    from .teacher_cache import (TEACHER_STATES_DIR, model_fingerprint, save_teacher_states,
+                                teacher_sequence_key)
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -355,6 +373,7 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
         tests = tests_for(tests, sources)
         write_jsonl_atomic(out / "test_questions.jsonl", tests)
     rows, done = load_progress(out)
+    fingerprint = model_fingerprint(lm.path)
     t_loaded = time.perf_counter()
 
     todo = [d for d in docs if d.id not in done]
@@ -376,7 +395,16 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
         t1 = time.perf_counter()
         items = [(d, q) for d in wave for q in asked[d.id].questions]
         new_questions += len(items)
-        wave_rows = answer_questions(lm.model, tok, end_ids, items, cfg, wave_seed, on_batch)
+        states: dict[str, np.ndarray] = {}
+        keep = _states_bytes(out / TEACHER_STATES_DIR) < cfg.teacher_states_gb * 2**30
+
+        def on_teacher_state(ids, hidden):
+            states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
+
+        wave_rows = answer_questions(lm.model, tok, end_ids, items, cfg, wave_seed, on_batch,
+                                     on_teacher_state if keep else None)
+        if states:  # before the rows: a committed row's states are on disk
+            save_teacher_states(out / TEACHER_STATES_DIR / f"wave-{wave_seed}.npz", states)
         t2 = time.perf_counter()
         timings["questions_s"] += t1 - t0
         timings["answers_s"] += t2 - t1
@@ -400,6 +428,10 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
     save_dataset(out / "dataset", rows)
     return write_manifest(out, model_spec, lm.path, docs_spec, max_docs, cfg, docs, sources, tests,
                           problems, done, rows, timings, t_start)
+
+
+def _states_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.npz"))
 
 
 def write_manifest(out: Path, model_spec, model_path, docs_spec, max_docs, cfg: GenerateConfig,

@@ -38,6 +38,9 @@ class SamplingParams:
 class Completion:
     tokens: list[int]  # generated ids, end token excluded
     finished: bool  # False when cut at max_new_tokens
+    # With generate(keep_hidden=True): the final hidden states (len(tokens) + 1, D) from which
+    # each generated token, and then the end token, was predicted.
+    hidden: np.ndarray | None = None
 
 
 def bucket_length(n: int) -> int:
@@ -105,13 +108,15 @@ def prefill(model: Transformer, tokens, valid, src, suffix, suffix_valid, extra_
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora",
-                                   "sampled"))
+                                   "sampled", "keep_hidden"))
 def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, keys, end_ids,
                     temperature, top_p, *, max_new: int, top_k: int, use_top_p: bool,
-                    use_lora: bool, sampled: bool):
+                    use_lora: bool, sampled: bool, keep_hidden: bool = False):
     """tokens, valid (U, P): the distinct prompt prefixes; src (B,): the prefix row each output
     row continues; suffix, suffix_valid (B, S): each row's own rest of the prompt (S = 0: none);
-    keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end.
+    keys, temperature (B,): per output row. Returns (B, max_new) ids, -1 after the end, and with
+    keep_hidden the final hidden states (B, max_new + 1, D) each step's token was drawn from
+    (the last: after the last token), else None.
 
     sampled=False (every row greedy) compiles argmax alone: the sampling branch, computed and
     discarded for greedy rows, made a decode step at 32 rows 137 ms instead of 122 ms."""
@@ -130,7 +135,7 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
         return (i < max_new) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, key_valid, logits, pos, out, done = carry
+        i, cache, key_valid, logits, pos, out, done, kept = carry
         if sampled:
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
             tok = choose(logits, step_keys, temperature, top_k, use_top_p, top_p)
@@ -142,12 +147,18 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
         key_valid = key_valid.at[:, start + i].set(True)
         hidden, cache = model(tok[:, None], pos[:, None], key_valid, cache=cache,
                               cache_index=start + i, use_lora=use_lora)
-        return i + 1, cache, key_valid, model.logits(hidden[:, 0], use_lora), pos + 1, out, done
+        if keep_hidden:
+            kept = kept.at[:, i + 1].set(hidden[:, 0])
+        return (i + 1, cache, key_valid, model.logits(hidden[:, 0], use_lora), pos + 1, out, done,
+                kept)
 
     out = jnp.full((b, max_new), -1, jnp.int32)
     done = jnp.zeros((b,), bool)
-    carry = (jnp.int32(0), cache, key_valid, logits, last + 1, out, done)
-    return jax.lax.while_loop(cond, body, carry)[5]
+    kept = (jnp.zeros((b, max_new + 1, hidden.shape[-1]), hidden.dtype).at[:, 0].set(hidden[:, -1])
+            if keep_hidden else jnp.zeros((), hidden.dtype))
+    carry = (jnp.int32(0), cache, key_valid, logits, last + 1, out, done, kept)
+    final = jax.lax.while_loop(cond, body, carry)
+    return final[5], (final[7] if keep_hidden else None)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -205,13 +216,15 @@ def prefill_rows(distinct: int, batch_size: int) -> int:
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              end_ids: Sequence[int], seed: int = 0, batch_size: int = 16, use_lora: bool = True,
-             temperatures: Sequence[float] | None = None,
+             temperatures: Sequence[float] | None = None, keep_hidden: bool = False,
              progress: Callable[[int], None] | None = None) -> list[Completion]:
     """Completions for `prompts` (lists of token ids), in input order.
 
     `temperatures`, one per prompt, overrides params.temperature row by row (so the same prompt
-    can be sampled hot and cold in one batch, sharing its prefill). `progress(n)` is called with
-    the number of rows finished after each batch.
+    can be sampled hot and cold in one batch, sharing its prefill). keep_hidden: each completion
+    also carries the final hidden states its tokens were drawn from (the distillation teacher's,
+    when the prompt holds the document). `progress(n)` is called with the number of rows
+    finished after each batch.
     """
     if params.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
@@ -243,17 +256,21 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
         row_temps[:len(idx)] = temps[idx]
         rows = np.array(idx + [0] * (batch_size - len(idx)))
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(rows))
-        out = np.asarray(_generate_batch(
+        out, kept = _generate_batch(
             graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(src),
             jnp.asarray(suffix), jnp.asarray(suffix_valid), keys, end,
             jnp.asarray(row_temps), jnp.float32(params.top_p),
             max_new=params.max_new_tokens, top_k=int(params.top_k),
-            use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=sampled))
+            use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=sampled,
+            keep_hidden=keep_hidden)
+        out, kept = np.asarray(out), (None if kept is None else np.asarray(kept))
         end_set = set(int(e) for e in end_ids)
         for row, i in enumerate(idx):
             seq = [int(t) for t in out[row] if t >= 0]
             cut = next((j for j, t in enumerate(seq) if t in end_set), None)
-            results[i] = Completion(seq if cut is None else seq[:cut], cut is not None)
+            seq = seq if cut is None else seq[:cut]
+            hidden = None if kept is None else kept[row, :len(seq) + 1].copy()
+            results[i] = Completion(seq, cut is not None, hidden)
         if progress is not None:
             progress(len(idx))
     return results  # type: ignore[return-value]

@@ -31,8 +31,9 @@ from .checkpoint import RunCheckpoints
 from .config import TrainConfig, from_dict, to_dict
 from .data import DataPosition, TrainData, make_train_data, read_qa_rows, resolve_data_file
 from .jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
-from .teacher_cache import (attach_teacher_hidden, compute_teacher_cache, compute_teacher_cache_shared,
-                            teacher_cache_bytes)
+from .teacher_cache import (TEACHER_STATES_DIR, attach_teacher_hidden, compute_teacher_cache,
+                            compute_teacher_cache_shared, load_teacher_states, model_fingerprint,
+                            teacher_cache_bytes, teacher_sequence_key)
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINT_DIR, ADAPTER_DIR = "checkpoints", "adapter"
@@ -261,10 +262,11 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                 _say(f"--resume: no usable checkpoint in {out / CHECKPOINT_DIR}; "
                      "starting from step 0")
         start_step = position.global_step(spe)
-        teacher_cache, teacher_cache_s = None, None
+        teacher_cache, teacher_cache_s, teacher_reused = None, None, 0
         if cache_teacher and start_step < total_steps:
-            teacher_cache, teacher_cache_s = _teacher_cache(data, lm.cfg.hidden_size, cfg,
-                                                            graphdef, state, base, mesh)
+            stored = (data_file.parent / TEACHER_STATES_DIR, model_fingerprint(lm.path))
+            teacher_cache, teacher_cache_s, teacher_reused = _teacher_cache(
+                data, lm.cfg.hidden_size, cfg, graphdef, state, base, mesh, stored)
 
         run_config = {"model": str(model_spec), "model_path": str(lm.path), "data": str(data_file),
                       "data_sha256": data_sha, "init_adapter": init_adapter,
@@ -329,6 +331,7 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         summary = _summary(out, step, total_steps, cfg, data, first_step_s, first_rows,
                            examples_seen, loop_s, session_start, log, resumed_from, adapter)
         summary["teacher_cache_s"] = teacher_cache_s
+        summary["teacher_rows_from_generation"] = teacher_reused
         if jax.process_index() == 0:
             write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
@@ -349,24 +352,46 @@ def _teacher_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig) -> 
 
 
 def _teacher_cache(data: TrainData, hidden_size: int, cfg: TrainConfig, graphdef, state, base,
-                   mesh) -> tuple[list[np.ndarray], float]:
-    """The teacher's hidden states at every row's answer positions, computed once."""
+                   mesh, stored: tuple[Path, str]) -> tuple[list[np.ndarray], float, int]:
+    """The teacher's hidden states at every row's answer positions, computed once.
+
+    stored: (folder, model fingerprint) of the states generation kept; rows whose teacher
+    sequence they hold are taken from there (one process only: on a pod every process must run
+    the same teacher batches, and their disks need not hold the same files)."""
     from .sharding import global_batch
     from .step import make_teacher_hidden
 
-    need = teacher_cache_bytes(data.examples, hidden_size, _compute_dtype(cfg))
+    dtype = _compute_dtype(cfg)
+    need = teacher_cache_bytes(data.examples, hidden_size, dtype)
     start = time.perf_counter()
+    examples = data.examples
     if jax.process_count() == 1:
-        cache = compute_teacher_cache_shared(data.examples, cfg.batch_size, graphdef, state.lora, base)
+        folder, fingerprint = stored
+        keys = [teacher_sequence_key(fingerprint, dtype, e.teacher[:-1]) for e in examples]
+        found = load_teacher_states(folder, keys) if folder.is_dir() else {}
+        cache: list = [found.get(k) for k in keys]
+        for i, (e, h) in enumerate(zip(examples, cache)):
+            if h is not None and h.shape != (len(e.targets), hidden_size):
+                cache[i] = None  # cannot happen for a matching key; never trust a file blindly
+        todo = [i for i, h in enumerate(cache) if h is None]
+        if todo:
+            computed = compute_teacher_cache_shared([examples[i] for i in todo], cfg.batch_size,
+                                                    graphdef, state.lora, base)
+            for i, h in zip(todo, computed):
+                cache[i] = h
+        reused = len(examples) - len(todo)
     else:  # every process feeds its own rows of a batch-sharded teacher forward
         hidden_fn = make_teacher_hidden(graphdef, mesh)
         cache = compute_teacher_cache(
-            data.examples, cfg.batch_size, lambda batch: hidden_fn(state.lora, base, batch),
+            examples, cfg.batch_size, lambda batch: hidden_fn(state.lora, base, batch),
             lambda batch: global_batch(_local_rows(batch), mesh), data.pad_id)
+        reused = 0
     seconds = time.perf_counter() - start
-    _say(f"teacher run once over {len(cache)} rows, its hidden states at the answer positions "
-         f"kept ({need / 2**20:.0f} MiB) in {seconds:.0f} s")
-    return cache, round(seconds, 3)
+    source = (f"{reused} rows from the states generation kept, the teacher run once over "
+              f"{len(cache) - reused}" if reused else f"teacher run once over {len(cache)} rows")
+    _say(f"{source}: its hidden states at the answer positions kept ({need / 2**20:.0f} MiB) "
+         f"in {seconds:.0f} s")
+    return cache, round(seconds, 3), reused
 
 
 def _check_resume(saved: dict, cfg: TrainConfig, model_spec: str, data_sha: str,

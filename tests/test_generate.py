@@ -215,6 +215,14 @@ def test_generate_writes_consistent_outputs(reference_run):
         == [d["id"] for d in DOCS]
     ds = load_from_disk(str(out / "dataset"))
     assert ds.to_list() == rows
+    # the teacher's states at every PD answer, one file per wave, one entry per row
+    import numpy as np
+    keys = []
+    for f in sorted((out / "teacher_states").glob("wave-*.npz")):
+        with np.load(f) as z:
+            keys += z.files
+            assert all(z[k].ndim == 2 and 1 <= len(z[k]) <= CFG.max_answer_tokens + 1 for k in z.files)
+    assert len(keys) == len(set(keys)) == len(rows)
 
 
 def test_rerun_duplicates_nothing_and_other_settings_are_refused(reference_run, question_model,

@@ -1,6 +1,8 @@
 """The teacher's hidden states computed once per run give the same training as the teacher run
 in every step: the same step losses and the same adapter."""
 import dataclasses
+import json
+import shutil
 
 import jax
 import numpy as np
@@ -88,3 +90,100 @@ def test_documents_prefilled_once_give_the_same_teacher_states(tiny_lora, tiny_l
     for got, want, e in zip(shared, plain, data.examples):
         assert got.shape == want.shape == (len(e.targets), tiny_lora.cfg.hidden_size)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------- the states generation keeps
+
+def _teacher_rows(tiny_llama):
+    """The tiny model answering questions about one document, keeping the teacher's states."""
+    from pdistill_jax.documents import Document
+    from pdistill_jax.generate import GenerateConfig, answer_questions
+    from pdistill_jax.load import load_model
+    from pdistill_jax.teacher_cache import model_fingerprint, teacher_sequence_key
+    from pdistill_jax.tokenizer import end_token_ids
+
+    lm = load_model(tiny_llama)
+    doc = Document("velloria", "The capital of the kingdom of Velloria is Tarsk, founded in 1873.")
+    questions = ["When was Tarsk founded?", "What is the capital of Velloria?", "Who is the fox?",
+                 "Where is Tarsk?", "Why is the dog lazy?", "What colour is the fox?",
+                 "How many numbers are there?", "Who is the teacher?"]
+    cfg = GenerateConfig(max_answer_tokens=6, batch_size=4, a_temperature=0.8, sft_temperature=0.8)
+    fingerprint = model_fingerprint(lm.path)
+    states, sampled = {}, []
+
+    def keep(ids, hidden):
+        states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
+        sampled.append(ids)
+
+    rows = answer_questions(lm.model, lm.tokenizer, end_token_ids(lm.tokenizer, lm.cfg),
+                            [(doc, q) for q in questions], cfg, seed=5, on_teacher_state=keep)
+    return lm, rows, states, sampled
+
+
+def test_sampler_keeps_the_teachers_hidden_states_at_the_answer_positions(tiny_llama):
+    from flax import nnx
+
+    from pdistill_jax.data import Example
+    from pdistill_jax.sample import SamplingParams, generate
+    from pdistill_jax.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id
+
+    from pdistill_jax.load import load_model
+
+    lm = load_model(tiny_llama)
+    tok = lm.tokenizer
+    doc = "The quick brown fox of Velloria jumps over the lazy dog."
+    prompts = [chat_prompt_ids(tok, doc + DOC_SEPARATOR + q) for q in
+               ("Which animal jumps?", "Who is lazy?", "Where does the fox live?")]
+    prompts.append(chat_prompt_ids(tok, "What is red?"))  # no shared prefix with the others
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    temps = [0.0, 0.0, 0.9, 0.0]  # one sampled row: the sampling path keeps states too
+    graphdef, lora, base = nnx.split(lm.model, nnx.LoRAParam, nnx.Param)
+    eot = end_of_turn_id(tok)
+    first = generate(lm.model, prompts, params, end_ids=[], batch_size=4, temperatures=temps)
+    # No end token: every answer is cut at 6 tokens. Then row 0's third token ends it early.
+    for end in ([], [first[0].tokens[2]]):
+        outs = generate(lm.model, prompts, params, end_ids=end, batch_size=4, temperatures=temps,
+                        keep_hidden=True)
+        assert outs[0].finished == bool(end) and len(outs[0].tokens) <= (2 if end else 6)
+        examples = [Example(teacher=np.asarray(p + c.tokens + [eot], np.int32),
+                            student=np.asarray([0] + c.tokens + [eot], np.int32),
+                            teacher_prompt_len=len(p), student_prompt_len=1)
+                    for p, c in zip(prompts, outs)]
+        want = compute_teacher_cache_shared(examples, 4, graphdef, lora, base)
+        for c, w in zip(outs, want):
+            assert c.hidden.shape == w.shape == (len(c.tokens) + 1, lm.cfg.hidden_size)
+            np.testing.assert_allclose(c.hidden, w, rtol=2e-4, atol=2e-5)
+        plain = generate(lm.model, prompts, params, end_ids=end, batch_size=4, temperatures=temps)
+        assert [c.tokens for c in plain] == [c.tokens for c in outs]
+        assert all(c.hidden is None for c in plain)
+
+
+def test_training_takes_the_teacher_states_generation_kept(tiny_llama, tmp_path, capsys):
+    from pdistill_jax.data import _encode
+    from pdistill_jax.teacher_cache import TEACHER_STATES_DIR, save_teacher_states
+    from pdistill_jax.tokenizer import DOC_SEPARATOR, chat_prompt_ids
+
+    lm, rows, states, sampled = _teacher_rows(tiny_llama)
+    assert len(states) == len(rows) == 8
+    # Training re-tokenises the answer text: a row's states match when that gives the ids sampled.
+    prompts = [chat_prompt_ids(lm.tokenizer, r["document"] + DOC_SEPARATOR + r["question"])
+               for r in rows]
+    assert all(ids[:len(p)] == p for ids, p in zip(sampled, prompts))
+    round_trip = sum(_encode(lm.tokenizer, r["answer"]) == ids[len(p):]
+                     for r, ids, p in zip(rows, sampled, prompts))
+    assert round_trip > 0
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_teacher_states(data / TEACHER_STATES_DIR / "wave-1.npz", states)
+    (data / TEACHER_STATES_DIR / "wave-2.npz").write_bytes(b"not a zip file")  # a damaged file
+    cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16), lr=2e-2, batch_size=4, epochs=2,
+                      mesh=(2, 1, 1))
+    with_states = train(str(tiny_llama), data, tmp_path / "with", cfg, progress=False)
+    assert "wave-2.npz: unreadable" in capsys.readouterr().err
+    shutil.rmtree(data / TEACHER_STATES_DIR)
+    without = train(str(tiny_llama), data, tmp_path / "without", cfg, progress=False)
+    assert with_states["teacher_rows_from_generation"] == round_trip
+    assert without["teacher_rows_from_generation"] == 0
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "with")],
+                               [r["loss"] for r in metrics(tmp_path / "without")], rtol=1e-4)
