@@ -16,6 +16,9 @@ Output folder:
   test_questions.jsonl  when the documents came with test questions (hf: datasets)
   manifest.json         model, prompts, settings, counts, parse yield, per-document stats, timings
   run.json              the settings the folder was started with (a rerun must match them)
+  teacher_states/       per wave, the teacher's final hidden states at every PD answer position
+                        (computed while sampling the answers; PD training reuses them instead of
+                        running the teacher again; at most teacher_states_gb)
 
 Resume: a wave's rows are appended to qa.jsonl and fsync'ed before its documents' lines are
 appended to done.jsonl, so a kill loses at most the wave in flight; on restart a torn last line
