@@ -1,5 +1,6 @@
 """The teacher's hidden states computed once per run give the same training as the teacher run
-in every step: the same step losses and the same adapter."""
+in every step: the same step losses and the same adapter. Those the sampler keeps while writing
+the answers are the teacher's, and training takes them only for the sequences they belong to."""
 import dataclasses
 import json
 import shutil
@@ -124,10 +125,9 @@ def test_sampler_keeps_the_teachers_hidden_states_at_the_answer_positions(tiny_l
     from flax import nnx
 
     from pdistill_jax.data import Example
+    from pdistill_jax.load import load_model
     from pdistill_jax.sample import SamplingParams, generate
     from pdistill_jax.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id
-
-    from pdistill_jax.load import load_model
 
     lm = load_model(tiny_llama)
     tok = lm.tokenizer
@@ -165,13 +165,14 @@ def test_training_takes_the_teacher_states_generation_kept(tiny_llama, tmp_path,
 
     lm, rows, states, sampled = _teacher_rows(tiny_llama)
     assert len(states) == len(rows) == 8
+    rows[0]["answer"] += " Indeed."  # edited after generation: its stored states are not its own
     # Training re-tokenises the answer text: a row's states match when that gives the ids sampled.
     prompts = [chat_prompt_ids(lm.tokenizer, r["document"] + DOC_SEPARATOR + r["question"])
                for r in rows]
     assert all(ids[:len(p)] == p for ids, p in zip(sampled, prompts))
     round_trip = sum(_encode(lm.tokenizer, r["answer"]) == ids[len(p):]
                      for r, ids, p in zip(rows, sampled, prompts))
-    assert round_trip > 0
+    assert 0 < round_trip < len(rows)
     data = tmp_path / "data"
     data.mkdir()
     (data / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -187,3 +188,28 @@ def test_training_takes_the_teacher_states_generation_kept(tiny_llama, tmp_path,
     assert without["teacher_rows_from_generation"] == 0
     np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "with")],
                                [r["loss"] for r in metrics(tmp_path / "without")], rtol=1e-4)
+
+
+def test_teacher_state_keys_name_the_checkpoint_the_dtype_and_the_ids(tmp_path):
+    import os
+
+    import jax.numpy as jnp
+
+    from pdistill_jax.teacher_cache import (load_teacher_states, model_fingerprint,
+                                            save_teacher_states, teacher_sequence_key)
+
+    ckpt = tmp_path / "model"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    before = model_fingerprint(ckpt)
+    key = teacher_sequence_key(before, np.float32, [1, 2, 3])
+    assert key == teacher_sequence_key(before, jnp.float32, np.array([1, 2, 3], np.int64))
+    assert key != teacher_sequence_key(before, jnp.bfloat16, [1, 2, 3])
+    assert key != teacher_sequence_key(before, np.float32, [1, 2, 4])
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))  # a re-fetched or edited checkpoint
+    assert model_fingerprint(ckpt) != before
+    state = np.arange(6, dtype=np.float32).reshape(3, 2)
+    save_teacher_states(tmp_path / "states" / "wave-1.npz", {key: state})
+    assert not [f for f in (tmp_path / "states").iterdir() if f.name.startswith(".")]  # no temp left
+    found = load_teacher_states(tmp_path / "states", [key, "another"])
+    assert list(found) == [key] and np.array_equal(found[key], state)
