@@ -40,7 +40,7 @@ class Completion:
     finished: bool  # False when cut at max_new_tokens
     # With generate(keep_hidden=True): the final hidden states (len(tokens) + 1, D) from which
     # each generated token, and then the end token, was predicted.
-    hidden: np.ndarray | None = None
+    hidden: np.ndarray | None = dataclasses.field(default=None, compare=False)  # arrays: no ==
 
 
 def bucket_length(n: int) -> int:
