@@ -8,11 +8,12 @@ long run is interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -39,8 +40,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file in the same directory, then os.replace it.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file object on a temporary file in the target's directory; on a clean exit it is
+    fsync'ed and os.replace'd onto the target, on an exception deleted.
 
     os.replace is atomic on POSIX when source and target share a filesystem,
     so readers see either the old file or the complete new one.
@@ -49,8 +52,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -58,6 +61,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text (UTF-8) atomically: see atomic_writer."""
+    with atomic_writer(path) as f:
+        f.write(text)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:

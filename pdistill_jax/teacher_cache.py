@@ -17,9 +17,7 @@ an answer that re-tokenises differently, another model or dtype).
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from .data import Example, collate
+from .jsonl import atomic_writer
 from .sample import _left_padded, plan_prefill, prefill, prefill_rows
 from .step import TEACHER_HIDDEN, TEACHER_KEYS
 
@@ -59,19 +58,8 @@ def teacher_sequence_key(fingerprint: str, dtype, ids: Sequence[int]) -> str:
 
 def save_teacher_states(path: str | Path, states: dict[str, np.ndarray]) -> None:
     """states (key -> (answer tokens + 1, D)) as one .npz, written atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **states)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(path, "wb") as f:
+        np.savez(f, **states)
 
 
 def load_teacher_states(folder: str | Path, keys: Iterable[str]) -> dict[str, np.ndarray]:

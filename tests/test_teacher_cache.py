@@ -213,3 +213,15 @@ def test_teacher_state_keys_name_the_checkpoint_the_dtype_and_the_ids(tmp_path):
     assert not [f for f in (tmp_path / "states").iterdir() if f.name.startswith(".")]  # no temp left
     found = load_teacher_states(tmp_path / "states", [key, "another"])
     assert list(found) == [key] and np.array_equal(found[key], state)
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from pdistill_jax.jsonl import atomic_writer
+
+    target = tmp_path / "wave-1.npz"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_writer(target, "wb") as f:
+            f.write(b"half of the new")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["wave-1.npz"]
