@@ -273,6 +273,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array, *,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+                 prefix: KVCache | None = None,
                  use_lora: bool = True) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states (B, T, D) and the updated cache.
 
@@ -280,6 +281,11 @@ class Transformer(nnx.Module):
         without a cache and S = cache slots with one; the new tokens occupy slots
         [cache_index, cache_index + T). Causality is by slot, RoPE by `positions`, so left-padded
         prompts work with positions counted from each row's first real token.
+
+        prefix: the keys/values (layers, B, kv_heads, P, head_dim) of P tokens that come before
+        every row's tokens, read only (training's shared prompt preamble, computed once for the
+        batch with a cache of P slots). key_valid is then (B, P + T) and no cache is returned;
+        gradients flow into the prefix.
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         t = tokens.shape[1]
@@ -288,6 +294,20 @@ class Transformer(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
         checkpoint = (partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
                       if self.remat else (lambda f: f))
+
+        if prefix is not None:
+            p = prefix.k.shape[3]
+            mask = (jnp.broadcast_to(key_valid[:, None, :p], (key_valid.shape[0], t, p)),
+                    causal & key_valid[:, None, p:])
+
+            @checkpoint
+            def prefixed_body(h, xs):
+                state, layer_kv = xs
+                h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, use_lora)
+                return h, None
+
+            x, _ = jax.lax.scan(prefixed_body, x, (layer_state, (prefix.k, prefix.v)))
+            return self.norm(x), None
 
         fresh = isinstance(cache_index, int) and cache_index == 0
         if cache is None or fresh:  # nothing cached to read (a prefill fills an empty cache)

@@ -10,7 +10,7 @@ never an output of the step, so it is never copied; only the TrainState (LoRA + 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from . import losses
 from .config import TrainConfig
-from .model import Transformer, causal_inputs
+from .model import KVCache, Transformer, causal_inputs, init_cache
 from .sharding import batch_sharding, replicated, shard_state, state_shardings
 
 STUDENT_KEYS = ("student_tokens", "student_valid", "targets", "target_mask", "student_pos")
@@ -133,6 +133,28 @@ def teacher_hidden(model: Transformer, batch: dict) -> jax.Array:
     return _gather(hidden_t, batch["teacher_pos"])
 
 
+def student_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()) -> jax.Array:
+    """The student's (adapter on) final hidden states over batch["student_tokens"], (B, T, D).
+
+    With `prefix` (the ids every student sequence starts with, left out of student_tokens by
+    `collate`), the prefix runs once, as one row, and every row attends to its keys and values:
+    the same states as running it in every row, for 1/B of its cost. Its gradient is the sum
+    over the rows that read it.
+    """
+    tokens, valid = batch["student_tokens"], batch["student_valid"]
+    if not prefix:
+        positions, key_valid = causal_inputs(tokens, valid)
+        return model(tokens, positions, key_valid, use_lora=True)[0]
+    p, (b, t) = len(prefix), tokens.shape
+    ids = jnp.asarray(prefix, jnp.int32)[None]
+    _, kv = model(ids, jnp.arange(p)[None], jnp.ones((1, p), bool),
+                  cache=init_cache(model.cfg, 1, p, model.dtype), cache_index=0, use_lora=True)
+    kv = KVCache(*(jnp.broadcast_to(c, (c.shape[0], b) + c.shape[2:]) for c in kv))
+    positions = p + causal_inputs(tokens, valid)[0]
+    key_valid = jnp.concatenate([jnp.ones((b, p), bool), valid.astype(bool)], axis=1)
+    return model(tokens, positions, key_valid, prefix=kv, use_lora=True)[0]
+
+
 def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_PER_CHUNK) -> int:
     """Answer positions per LM-head chunk: all of them if their logits fit the budget, else the
     fewest equal chunks that do (at least one position each)."""
@@ -143,21 +165,23 @@ def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_P
     return -(-positions // n)
 
 
-def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | None = None
+def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | None = None,
+                   student_prefix: Sequence[int] = ()
                    ) -> Callable[[nnx.State, nnx.State, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
     """(lora, base, batch) -> (sum of per-sequence mean losses, (sequences with answers, answer tokens)).
 
     Sums rather than means so that micro-batches add up to exactly the full-batch loss.
     `loss_chunk` answer positions go through the LM head at a time (None: `loss_chunk_for`).
+    `student_prefix`: the ids the batches' student sequences share and leave out
+    (`TrainData.student_prefix`; empty when they carry whole sequences).
     """
     objective, tau, beta = cfg.objective, cfg.tau, cfg.jsd_beta
+    prefix = tuple(int(i) for i in student_prefix)
 
     def loss_sums(lora, base, batch):
         model: Transformer = nnx.merge(graphdef, lora, base)
         chunk = loss_chunk or loss_chunk_for(*batch["targets"].shape, model.cfg.vocab_size)
-        s_pos, s_valid = causal_inputs(batch["student_tokens"], batch["student_valid"])
-        hidden_s, _ = model(batch["student_tokens"], s_pos, s_valid, use_lora=True)
-        h_s = _gather(hidden_s, batch["student_pos"])
+        h_s = _gather(student_hidden(model, batch, prefix), batch["student_pos"])
         if objective == "ce":
             per_token = losses.chunked_token_losses(
                 lambda h, t: losses.cross_entropy_per_token(model.logits(h, True), t),
@@ -216,15 +240,16 @@ def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    cfg: TrainConfig, mesh: Mesh, *, loss_chunk: int | None = None
+                    cfg: TrainConfig, mesh: Mesh, *, loss_chunk: int | None = None,
+                    student_prefix: Sequence[int] = ()
                     ) -> Callable[[TrainState, nnx.State, dict], tuple[TrainState, dict]]:
     """(state, base, batch) -> (new state, metrics {loss, grad_norm, lr, answer_tokens}).
 
     `state` is donated (do not reuse the one passed in); `base` is read only. The batch's leading
     size is cfg.batch_size * cfg.grad_accum; gradients of grad_accum micro-batches are summed in a
-    `lax.scan` and applied in one update.
+    `lax.scan` and applied in one update. `student_prefix`: as for `make_loss_sums`.
     """
-    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk)
+    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
     # The gradient is taken with respect to the merged (LoRA, base) tree and the optimizer's
     # set_to_zero branch freezes the base. Only the LoRA update is returned, so the base weight
     # gradients are dead code and XLA removes them, across the accumulation scan too: measured on a
@@ -273,13 +298,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_eval_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh, *,
-                   loss_chunk: int | None = None) -> Callable[[nnx.State, nnx.State, dict], dict]:
+                   loss_chunk: int | None = None, student_prefix: Sequence[int] = ()
+                   ) -> Callable[[nnx.State, nnx.State, dict], dict]:
     """(lora, base, batch) -> {loss, sequences, answer_tokens}: the training loss, no update.
 
     The batch may have any number of rows that is a multiple of data x fsdp (one compilation per
-    distinct shape).
+    distinct shape). `student_prefix`: as for `make_loss_sums`.
     """
-    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk)
+    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
 
     def evaluate(lora, base, batch):
         total, (count, tokens) = loss_sums(lora, base, batch)

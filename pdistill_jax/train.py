@@ -228,6 +228,7 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         cache_teacher = cfg.objective != "ce" and _teacher_cache_fits(data, lm.cfg.hidden_size, cfg)
         if cfg.objective == "ce" or cache_teacher:  # the step runs no teacher sequence
             data = dataclasses.replace(data, order_by="student")
+        data = dataclasses.replace(data, share_student_prefix=True)
         spe = data.steps_per_epoch
         total_steps = spe * cfg.epochs
         _say(f"{len(data.examples)} training rows from {data_file} ({data.truncated} with the "
@@ -243,7 +244,7 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                              "(e.g. data=1,fsdp=1,tensor=1)")
         graphdef, base, state, optimizer = init_train_state(lm.model, cfg, total_steps, mesh)
         lm.model = None  # the base now lives (sharded) in `base`; drop the unsharded copy
-        step_fn = make_train_step(graphdef, optimizer, cfg, mesh)
+        step_fn = make_train_step(graphdef, optimizer, cfg, mesh, student_prefix=data.student_prefix)
 
         position, elapsed0, resumed_from = DataPosition(), 0.0, None
         if saved is not None:

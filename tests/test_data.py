@@ -1,11 +1,13 @@
 """Training data: token layout of teacher/student/targets, truncation, bucketing, epoch order."""
+import itertools
 import json
 
 import numpy as np
 import pytest
 
-from pdistill_jax.data import (DataPosition, QARow, TrainData, bucket_length, collate,
-                               epoch_plan, load_train_data, read_qa_rows, tokenize_rows)
+from pdistill_jax.data import (MIN_SHARED_PREFIX, DataPosition, Example, QARow, TrainData,
+                               WIDTH_MULTIPLE, bucket_length, collate, epoch_plan, fitted_widths,
+                               load_train_data, read_qa_rows, shared_student_prefix, tokenize_rows)
 from pdistill_jax.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id, load_tokenizer
 
 DOC = "The capital of the kingdom of Velloria is Tarsk, founded in 1873."
@@ -162,6 +164,86 @@ def test_batches_group_rows_by_the_sequence_the_step_runs(tok):
     assert _padding(by_teacher, "teacher") < _padding(by_student, "teacher")
     with pytest.raises(ValueError, match="order_by='answer'; choose teacher or student"):
         TrainData(examples, rows_per_step=4, seed=0, order_by="answer")
+
+
+def test_batches_leave_out_the_student_prefix_every_row_shares(tok):
+    examples = tokenize_rows(_rows(12), tok).examples
+    data = TrainData(examples, rows_per_step=4, seed=0, order_by="student", share_student_prefix=True)
+    prefix = data.student_prefix.tolist()
+    # The system preamble and the questions' common start ("What happened in year 18").
+    assert tok.decode(prefix).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert tok.decode(prefix).endswith("What happened in year 18")
+    assert all(e.student[:len(prefix)].tolist() == prefix for e in examples)
+    whole = TrainData(examples, rows_per_step=4, seed=0, order_by="student")
+    assert whole.student_prefix.size == 0
+    for (_, idx, got), (_, _, full) in zip(data.batches(DataPosition(), 1),
+                                           whole.batches(DataPosition(), 1)):
+        for r, i in enumerate(idx):
+            own = examples[i].student[len(prefix):]
+            assert got["student_tokens"][r][got["student_valid"][r]].tolist() == own.tolist()
+            m = got["target_mask"][r]
+            # Positions are counted after the prefix and still point before each target.
+            assert got["student_tokens"][r][got["student_pos"][r][m] + 1].tolist() == \
+                got["targets"][r][m].tolist()
+            np.testing.assert_array_equal(got["student_pos"][r][m] + len(prefix), full["student_pos"][r][m])
+        for key in ("targets", "target_mask", "teacher_tokens", "teacher_pos"):
+            np.testing.assert_array_equal(got[key], full[key])
+        assert got["student_tokens"].shape[1] <= full["student_tokens"].shape[1]
+
+
+def test_fitted_widths_are_the_cheapest_set_of_widths():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        needed = rng.integers(1, 130, rng.integers(1, 30)).tolist()
+        cost = int(rng.choice([0, 16, 64, 256]))
+        widths = fitted_widths(needed, 8, cost)
+        assert widths == sorted(widths) and all(w % 8 == 0 for w in widths)
+        assert widths[-1] == -(-max(needed) // 8) * 8
+        total = lambda ws: sum(next(w for w in ws if w >= n) for n in needed) + cost * len(ws)
+        candidates = sorted({-(-n // 8) * 8 for n in needed})
+        brute = min(total(c) for k in range(1, len(candidates) + 1)
+                    for c in itertools.combinations(candidates, k) if c[-1] == candidates[-1])
+        assert total(widths) == brute, (needed, cost)
+    assert fitted_widths([]) == []
+    assert fitted_widths([70] * 50 + [100], 8, 256) == [72, 104]  # 50 rows save 1600 > 256
+    assert fitted_widths([70, 100], 8, 256) == [104]  # one row would save 32 < 256
+
+
+def test_student_batches_pad_to_widths_fitted_to_the_run(tok):
+    examples = tokenize_rows(_rows(40, seed=3), tok).examples
+    data = TrainData(examples, rows_per_step=4, seed=1, order_by="student", share_student_prefix=True)
+    student_widths, answer_widths = data.widths(2)
+    longest = max(len(e.targets) for e in examples)
+    assert answer_widths == [-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE]
+    batches = list(data.batches(DataPosition(), 2))
+    assert {b["student_tokens"].shape[1] for _, _, b in batches} <= set(student_widths)
+    assert {b["targets"].shape[1] for _, _, b in batches} == set(answer_widths)
+    again = TrainData(examples, rows_per_step=4, seed=1, order_by="student", share_student_prefix=True)
+    fitted_cols = sum(b["student_tokens"].shape[1] for _, _, b in batches)
+    ladder_cols = sum(bucket_length(int(b["student_valid"].sum(1).max())) for _, _, b in batches)
+    assert fitted_cols <= ladder_cols
+    # A resumed run (from epoch 1, batch 2) gets the very batches the whole run had there.
+    resumed = list(again.batches(DataPosition(1, 2), 2))
+    for (pos, idx, got), (pos0, idx0, want) in zip(resumed, batches[len(batches) - len(resumed):]):
+        assert pos == pos0 and idx.tolist() == idx0.tolist()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    # Batches grouped by the teacher (the step runs it) keep the ladder.
+    assert TrainData(examples, rows_per_step=4, seed=1).widths(2) == (None, None)
+
+
+def test_shared_student_prefix_keeps_each_rows_last_prompt_token_and_a_minimum_length():
+    def example(student, prompt_len):
+        return Example(np.asarray(student, np.int32), np.asarray(student, np.int32), prompt_len, prompt_len)
+
+    same = [example(list(range(20)) + [99, 5], 20), example(list(range(20)) + [98], 20)]
+    # Identical prompts: the prefix stops one short, so every row keeps the token that
+    # predicts its first answer token.
+    assert shared_student_prefix(same).tolist() == list(range(19))
+    short = [example([1] * (MIN_SHARED_PREFIX - 1) + [2, 3, 4], 9),
+             example([1] * (MIN_SHARED_PREFIX - 1) + [5, 6], 8)]
+    assert shared_student_prefix(short).size == 0  # not worth a pass of its own
+    assert shared_student_prefix([]).size == 0
 
 
 def test_epoch_order_differs_per_epoch_is_reproducible_and_resumable(tok):

@@ -17,7 +17,7 @@ from pdistill_jax.config import LoraConfig
 from pdistill_jax.load import load_model
 from pdistill_jax.sharding import make_mesh, state_shardings
 from pdistill_jax.step import init_train_state, make_train_step
-from test_step import random_batch, train_config
+from test_step import random_batch, train_config, with_student_prefix
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -90,14 +90,14 @@ def test_global_batch_and_single_process_distributed(monkeypatch):
     assert batch["student_tokens"].addressable_shards[0].data.shape == (2, 5)
 
 
-def _train(tiny_llama, mesh_shape, batch, steps=2):
+def _train(tiny_llama, mesh_shape, batch, steps=2, student_prefix=()):
     # lr 1e-4: Adam divides by |g| + 1e-8, which amplifies float noise in near-zero gradients
     # into update differences of up to ~lr; 1e-5 then still catches any real mismatch.
     cfg = train_config(batch_size=8, lr=1e-4, weight_decay=0.1)
     model = load_model(tiny_llama, cfg.lora, with_tokenizer=False).model
     mesh = make_mesh(mesh_shape)
     graphdef, base, state, opt = init_train_state(model, cfg, 10, mesh)
-    step = make_train_step(graphdef, opt, cfg, mesh)
+    step = make_train_step(graphdef, opt, cfg, mesh, student_prefix=student_prefix)
     hist = []
     for _ in range(steps):
         state, metrics = step(state, base, sharding.global_batch(batch, mesh))
@@ -114,6 +114,20 @@ def test_sharded_training_matches_single_device(tiny_llama):
     assert want_hist[1]["loss"] < want_hist[0]["loss"]
     for shape in ((8, 1, 1), (2, 2, 2), (1, 2, 4)):
         hist, lora = _train(tiny_llama, shape, batch)
+        for got, want in zip(hist, want_hist):
+            for k in ("loss", "grad_norm", "answer_tokens"):
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-4, err_msg=f"{shape} {k}")
+        for x, y in zip(jax.tree.leaves(lora), jax.tree.leaves(want_lora)):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=str(shape))
+
+
+def test_sharded_training_with_a_shared_student_prefix(tiny_llama):
+    # The prefix runs once, replicated, and its keys/values are read by rows on every device.
+    batch = random_batch(12, 384, 8, doc=(4, 10), question=(2, 5), answer=(2, 5))
+    prefix = [5, 17, 200, 31, 8, 8, 64, 90, 11]
+    want_hist, want_lora = _train(tiny_llama, (1, 1, 1), with_student_prefix(batch, prefix))
+    for shape in ((8, 1, 1), (1, 2, 4)):
+        hist, lora = _train(tiny_llama, shape, batch, student_prefix=prefix)
         for got, want in zip(hist, want_hist):
             for k in ("loss", "grad_norm", "answer_tokens"):
                 np.testing.assert_allclose(got[k], want[k], rtol=1e-4, err_msg=f"{shape} {k}")

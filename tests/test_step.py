@@ -48,6 +48,19 @@ def random_batch(seed: int, vocab: int, rows: int, *, same_prompt: bool = False,
     return out
 
 
+def with_student_prefix(batch: dict[str, np.ndarray], prefix: list[int]) -> dict[str, np.ndarray]:
+    """The batch with `prefix` put before every student sequence (what `collate` leaves out
+    when the step is built with student_prefix=prefix)."""
+    p = len(prefix)
+    out = dict(batch)
+    rows, ts = batch["student_tokens"].shape
+    out["student_tokens"] = np.concatenate([np.tile(np.asarray(prefix, np.int32), (rows, 1)),
+                                            batch["student_tokens"]], axis=1)
+    out["student_valid"] = np.concatenate([np.ones((rows, p), bool), batch["student_valid"]], axis=1)
+    out["student_pos"] = np.where(batch["target_mask"], batch["student_pos"] + p, 0).astype(np.int32)
+    return out
+
+
 def train_config(**kw) -> TrainConfig:
     base = dict(lora=LoraConfig(rank=8, alpha=16), lr=1e-2, warmup_ratio=0.0, weight_decay=0.0,
                 batch_size=4, tau=2.0)
@@ -132,6 +145,28 @@ def test_grad_accum_equals_full_batch(tiny_lora):
             np.testing.assert_allclose(h_a[k], h_b[k], rtol=1e-5, atol=1e-7)
     for x, y in zip(jax.tree.leaves(lora_a), jax.tree.leaves(lora_b)):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["kl", "ce"])
+def test_a_shared_student_prefix_run_once_trains_as_in_every_row(tiny_lora, objective):
+    # The prefix's keys/values are computed for one row and read by all: same losses, same
+    # gradients (into the prefix too), same adapter after the updates.
+    batch = random_batch(5, 384, 4)
+    prefix = [7, 300, 12, 45, 45, 9, 101, 3, 250, 77]
+    cfg = train_config(objective=objective, lr=1e-4)  # see test_sharding
+    results = []
+    for student_prefix, b in (((), with_student_prefix(batch, prefix)), (prefix, batch)):
+        loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        step = make_train_step(graphdef, opt, cfg, mesh, student_prefix=student_prefix)
+        state, hist = run_steps(step, state, base, b, 3)
+        results.append((jax.tree.map(np.asarray, state.lora), hist))
+    (want_lora, want), (got_lora, got) = results
+    assert want[0]["loss"] > 0.01 and want[-1]["loss"] < want[0]["loss"]
+    for g, w in zip(got, want):
+        for k in ("loss", "grad_norm", "answer_tokens"):
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, err_msg=k)
+    for x, y in zip(jax.tree.leaves(got_lora), jax.tree.leaves(want_lora)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
 
 
 def test_gather_before_head_equals_full_logits(tiny_lora):
