@@ -150,23 +150,27 @@ def test_grad_accum_equals_full_batch(tiny_lora):
 @pytest.mark.parametrize("objective", ["kl", "ce"])
 def test_a_shared_student_prefix_run_once_trains_as_in_every_row(tiny_lora, objective):
     # The prefix's keys/values are computed for one row and read by all: same losses, same
-    # gradients (into the prefix too), same adapter after the updates.
+    # gradients (into the prefix too), same adapter after the updates; with gradient
+    # accumulation each micro-batch runs the prefix once.
     batch = random_batch(5, 384, 4)
     prefix = [7, 300, 12, 45, 45, 9, 101, 3, 250, 77]
-    cfg = train_config(objective=objective, lr=1e-4)  # see test_sharding
     results = []
-    for student_prefix, b in (((), with_student_prefix(batch, prefix)), (prefix, batch)):
+    for student_prefix, b, accum in (((), with_student_prefix(batch, prefix), 1), (prefix, batch, 1),
+                                     (prefix, batch, 2)):
+        cfg = train_config(objective=objective, lr=1e-4, batch_size=4 // accum,
+                           grad_accum=accum)  # lr: see test_sharding
         loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
         step = make_train_step(graphdef, opt, cfg, mesh, student_prefix=student_prefix)
         state, hist = run_steps(step, state, base, b, 3)
         results.append((jax.tree.map(np.asarray, state.lora), hist))
-    (want_lora, want), (got_lora, got) = results
+    (want_lora, want), *others = results
     assert want[0]["loss"] > 0.01 and want[-1]["loss"] < want[0]["loss"]
-    for g, w in zip(got, want):
-        for k in ("loss", "grad_norm", "answer_tokens"):
-            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, err_msg=k)
-    for x, y in zip(jax.tree.leaves(got_lora), jax.tree.leaves(want_lora)):
-        np.testing.assert_allclose(x, y, atol=1e-6)
+    for got_lora, got in others:
+        for g, w in zip(got, want):
+            for k in ("loss", "grad_norm", "answer_tokens"):
+                np.testing.assert_allclose(g[k], w[k], rtol=1e-5, err_msg=k)
+        for x, y in zip(jax.tree.leaves(got_lora), jax.tree.leaves(want_lora)):
+            np.testing.assert_allclose(x, y, atol=1e-6)
 
 
 def test_gather_before_head_equals_full_logits(tiny_lora):
