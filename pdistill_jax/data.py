@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -252,9 +253,9 @@ def fitted_widths(needed: Sequence[int], multiple: int = WIDTH_MULTIPLE,
     """
     if not needed:
         return []
-    rounded = sorted(-(-int(n) // multiple) * multiple for n in needed)
-    values = sorted(set(rounded))
-    counts = [rounded.count(v) for v in values]
+    tally = Counter(_round_up(int(n), multiple) for n in needed)
+    values = sorted(tally)
+    counts = [tally[v] for v in values]
     n = len(values)
     # best[j] = (cost, widths) covering values[:j+1] with values[j] as the largest width
     best: list[tuple[int, list[int]]] = []
@@ -268,10 +269,13 @@ def fitted_widths(needed: Sequence[int], multiple: int = WIDTH_MULTIPLE,
     return best[-1][1]
 
 
-def _fit(n: int, widths: Sequence[int] | None) -> int:
-    if not widths:
-        return bucket_length(n)
-    return next((w for w in widths if w >= n), bucket_length(n))
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _fit(n: int, widths: Sequence[int] | None, minimum: int = 32) -> int:
+    """The smallest of `widths` that holds n, or the bucket ladder's size without widths."""
+    return next((w for w in widths or () if w >= n), None) or bucket_length(n, minimum)
 
 
 def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
@@ -295,8 +299,7 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
     chosen = [examples[i] for i in indices]
     tt = bucket_length(max(len(e.teacher) for e in chosen))
     ts = _fit(max(len(e.student) for e in chosen) - student_prefix, student_widths)
-    a = (_fit(max(len(e.targets) for e in chosen), answer_widths) if answer_widths else
-         bucket_length(max(len(e.targets) for e in chosen), minimum=16))
+    a = _fit(max(len(e.targets) for e in chosen), answer_widths, minimum=16)
     out = {
         "teacher_tokens": np.full((rows, tt), pad_id, np.int32),
         "teacher_valid": np.zeros((rows, tt), bool),
@@ -384,7 +387,7 @@ class TrainData:
         plans = [b for epoch in range(epochs) for b in self.plan(epoch)]
         longest = max(len(e.targets) for e in self.examples)
         return (fitted_widths([max(len(self.examples[i].student) for i in b) - p for b in plans]),
-                [-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE])
+                [_round_up(longest, WIDTH_MULTIPLE)])
 
     def batches(self, start: DataPosition, epochs: int
                 ) -> Iterator[tuple[DataPosition, np.ndarray, Batch]]:

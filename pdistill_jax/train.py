@@ -226,9 +226,9 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                                max_seq_len=cfg.max_seq_len, system=cfg.system,
                                rows_per_step=rows_per_step, seed=cfg.seed)
         cache_teacher = cfg.objective != "ce" and _teacher_cache_fits(data, lm.cfg.hidden_size, cfg)
-        if cfg.objective == "ce" or cache_teacher:  # the step runs no teacher sequence
-            data = dataclasses.replace(data, order_by="student")
-        data = dataclasses.replace(data, share_student_prefix=True)
+        runs_teacher = cfg.objective != "ce" and not cache_teacher
+        data = dataclasses.replace(data, order_by=data.order_by if runs_teacher else "student",
+                                   share_student_prefix=True)
         spe = data.steps_per_epoch
         total_steps = spe * cfg.epochs
         _say(f"{len(data.examples)} training rows from {data_file} ({data.truncated} with the "
