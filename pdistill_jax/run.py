@@ -36,12 +36,21 @@ class RunConfig:
     answer_batch_size: int = 16
     bm25_top_k: int = 3
     judge: str | None = None  # a model to grade answers as an LLM judge (slow on CPU)
+    # The system message of every stage (questions, teacher answers, both trainings, answering):
+    # the method uses one everywhere. None = the chat template's default.
+    system: str | None = None
 
     def __post_init__(self):
         for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, from_dict(cls, value, name))
+        for name in ("generate", "pd", "sft"):
+            own = getattr(self, name).system
+            if own is not None and own != self.system:
+                raise ValueError(f"{name}.system is set: set `system` once, at the top level of the "
+                                 "run config, so every stage uses the same system message")
+            object.__setattr__(self, name, dataclasses.replace(getattr(self, name), system=self.system))
         if self.sft.objective != "ce":
             raise ValueError(f"sft.objective={self.sft.objective!r}: the SFT baseline trains with ce")
 
@@ -151,7 +160,7 @@ def _run(cfg: RunConfig, config_dir: Path | None) -> dict:
 
         def answer(name=name, adapter=adapter, context=context, questions=questions, pred_path=pred_path):
             rows = answer_questions(model_for(adapter), questions, docs=docs, context=context,
-                                    top_k=cfg.bm25_top_k, sampling=sampling,
+                                    top_k=cfg.bm25_top_k, system=cfg.system, sampling=sampling,
                                     batch_size=cfg.answer_batch_size, use_lora=adapter is not None,
                                     source=name)
             write_jsonl_atomic(pred_path, rows)

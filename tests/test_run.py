@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdistill_jax import load
+from pdistill_jax import answer, load
 from pdistill_jax.cli import main
 from pdistill_jax.run import CONDITIONS, load_run_config, resolve_path
 from test_generate import DOCS, train_question_writer
@@ -16,6 +16,7 @@ TESTS = [{"question": "What does the quick brown fox of Velloria jump over?", "a
          {"question": "Where does prompt distillation train a student?", "answers": ["Tarsk"],
           "doc_id": "teacher"}]
 RETENTION = [{"question": "What colour is the sky?", "answers": ["blue"]}]
+SYSTEM = "Answer with names and dates."
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +33,19 @@ def run_dir(tmp_path_factory):
         "pd": {"epochs": 1, "batch_size": 2, "mesh": [1, 1, 1], "lora": {"rank": 4, "alpha": 8}},
         "sft": {"objective": "ce", "epochs": 1, "batch_size": 2, "mesh": [1, 1, 1],
                 "lora": {"rank": 4, "alpha": 8}},
-        "max_new_tokens": 6, "answer_batch_size": 4, "bm25_top_k": 1,
+        "max_new_tokens": 6, "answer_batch_size": 4, "bm25_top_k": 1, "system": SYSTEM,
     }
     (root / "run.yaml").write_text(yaml.safe_dump(config))
-    reads = []
+    reads, answer_systems = [], set()
     with pytest.MonkeyPatch.context() as mp:
         real = load.load_checkpoint
         mp.setattr(load, "load_checkpoint", lambda path, dtype: reads.append(path) or real(path, dtype))
+        real_prompt = answer.build_prompt
+        mp.setattr(answer, "build_prompt", lambda tok, q, c, fmt, system: answer_systems.add(system)
+                   or real_prompt(tok, q, c, fmt, system))
         assert main(["run", str(root / "run.yaml")]) == 0  # relative paths resolve beside the config
     assert len(reads) == 1  # generation, both trainings and every condition share one read
+    assert answer_systems == {SYSTEM}
     return root
 
 
@@ -73,6 +78,19 @@ def test_rerun_skips_finished_stages(run_dir, capsys):
     assert "answer pd_closed_book: running" in err and "answer rag_gold: done already" in err
     assert (out / "predictions" / "pd_closed_book.jsonl").exists()
     assert (out / "predictions" / "rag_gold.jsonl").stat().st_mtime_ns == before
+
+
+def test_one_system_message_reaches_every_stage(run_dir):
+    out = run_dir / "out"
+    assert json.loads((out / "data" / "manifest.json").read_text())["config"]["system"] == SYSTEM
+    for kind in ("pd", "sft"):
+        assert yaml.safe_load((out / f"train_{kind}" / "config.yaml").read_text())["train"]["system"] == SYSTEM
+
+
+def test_a_stage_with_its_own_system_message_is_refused(tmp_path, capsys):
+    (tmp_path / "two.yaml").write_text("system: one\npd: {system: two}\n")
+    assert main(["run", str(tmp_path / "two.yaml")]) == 2
+    assert "pd.system is set: set `system` once, at the top level" in capsys.readouterr().err
 
 
 def test_demo_config_resolves_its_builtin_corpus():
