@@ -402,6 +402,18 @@ def adapter_base_model(adapter_path) -> str:
     return str(base)
 
 
+def training_system_message(adapter_path) -> str | None:
+    """The system message a training run's adapter was trained with (its run folder's
+    config.yaml), None for the chat template's default or a bare PEFT folder. The student learned
+    its answers under that message, so it should be asked under the same one."""
+    from .train import read_run_config
+
+    folder = resolve_adapter(adapter_path)
+    run = folder.parent if folder.name == "adapter" else folder
+    conf = read_run_config(run) or {}
+    return (conf.get("train") or {}).get("system")
+
+
 def load_adapter_model(model_spec, adapter_path, *, dtype=jnp.float32):
     """The base model with the adapter's LoRA weights in place (`use_lora=True` = the student).
 

@@ -3,7 +3,10 @@ model, answer exactly what `pdistill answer --adapter` answered? (Greedy, closed
 
     pdistill export --adapter runs/demo/train_pd --out /tmp/pd_peft --format peft
     python scripts/check_peft_export.py --peft /tmp/pd_peft \
-        --predictions runs/demo/predictions/pd_closed_book.jsonl [--n 8 --max-new-tokens 40]
+        --predictions runs/demo/predictions/pd_closed_book.jsonl --system "$SYSTEM" [--n 8]
+
+with SYSTEM the run config's `system:` message, if it set one (configs/demo.yaml does): the
+predictions were answered under it.
 
 torch, transformers and peft are benchmark/test dependencies (`pip install -e ".[test]"`).
 Prints one line per differing answer and a final count; exits 1 if any answer differs.
@@ -20,6 +23,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the base the adapter was trained on")
     ap.add_argument("--peft", required=True, help="folder written by `pdistill export --format peft`")
     ap.add_argument("--predictions", required=True, help="JSONL from `pdistill answer --adapter` (closed-book)")
+    ap.add_argument("--system", help="the system message the predictions were answered under "
+                                     "(default: the chat template's)")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     a = ap.parse_args()
@@ -43,7 +48,7 @@ def main() -> int:
         rows = [json.loads(line) for line in f][:a.n]
     same = 0
     for row in rows:
-        ids = chat_prompt_ids(tok, row["question"])
+        ids = chat_prompt_ids(tok, row["question"], a.system)
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=a.max_new_tokens, do_sample=False,
                                  eos_token_id=end, pad_token_id=end[0])[0, len(ids):].tolist()

@@ -87,6 +87,25 @@ def test_one_system_message_reaches_every_stage(run_dir):
         assert yaml.safe_load((out / f"train_{kind}" / "config.yaml").read_text())["train"]["system"] == SYSTEM
 
 
+def test_answer_and_export_keep_to_the_adapters_system_message(run_dir, tmp_path, capsys, monkeypatch):
+    """A student learned its answers under the run's system message: `pdistill answer --adapter`
+    asks under the same one unless told otherwise, and `export` says which it was."""
+    seen = []
+    real_prompt = answer.build_prompt
+    monkeypatch.setattr(answer, "build_prompt", lambda tok, q, c, fmt, system: seen.append(system)
+                        or real_prompt(tok, q, c, fmt, system))
+    adapter = run_dir / "out" / "train_pd"
+    args = ["answer", "--model", str(run_dir / "model"), "--adapter", str(adapter),
+            "--questions", str(run_dir / "tests.jsonl"), "--max-new-tokens", "2"]
+    assert main(args + ["--out", str(tmp_path / "a.jsonl")]) == 0
+    assert set(seen) == {SYSTEM} and "the one" in capsys.readouterr().err
+    seen.clear()
+    assert main(args + ["--out", str(tmp_path / "b.jsonl"), "--system", "Other."]) == 0
+    assert set(seen) == {"Other."}
+    assert main(["export", "--adapter", str(adapter / "adapter"), "--out", str(tmp_path / "peft")]) == 0
+    assert f"trained with the system message {SYSTEM!r}" in capsys.readouterr().err
+
+
 def test_a_stage_with_its_own_system_message_is_refused(tmp_path, capsys):
     (tmp_path / "two.yaml").write_text("system: one\npd: {system: two}\n")
     assert main(["run", str(tmp_path / "two.yaml")]) == 2

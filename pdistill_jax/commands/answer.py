@@ -14,7 +14,8 @@ def add_arguments(p):
     p.add_argument("--context", choices=CONTEXTS, default="none")
     p.add_argument("--top-k", type=int, default=3, help="documents retrieved with --context bm25")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat")
-    p.add_argument("--system", help="system message (default: the chat template's)")
+    p.add_argument("--system", help="system message (default: the one the --adapter run was trained "
+                                    "with, else the chat template's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,17 +41,21 @@ def main(args):
             for field in ("id", "text"):
                 if field not in d:
                     raise ValueError(f"{args.docs} row {n}: missing field \"{field}\"")
+    system = args.system
     if args.adapter:
-        from ..peft_io import load_adapter_model
+        from ..peft_io import load_adapter_model, training_system_message
 
         lm = load_adapter_model(args.model, args.adapter)
+        if system is None and (system := training_system_message(args.adapter)) is not None:
+            print(f"system message: {system!r}, the one {args.adapter} was trained with "
+                  "(--system to ask under another)", file=sys.stderr)
     else:
         lm = load_model(args.model)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
                               top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr) as bar:
         rows = answer_questions(lm, questions, docs=docs, context=args.context, top_k=args.top_k,
-                                prompt_format=args.prompt_format, system=args.system,
+                                prompt_format=args.prompt_format, system=system,
                                 sampling=sampling, batch_size=args.batch_size, seed=args.seed,
                                 use_lora=bool(args.adapter), progress=bar.update,
                                 source=str(args.questions))

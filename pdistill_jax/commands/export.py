@@ -19,6 +19,7 @@ def add_arguments(p):
 
 def main(args):
     from ..export import export_peft, save_merged
+    from ..peft_io import training_system_message
 
     if args.format == "peft":
         out = export_peft(args.out, args.model, args.adapter)
@@ -26,4 +27,7 @@ def main(args):
         out = save_merged(args.out, args.model, args.adapter, dtype=args.dtype,
                           max_shard_size=args.max_shard_size)
     print(f"wrote {args.format} export to {out}", file=sys.stderr)
+    if (system := training_system_message(args.adapter)) is not None:
+        print(f"note: the adapter was trained with the system message {system!r}; ask it under "
+              "the same one (it is not part of the exported files)", file=sys.stderr)
     print(out)
