@@ -437,6 +437,15 @@ def _states_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.npz"))
 
 
+def generation_system_message(data) -> str | None:
+    """The system message a `generate` output folder was written under (its manifest), None
+    for the chat template's default or for data that is not such a folder."""
+    manifest = Path(data) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return (json.loads(manifest.read_text()).get("config") or {}).get("system")
+
+
 def write_manifest(out: Path, model_spec, model_path, docs_spec, max_docs, cfg: GenerateConfig,
                    docs: list[Document], sources: list[Document], tests: list[dict] | None,
                    problems: list[str], done: dict[str, dict], rows: list[dict],

@@ -106,6 +106,15 @@ def test_answer_and_export_keep_to_the_adapters_system_message(run_dir, tmp_path
     assert f"trained with the system message {SYSTEM!r}" in capsys.readouterr().err
 
 
+def test_train_on_generated_data_keeps_its_system_message(run_dir, tmp_path, capsys):
+    out = tmp_path / "pd"
+    assert main(["train", "--model", str(run_dir / "model"), "--data", str(run_dir / "out" / "data"),
+                 "--out", str(out), "--epochs", "1", "--batch-size", "2", "--rank", "4",
+                 "--mesh", "data=1", "--no-progress"]) == 0
+    assert "the one" in capsys.readouterr().err
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["system"] == SYSTEM
+
+
 def test_a_stage_with_its_own_system_message_is_refused(tmp_path, capsys):
     (tmp_path / "two.yaml").write_text("system: one\npd: {system: two}\n")
     assert main(["run", str(tmp_path / "two.yaml")]) == 2

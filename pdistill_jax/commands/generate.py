@@ -13,6 +13,7 @@ OVERRIDES = {
     "sft_temperature": "sft_temperature",
     "seed": "seed",
     "batch_size": "batch_size",
+    "system": "system",
 }
 
 
@@ -30,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sft-temperature", type=float, help="SFT-baseline answer temperature")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--system", help="system message of the question and answer prompts (default: the "
+                                    "chat template's); `train` on this data defaults to the same")
     p.add_argument("--max-docs", type=int, help="use only the first N source documents")
 
 

@@ -7,6 +7,7 @@ resume if that changes the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the backward pass (less memory, more time)")
-    p.add_argument("--system", help="system message (default: the chat template's)")
+    p.add_argument("--system", help="system message (default: the one --data was generated under, "
+                                    "else the chat template's)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint")
@@ -105,6 +107,13 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--model and --data are required (they default to the run's only with "
                          "--resume on a run folder that has a config.yaml)")
     cfg = resolve_config(args, run_config)
+    if cfg.system is None and run_config is None:
+        from ..generate import generation_system_message
+
+        if (system := generation_system_message(data)) is not None:
+            cfg = dataclasses.replace(cfg, system=system)
+            print(f"system message: {system!r}, the one {data} was generated under "
+                  "(--system to train under another)", file=sys.stderr)
     summary = train(model, data, args.out, cfg, resume=args.resume,
                     init_adapter=args.init_adapter, stop_after=args.stop_after,
                     progress=not args.no_progress)
