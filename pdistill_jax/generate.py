@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import to_dict
+from .data import resolve_data_file
 from .documents import Document, chunk_document, load_documents
 from .jsonl import write_jsonl_atomic, write_text_atomic
 from .questions import QUESTION_INSTRUCTION, normalize_question, parse_questions, question_prompt
@@ -438,9 +439,10 @@ def _states_bytes(folder: Path) -> int:
 
 
 def generation_system_message(data) -> str | None:
-    """The system message a `generate` output folder was written under (its manifest), None
-    for the chat template's default or for data that is not such a folder."""
-    manifest = Path(data) / "manifest.json"
+    """The system message training data was generated under (the manifest beside its qa.jsonl,
+    found as training finds the teacher's states), None for the chat template's default or for
+    data that `pdistill generate` did not write."""
+    manifest = resolve_data_file(data).parent / "manifest.json"
     if not manifest.is_file():
         return None
     return (json.loads(manifest.read_text()).get("config") or {}).get("system")

@@ -44,13 +44,11 @@ class RunConfig:
         for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                object.__setattr__(self, name, from_dict(cls, value, name))
-        for name in ("generate", "pd", "sft"):
-            own = getattr(self, name).system
-            if own is not None and own != self.system:
+                value = from_dict(cls, value, name)
+            if value.system is not None and value.system != self.system:
                 raise ValueError(f"{name}.system is set: set `system` once, at the top level of the "
                                  "run config, so every stage uses the same system message")
-            object.__setattr__(self, name, dataclasses.replace(getattr(self, name), system=self.system))
+            object.__setattr__(self, name, dataclasses.replace(value, system=self.system))
         if self.sft.objective != "ce":
             raise ValueError(f"sft.objective={self.sft.objective!r}: the SFT baseline trains with ce")
 

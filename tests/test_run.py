@@ -7,6 +7,7 @@ import yaml
 
 from pdistill_jax import answer, load
 from pdistill_jax.cli import main
+from pdistill_jax.generate import generation_system_message
 from pdistill_jax.run import CONDITIONS, load_run_config, resolve_path
 from test_generate import DOCS, train_question_writer
 
@@ -113,6 +114,13 @@ def test_train_on_generated_data_keeps_its_system_message(run_dir, tmp_path, cap
                  "--mesh", "data=1", "--no-progress"]) == 0
     assert "the one" in capsys.readouterr().err
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["system"] == SYSTEM
+
+
+def test_the_generated_system_message_is_found_from_the_folder_or_its_qa_file(run_dir, tmp_path):
+    data = run_dir / "out" / "data"
+    assert generation_system_message(data) == generation_system_message(data / "qa.jsonl") == SYSTEM
+    (tmp_path / "rows.jsonl").write_text((data / "qa.jsonl").read_text())
+    assert generation_system_message(tmp_path / "rows.jsonl") is None
 
 
 def test_a_stage_with_its_own_system_message_is_refused(tmp_path, capsys):
