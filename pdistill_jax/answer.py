@@ -24,7 +24,8 @@ def question_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, co
     if context == "none":
         return [None] * len(questions)
     if not docs:
-        raise ValueError(f"--context {context} needs --docs (a JSONL file of {{\"id\", \"text\"}} rows)")
+        raise ValueError(f"--context {context} needs --docs (a .jsonl of {{\"id\", \"text\"}} rows, "
+                         "a folder of .txt/.md files or an hf: dataset)")
     if context == "gold":
         by_id = {str(d["id"]): d["text"] for d in docs}
         out = []

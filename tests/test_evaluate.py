@@ -111,7 +111,8 @@ def test_evaluate_without_judge() -> None:
     assert summary["match_accuracy"] == 0.5
     # F1 per row: gold [ann, bell] vs pred [it, was, ann, bell] -> P 2/4, R 1 -> 2/3; then 0; 1; 0.
     assert summary["f1"] == pytest.approx((2 / 3 + 0 + 1 + 0) / 4)
-    assert summary["by_doc"] == {"d1": {"n": 2, "match_accuracy": 0.5}, "d2": {"n": 2, "match_accuracy": 0.5}}
+    assert summary["by_doc"] == {"d1": {"n": 2, "match_accuracy": 0.5, "f1": pytest.approx(1 / 3)},
+                                 "d2": {"n": 2, "match_accuracy": 0.5, "f1": 0.5}}
     assert "judge_accuracy" not in summary
     assert [r["match"] for r in rows] == [True, False, True, False]
     assert rows[0]["doc_id"] == "d1" and rows[0]["prediction"] == "It was Ann Bell."

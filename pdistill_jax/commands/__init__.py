@@ -1,1 +1,55 @@
-"""One module per `pdistill` subcommand, each with `add_arguments(parser)` and `main(args)`."""
+"""One module per `pdistill` subcommand, each with `add_arguments(parser)` and `main(args)`.
+
+The flags several commands share are defined here once, so that they read and behave the same in
+every command; a flag that takes its default from a config dataclass writes that default into its
+help from the dataclass itself, so the help cannot drift from the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from ..registry import DEFAULT_MODEL
+
+MODEL_HELP = ("a registered name (`pdistill models` lists them), a Hugging Face folder "
+              "(config.json + safetensors) or a .gguf file")
+DOCS_HELP = ('the documents: a .jsonl of {"id", "text", "title"?} rows, a folder of .txt/.md files, '
+             "hf:squadshifts/nyt, hf:hotpot_qa/distractor, or hf:/saved/dataset?format=...")
+NO_PROGRESS_HELP = "no progress bar on stderr"
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default value of dataclass `cls`'s field `name` (built from its factory if it has one)."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise ValueError(f"{cls.__name__}.{name} has no default")
+
+
+def show_value(value: Any) -> str:
+    """A default as a user would type it on the command line (tuples comma-separated)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def config_default(cls: type, name: str, show: Callable[[Any], str] = show_value) -> str:
+    """'(default: 10, from TrainConfig)': the help suffix of a flag left None so that the config's
+    value applies."""
+    return f"(default: {show(field_default(cls, name))}, from {cls.__name__})"
+
+
+def add_model_argument(p, default_text: str | None = None) -> None:
+    """--model, the same help everywhere. Without `default_text` it defaults to the registered
+    default model; with it the flag is left None and the command resolves the default it names."""
+    if default_text is None:
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"the model: {MODEL_HELP} (default: {DEFAULT_MODEL}, the registered default)")
+    else:
+        p.add_argument("--model", help=f"the model: {MODEL_HELP} (default: {default_text})")
+
+
+def add_no_progress_argument(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)

@@ -1,27 +1,49 @@
+import dataclasses
 import sys
 from pathlib import Path
 
 from ..answer import CONTEXTS, PROMPT_FORMATS
+from ..sample import SamplingParams
+from . import DOCS_HELP, add_model_argument, add_no_progress_argument
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="registered name, Hugging Face directory or .gguf file")
-    p.add_argument("--adapter", help="a training RUN folder or a PEFT adapter folder")
+    add_model_argument(p)
+    p.add_argument("--adapter", help="a training RUN folder or a PEFT adapter folder "
+                                     "(default: none, the base model)")
     p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers"?, "doc_id"?}')
     p.add_argument("--out", required=True, help="JSONL predictions, written atomically")
-    p.add_argument("--docs", help='JSONL rows {"id", "text", "title"?} for --context gold|bm25')
-    p.add_argument("--context", choices=CONTEXTS, default="none")
+    p.add_argument("--docs", help=f"{DOCS_HELP}; needed by --context gold|bm25 (default: none)")
+    p.add_argument("--context", choices=CONTEXTS, default="none",
+                   help="what goes in the prompt: none (closed-book), the question's gold document "
+                        "(its doc_id), or the --top-k documents BM25 retrieves")
     p.add_argument("--top-k", type=int, default=3, help="documents retrieved with --context bm25")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                   help="chat: the model's chat template; raw: the plain text without a template, "
+                        "for base models (--system is then unused)")
     p.add_argument("--system", help="system message (default: the one the --adapter run was trained "
                                     "with, else the chat template's)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--sampling-top-k", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens,
+                   help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=SamplingParams.temperature,
+                   help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=SamplingParams.top_p,
+                   help="nucleus sampling (with --temperature > 0); 1 = off")
+    p.add_argument("--sampling-top-k", type=int, default=SamplingParams.top_k,
+                   help="sample among the k likeliest tokens (with --temperature > 0); 0 = off")
+    p.add_argument("--batch-size", type=int, default=16, help="questions answered at once")
+    p.add_argument("--seed", type=int, default=0, help="seed of answer sampling (with --temperature > 0)")
+    add_no_progress_argument(p)
+
+
+def load_docs(spec: str) -> list[dict]:
+    """--docs as {"id", "text", "title"} rows; the same sources `generate --docs` reads."""
+    from ..documents import load_documents
+
+    docs = load_documents(spec)[0]
+    if not docs:
+        raise ValueError(f"--docs {spec}: no usable documents")
+    return [dataclasses.asdict(d) for d in docs]
 
 
 def main(args):
@@ -30,17 +52,11 @@ def main(args):
     from ..answer import answer_questions
     from ..jsonl import read_jsonl, write_jsonl_atomic
     from ..load import load_model
-    from ..sample import SamplingParams
 
     questions = read_jsonl(args.questions)
     if not questions:
         raise ValueError(f"{args.questions}: no questions")
-    docs = read_jsonl(args.docs) if args.docs else None
-    if docs:
-        for n, d in enumerate(docs, 1):
-            for field in ("id", "text"):
-                if field not in d:
-                    raise ValueError(f"{args.docs} row {n}: missing field \"{field}\"")
+    docs = load_docs(args.docs) if args.docs else None
     system = args.system
     if args.adapter:
         from ..peft_io import load_adapter_model, training_system_message
@@ -53,7 +69,8 @@ def main(args):
         lm = load_model(args.model)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
                               top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr) as bar:
+    with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr,
+              disable=args.no_progress) as bar:
         rows = answer_questions(lm, questions, docs=docs, context=args.context, top_k=args.top_k,
                                 prompt_format=args.prompt_format, system=system,
                                 sampling=sampling, batch_size=args.batch_size, seed=args.seed,

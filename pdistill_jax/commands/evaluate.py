@@ -1,33 +1,83 @@
+"""`pdistill evaluate`: score one or more predictions files against the same test questions.
+
+The scores go to stdout as a table (or JSON with --json); each file's results.json and
+per_question.jsonl are written too, for scripts and for `pdistill run`'s report.
+"""
 import json
 import sys
 from pathlib import Path
 
+from . import MODEL_HELP, add_no_progress_argument
+
 
 def add_arguments(p):
     p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers", "doc_id"?}')
-    p.add_argument("--predictions", required=True, help='JSONL rows {"question", "prediction"} (same order)')
-    p.add_argument("--out", help="folder for results.json and per_question.jsonl "
-                                 "(default: beside the predictions, <name>.eval/)")
-    p.add_argument("--judge", help="a model (registered name, HF directory or .gguf) to use as LLM judge")
-    p.add_argument("--judge-max-new-tokens", type=int, default=96)
+    p.add_argument("--predictions", required=True, nargs="+", metavar="PREDICTIONS",
+                   help='one or more JSONL files of {"question", "prediction"} rows, in the order '
+                        "of --questions (one table row each)")
+    p.add_argument("--out", help="folder for results.json and per_question.jsonl (default: beside "
+                                 "each predictions file, <name>.eval/); with several --predictions, "
+                                 "one subfolder per file, named after it")
+    p.add_argument("--by-doc", action="store_true", help="also score each document (doc_id)")
+    p.add_argument("--json", action="store_true",
+                   help="print the scores as JSON, {predictions file: scores}, instead of tables")
+    p.add_argument("--judge", help=f"a model to grade the predictions as an LLM judge: {MODEL_HELP} "
+                                   "(default: none, no judge)")
+    p.add_argument("--judge-max-new-tokens", type=int, default=96,
+                   help="longest judge reply (reasoning and grade), in tokens")
+    add_no_progress_argument(p)
+
+
+def output_folders(predictions: list[str], out: str | None) -> list[Path]:
+    """Where each predictions file's results go; two files may not share a folder."""
+    if out is None:
+        folders = [Path(p).with_suffix(".eval") for p in predictions]
+    elif len(predictions) == 1:
+        folders = [Path(out)]
+    else:
+        folders = [Path(out) / Path(p).stem for p in predictions]
+    seen: dict[Path, str] = {}
+    for p, folder in zip(predictions, folders):
+        if folder in seen:
+            raise ValueError(f"--predictions {seen[folder]} and {p} would both write to {folder}; "
+                             "rename one, or evaluate them in separate commands")
+        seen[folder] = p
+    return folders
 
 
 def main(args):
-    from ..evaluate import evaluate, write_results
+    from ..evaluate import evaluate, format_table, write_results
     from ..jsonl import read_jsonl
 
-    questions, predictions = read_jsonl(args.questions), read_jsonl(args.predictions)
+    questions = read_jsonl(args.questions)
+    folders = output_folders(args.predictions, args.out)
+    predictions = {}
+    for path in args.predictions:
+        rows = read_jsonl(path)
+        try:  # every file is checked before the (slow) judge starts on the first
+            evaluate(questions, rows)
+        except ValueError as e:
+            raise ValueError(f"--predictions {path}: {e}") from None
+        predictions[path] = rows
     judge = None
     if args.judge:
         from tqdm import tqdm
 
         from ..judge import local_judge
 
-        bar = tqdm(total=len(questions), desc="judging", unit="q", file=sys.stderr)
+        bar = tqdm(total=len(questions) * len(predictions), desc="judging", unit="q",
+                   file=sys.stderr, disable=args.no_progress)
         judge = local_judge(args.judge, max_new_tokens=args.judge_max_new_tokens, progress=bar.update)
-    summary, rows = evaluate(questions, predictions, judge)
-    out = Path(args.out) if args.out else Path(args.predictions).with_suffix(".eval")
-    write_results(out, summary, rows)
-    shown = {k: v for k, v in summary.items() if k != "by_doc"}
-    print(json.dumps(shown, indent=2))
-    print(f"wrote {out}/results.json and per_question.jsonl", file=sys.stderr)
+    summaries = {}
+    for (path, rows), folder in zip(predictions.items(), folders):
+        summary, scored = evaluate(questions, rows, judge)
+        write_results(folder, summary, scored)
+        print(f"wrote {folder}/results.json and per_question.jsonl", file=sys.stderr)
+        summaries[path] = summary
+    if args.json:
+        shown = {path: {k: v for k, v in s.items() if k != "by_doc" or args.by_doc}
+                 for path, s in summaries.items()}
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+    else:
+        print(format_table(summaries, by_doc=args.by_doc))
+    return 0

@@ -1,11 +1,12 @@
 import sys
 
+from . import add_model_argument
+
 FORMATS = ("peft", "merged")
 
 
 def add_arguments(p):
-    p.add_argument("--model", help="base model: registered name, Hugging Face directory or .gguf "
-                                   "file (default: the base_model_name_or_path the adapter names)")
+    add_model_argument(p, "the base model the adapter names, its base_model_name_or_path")
     p.add_argument("--adapter", required=True, help="a training RUN folder or a PEFT adapter folder")
     p.add_argument("--out", required=True, help="folder to write (replaced only once complete)")
     p.add_argument("--format", choices=FORMATS, default="peft",

@@ -1,8 +1,9 @@
-from ..registry import REGISTRY, fetch
+from ..registry import LIST_HINT, fetch
 
 
 def add_arguments(p):
-    p.add_argument("name", choices=sorted(REGISTRY), help="registered model name")
+    # No argparse `choices`: an unknown name gets fetch()'s error, which points to `pdistill models`.
+    p.add_argument("name", help=f"a registered model name ({LIST_HINT})")
 
 
 def main(args):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..registry import DEFAULT_MODEL
+from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_default
 
 # CLI flag -> GenerateConfig field; a flag left out keeps the value of --config (or the default).
 OVERRIDES = {
@@ -18,22 +18,33 @@ OVERRIDES = {
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"registered name, Hugging Face folder or .gguf file (default {DEFAULT_MODEL})")
-    p.add_argument("--docs", required=True,
-                   help="a .jsonl of {id, text, title?}, a folder of .txt/.md files, "
-                        "hf:squadshifts/nyt, hf:hotpot_qa/distractor, or hf:/saved/dataset?format=...")
+    from ..generate import GenerateConfig
+
+    def default(name):
+        return config_default(GenerateConfig, name)
+
+    add_model_argument(p)
+    p.add_argument("--docs", required=True, help=DOCS_HELP)
     p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
-    p.add_argument("--config", help="YAML file of GenerateConfig fields (configs/generate_default.yaml)")
-    p.add_argument("--questions-per-doc", type=int)
-    p.add_argument("--q-temperature", type=float, help="question sampling temperature")
-    p.add_argument("--a-temperature", type=float, help="PD answer sampling temperature")
-    p.add_argument("--sft-temperature", type=float, help="SFT-baseline answer temperature")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--system", help="system message of the question and answer prompts (default: the "
-                                    "chat template's); `train` on this data defaults to the same")
-    p.add_argument("--max-docs", type=int, help="use only the first N source documents")
+    p.add_argument("--config", help="YAML file of GenerateConfig fields "
+                                    "(configs/generate_default.yaml); flags override it "
+                                    "(default: none, GenerateConfig's defaults)")
+    p.add_argument("--questions-per-doc", type=int,
+                   help=f"distinct questions wanted per document (chunk) {default('questions_per_doc')}")
+    p.add_argument("--q-temperature", type=float,
+                   help=f"question sampling temperature {default('q_temperature')}")
+    p.add_argument("--a-temperature", type=float,
+                   help=f"temperature of the teacher's (PD) answers {default('a_temperature')}")
+    p.add_argument("--sft-temperature", type=float,
+                   help=f"temperature of the SFT-baseline answers {default('sft_temperature')}")
+    p.add_argument("--seed", type=int, help=f"seed of question and answer sampling {default('seed')}")
+    p.add_argument("--batch-size", type=int,
+                   help=f"prompts sampled at once (question or answer prompts) {default('batch_size')}")
+    p.add_argument("--system", help="system message of the question and answer prompts (default: "
+                                    "the chat template's); `train` on this data defaults to the same")
+    p.add_argument("--max-docs", type=int,
+                   help="use only the first N source documents (default: all)")
+    add_no_progress_argument(p)
 
 
 def main(args) -> int:
@@ -46,7 +57,8 @@ def main(args) -> int:
     cfg = dataclasses.replace(cfg, **changes)
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs {args.max_docs}: must be >= 1")
-    m = generate_data(args.model, args.docs, args.out, cfg, max_docs=args.max_docs)
+    m = generate_data(args.model, args.docs, args.out, cfg, max_docs=args.max_docs,
+                      show_progress=not args.no_progress)
     c, y = m["counts"], m["parse_yield"]
     print(f"{args.out}: {c['rows']} Q&A rows for {c['documents_done']}/{c['documents']} documents "
           f"({c['documents_short_of_quota']} short of {cfg.questions_per_doc} questions); "

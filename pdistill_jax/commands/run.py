@@ -3,7 +3,7 @@ from pathlib import Path
 
 def add_arguments(p):
     p.add_argument("config", help="a run config YAML, e.g. configs/demo.yaml")
-    p.add_argument("--out", help="override the config's output folder")
+    p.add_argument("--out", help="output folder (default: the config's `out`)")
 
 
 def main(args):

@@ -11,6 +11,9 @@ import dataclasses
 import json
 import sys
 
+from ..registry import DEFAULT_MODEL
+from . import add_model_argument, add_no_progress_argument, config_default
+
 TRAIN_FLAGS = {  # flag dest -> TrainConfig field
     "objective": "objective", "tau": "tau", "lr": "lr", "epochs": "epochs",
     "batch_size": "batch_size", "grad_accum": "grad_accum", "seed": "seed",
@@ -21,40 +24,73 @@ LORA_FLAGS = {"rank": "rank", "alpha": "alpha", "targets": "targets"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registered name, Hugging Face directory or .gguf file "
-                   "(with --resume: default the run's)")
+    from ..config import LoraConfig, TrainConfig
+
+    def default(name, cls=TrainConfig):
+        return config_default(cls, name)
+
+    add_model_argument(p, f"{DEFAULT_MODEL}, the registered default; with --resume, the run's")
     p.add_argument("--data", help="folder written by `pdistill generate` (its qa.jsonl) or a JSONL "
                    'file of {"document", "question", "answer", "sft_answer"?} rows '
-                   "(with --resume: default the run's)")
+                   "(default: the resumed run's; required without --resume)")
     p.add_argument("--out", required=True,
                    help="run folder (config, metrics, checkpoints, adapter)")
-    p.add_argument("--config", help="YAML of TrainConfig fields, e.g. configs/train_default.yaml")
+    p.add_argument("--config", help="YAML of TrainConfig fields, e.g. configs/train_default.yaml; "
+                                    "flags override it (default: none, TrainConfig's defaults; "
+                                    "with --resume, the run's config.yaml)")
     p.add_argument("--objective", choices=("kl", "reverse_kl", "jsd", "ce"),
-                   help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline")
-    p.add_argument("--tau", type=float, help="distillation temperature")
-    p.add_argument("--rank", type=int, help="LoRA rank")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank)")
-    p.add_argument("--targets", help="LoRA targets, comma-separated: q,k,v,o,gate,up,down,lm_head")
-    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="rows per micro-batch")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+                   help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline "
+                        f"{default('objective')}")
+    p.add_argument("--tau", type=float, help=f"distillation temperature {default('tau')}")
+    p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank) "
+                                               f"{default('alpha', LoraConfig)}")
+    p.add_argument("--targets", help="LoRA targets, comma-separated: q,k,v,o,gate,up,down,lm_head "
+                                     f"{default('targets', LoraConfig)}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (AdamW) {default('lr')}")
+    p.add_argument("--epochs", type=int, help=f"passes over the training rows {default('epochs')}")
+    p.add_argument("--batch-size", type=int,
+                   help=f"Q&A rows per micro-batch {default('batch_size')}")
+    p.add_argument("--grad-accum", type=int,
+                   help=f"micro-batches per optimizer step {default('grad_accum')}")
     p.add_argument("--max-seq-len", type=int,
-                   help="longer teacher sequences get their document truncated, or are skipped")
-    p.add_argument("--mesh", help="device mesh data=N,fsdp=N,tensor=N (one may be -1 = the rest)")
-    p.add_argument("--seed", type=int, help="LoRA initialisation and data order")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+                   help="longer teacher sequences get their document truncated, or are skipped "
+                        f"{default('max_seq_len')}")
+    p.add_argument("--mesh", help="device mesh data=N,fsdp=N,tensor=N (one may be -1 = the rest) "
+                                  + config_default(TrainConfig, "mesh", _show_mesh))
+    p.add_argument("--seed", type=int, help=f"seed of LoRA initialisation and data order {default('seed')}")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                   help=f"dtype of the forward and backward pass {default('compute_dtype')}")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in the backward pass (less memory, more time)")
+                   help="recompute activations in the backward pass (less memory, more time) "
+                        f"{default('remat')}")
     p.add_argument("--system", help="system message (default: the one --data was generated under, "
                                     "else the chat template's)")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints")
+    p.add_argument("--save-every", type=int, help=f"steps between checkpoints {default('save_every')}")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint")
-    p.add_argument("--init-adapter", help="start from this PEFT adapter folder (or a run folder)")
+    p.add_argument("--init-adapter", help="start from this PEFT adapter folder (or a run folder) "
+                                          "(default: none, a fresh LoRA)")
     p.add_argument("--stop-after", type=int,
-                   help="stop after this many steps, with a checkpoint (continue with --resume)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="stop after this many steps, with a checkpoint (continue with --resume) "
+                        "(default: none, train to the end)")
+    add_no_progress_argument(p)
+
+
+def _show_mesh(mesh) -> str:
+    return ",".join(f"{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), mesh))
+
+
+def train_inputs(args: argparse.Namespace, run_config: dict | None) -> tuple[str, str]:
+    """(model, data): the flags, else (with --resume) the run's, else the registered default model;
+    --data has no default outside a resumed run."""
+    run_config = run_config or {}
+    model = args.model or run_config.get("model") or DEFAULT_MODEL
+    data = args.data or run_config.get("data")
+    if data is None:
+        raise ValueError("--data is required (it defaults to the run's only with --resume on a run "
+                         "folder that has a config.yaml)")
+    return model, data
 
 
 def resolve_config(args: argparse.Namespace, run_config: dict | None):
@@ -101,11 +137,7 @@ def main(args: argparse.Namespace) -> int:
     from ..train import read_run_config, train
 
     run_config = read_run_config(args.out) if args.resume else None
-    model = args.model or (run_config or {}).get("model")
-    data = args.data or (run_config or {}).get("data")
-    if model is None or data is None:
-        raise ValueError("--model and --data are required (they default to the run's only with "
-                         "--resume on a run folder that has a config.yaml)")
+    model, data = train_inputs(args, run_config)
     cfg = resolve_config(args, run_config)
     if cfg.system is None and run_config is None:
         from ..generate import generation_system_message
