@@ -16,7 +16,8 @@ def main(args):
     from ..evaluate import evaluate, write_results
     from ..jsonl import read_jsonl
 
-    questions, predictions = read_jsonl(args.questions), read_jsonl(args.predictions)
+    questions = read_jsonl(args.questions, flag="--questions")
+    predictions = read_jsonl(args.predictions, flag="--predictions")
     judge = None
     if args.judge:
         from tqdm import tqdm
