@@ -15,6 +15,7 @@ one line.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import sys
 import time
@@ -58,6 +59,20 @@ def _drop_closed_loop_callbacks() -> None:
 
     hook.pdistill_drops_closed_loop = True
     sys.unraisablehook = hook
+
+
+class _DropAbandonedReads(logging.Filter):
+    """The same abandoned reads also surface as asyncio's 'Future exception was never
+    retrieved' errors, one per array; dropped only when they concern this checkpoint folder."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = str(directory)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Future exception was never retrieved")
+                    and self.directory in text)
 
 
 def _reason(e: Exception, limit: int = 100) -> str:
@@ -143,6 +158,7 @@ class RunCheckpoints:
         its shapes, dtypes and shardings are the target). Damaged steps are moved aside."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         _drop_closed_loop_callbacks()
+        logging.getLogger("asyncio").addFilter(_DropAbandonedReads(self.directory))
         for step in sorted(self.steps(), reverse=True):
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(

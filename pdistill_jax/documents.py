@@ -100,9 +100,9 @@ def _load_folder(root: Path) -> list[Document]:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = data.count(b"\n", 0, e.start) + 1
-            raise ValueError(f"{p}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                             "re-save the file as UTF-8") from None
+            line, byte = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+            raise ValueError(f"{p}:{line}: not valid UTF-8 ({e.reason} at byte {byte} of the "
+                             "line); re-save the file as UTF-8") from None
         if not text.strip():
             raise ValueError(f"{p}: empty document; add its text or remove the file")
         docs.append(Document(p.relative_to(root).as_posix(), text.strip(), p.stem))

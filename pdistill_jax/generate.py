@@ -386,7 +386,10 @@ def _remove_unstarted(out: Path, before: set[str] | None) -> None:
         return
     for name in set(os.listdir(out)) - before:
         path = out / name
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _generate_data(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: int | None,

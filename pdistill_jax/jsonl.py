@@ -87,14 +87,14 @@ def _parse_line(raw: bytes, where: str, schema: Schema) -> dict[str, Any] | None
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line); "
                          "re-save the file as UTF-8") from None
     if not line.strip():
         return None
     try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected "
+        raise ValueError(f"{where}: invalid JSON at column {e.colno} ({e.msg}); expected "
                          f"{schema.describe}") from None
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; expected "
