@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from .jsonl import Field, Schema
 from .load import LoadedModel
 from .retrieval import BM25Index
 from .sample import SamplingParams, generate
@@ -14,29 +15,42 @@ from .tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_token_ids, raw_prompt
 
 CONTEXTS = ("none", "gold", "bm25")
 PROMPT_FORMATS = ("chat", "raw")
+QUESTIONS_SCHEMA = Schema('{"question", "answers"?, "doc_id"?, "id"?} objects, one a line',
+                          {"question": Field(), "answers": Field((list,), required=False),
+                           "doc_id": Field((str, int), required=False),
+                           "id": Field((str, int), required=False)}, unique="id")
+
+
+def check_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, context: str,
+                   source: str = "questions", lines: Sequence[int] | None = None) -> None:
+    """Refuses what `question_contexts` could not serve (cheap: run it before loading a model).
+    lines: each question's line in `source`, for the messages (default: its 1-based index)."""
+    if context not in CONTEXTS:
+        raise ValueError(f"--context {context!r}: choose one of {', '.join(CONTEXTS)}")
+    if context == "none":
+        return
+    if not docs:
+        raise ValueError(f"--context {context} needs --docs (a .jsonl of {{\"id\", \"text\"}} rows, "
+                         "a folder of .txt/.md files or an hf: dataset)")
+    if context == "gold":
+        ids = {str(d["id"]) for d in docs}
+        for n, q in zip(lines or range(1, len(questions) + 1), questions):
+            doc_id = q.get("doc_id")
+            if doc_id is None:
+                raise ValueError(f"{source}:{n}: --context gold needs a \"doc_id\" field")
+            if str(doc_id) not in ids:
+                raise ValueError(f"{source}:{n}: doc_id {doc_id!r} is not in --docs")
 
 
 def question_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, context: str,
                       top_k: int = 3, source: str = "questions") -> list[str | None]:
     """The context text placed before each question (None for closed-book)."""
-    if context not in CONTEXTS:
-        raise ValueError(f"--context {context!r}: choose one of {', '.join(CONTEXTS)}")
+    check_contexts(questions, docs, context, source)
     if context == "none":
         return [None] * len(questions)
-    if not docs:
-        raise ValueError(f"--context {context} needs --docs (a .jsonl of {{\"id\", \"text\"}} rows, "
-                         "a folder of .txt/.md files or an hf: dataset)")
     if context == "gold":
         by_id = {str(d["id"]): d["text"] for d in docs}
-        out = []
-        for n, q in enumerate(questions, 1):
-            doc_id = q.get("doc_id")
-            if doc_id is None:
-                raise ValueError(f"{source} row {n}: --context gold needs a \"doc_id\" field")
-            if str(doc_id) not in by_id:
-                raise ValueError(f"{source} row {n}: doc_id {doc_id!r} is not in --docs")
-            out.append(by_id[str(doc_id)])
-        return out
+        return [by_id[str(q["doc_id"])] for q in questions]
     index = BM25Index([d["text"] for d in docs])
     hits = index.search([q["question"] for q in questions], top_k)
     return ["\n\n".join(docs[i]["text"] for i in row) for row in hits]
@@ -61,7 +75,7 @@ def answer_questions(lm: LoadedModel, questions: Sequence[dict], *, docs: Sequen
     """Prediction rows {"question", "prediction", "doc_id"?} in input order."""
     for n, q in enumerate(questions, 1):
         if not isinstance(q.get("question"), str) or not q["question"].strip():
-            raise ValueError(f"{source} row {n}: missing or empty field \"question\"")
+            raise ValueError(f"{source}:{n}: missing or empty field \"question\"")
     contexts = question_contexts(questions, docs, context, top_k, source)
     prompts = [build_prompt(lm.tokenizer, q["question"], c, prompt_format, system)
                for q, c in zip(questions, contexts)]

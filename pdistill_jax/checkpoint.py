@@ -8,12 +8,14 @@ no RNG key to save.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 while saving leaves a `<step>.orbax-checkpoint-tmp-*` directory rather than a half step. Damaged
-finished steps (a truncated or missing file) fail to restore; `restore_latest` then moves them
-aside, says so in one line, and falls back to the previous step.
+finished steps (a truncated or missing file) fail to restore; `latest_meta` and `restore_latest`
+then move them aside and fall back to the previous step, and `damage_note` says what they did in
+one line.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import sys
 import time
@@ -39,6 +41,45 @@ def _warn(message: str) -> None:
         print(f"pdistill: {message}", file=sys.stderr, flush=True)
 
 
+def _drop_closed_loop_callbacks() -> None:
+    """When Orbax abandons a failed restore it closes its asyncio loop while TensorStore reads are
+    still in flight; each read that then completes calls back into the closed loop and prints a
+    `RuntimeError: Event loop is closed` traceback through sys.unraisablehook (~300 lines for one
+    damaged step, some after the restore has returned). Exactly those are dropped, from the first
+    restore on; every other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "pdistill_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.pdistill_drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+class _DropAbandonedReads(logging.Filter):
+    """The same abandoned reads also surface as asyncio's 'Future exception was never
+    retrieved' errors, one per array; dropped only when they concern this checkpoint folder."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = str(directory)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Future exception was never retrieved")
+                    and self.directory in text)
+
+
+def _reason(e: Exception, limit: int = 100) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
 def _assert_trainable_only(state: Any) -> None:
     """Refuses to write frozen base weights: a checkpoint must stay adapter-sized."""
     def check(path, leaf):
@@ -61,6 +102,8 @@ class RunCheckpoints:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.damaged: list[tuple[int, str, Path]] = []  # (step, reason, where it was moved)
+        self._closed = False
 
     def _report_unfinished(self) -> None:
         if not self.directory.is_dir():
@@ -90,12 +133,14 @@ class RunCheckpoints:
             meta=ocp.args.JsonRestore())).meta)
 
     def latest_meta(self) -> dict | None:
-        """The `meta` of the newest step whose meta can be read (None without checkpoints)."""
+        """The `meta` of the newest step whose meta can be read (None without checkpoints);
+        steps whose meta cannot be read are moved aside (see damage_note)."""
+        _drop_closed_loop_callbacks()
         for step in sorted(self.steps(), reverse=True):
             try:
                 return self.read_meta(step)
-            except Exception:  # noqa: BLE001 - damaged; restore_latest reports and removes it
-                continue
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                self._set_aside(step, e)
         return None
 
     def saved_arrays(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -112,18 +157,33 @@ class RunCheckpoints:
         """The newest step that restores cleanly, placed like `like_state` (a live train state:
         its shapes, dtypes and shardings are the target). Damaged steps are moved aside."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+        _drop_closed_loop_callbacks()
+        logging.getLogger("asyncio").addFilter(_DropAbandonedReads(self.directory))
         for step in sorted(self.steps(), reverse=True):
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                moved = self._quarantine(step)
-                _warn(f"checkpoint step {step} is damaged ({type(e).__name__}: {reason}); "
-                      f"moved it to {moved} and trying the previous one")
+                self._set_aside(step, e)
                 continue
             return Restored(step, out.state, dict(out.meta))
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        self.damaged.append((step, _reason(error), self._quarantine(step)))
+
+    def damage_note(self) -> str:
+        """What was done with damaged steps, for the start of the line that says what happens
+        next: 'checkpoint step 20 is damaged (reason), moved to PATH; ', or '' if none was."""
+        return "".join(f"checkpoint step {step} is damaged ({reason}), moved to {moved}; "
+                       for step, reason, moved in self.damaged)
+
+    def no_usable_checkpoint(self) -> str:
+        """The one-line refusal of a resume whose every checkpoint was damaged."""
+        steps = ", ".join(str(step) for step, _, _ in self.damaged)
+        return (f"--resume: no usable checkpoint in {self.directory}: step(s) {steps} are damaged "
+                f"({self.damaged[0][1]}) and were moved to {self.damaged[0][2].parent}; rerun "
+                "with --resume to start this run over from step 0, or train into a new --out")
 
     def _quarantine(self, step: int) -> Path:
         """Moves a damaged step out of the manager's directory (kept for inspection, and so that
@@ -145,7 +205,9 @@ class RunCheckpoints:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        if not self._closed:
+            self._closed = True
+            self._manager.close()
 
     def __enter__(self) -> "RunCheckpoints":
         return self

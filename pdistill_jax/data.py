@@ -19,11 +19,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .jsonl import read_jsonl
+from .jsonl import Field, Schema, read_jsonl
 from .tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id
 
 QA_FILE = "qa.jsonl"  # what `pdistill generate` writes into its output folder
-REQUIRED_FIELDS = ("document", "question", "answer")
 WINDOW_STEPS = 16  # rows are sorted by length within windows of this many steps' worth of rows
 # Student widths chosen from the data (`fitted_widths`): multiples of this, and a width is only
 # added when it saves more padded positions per row, over the run, than this many (a compile
@@ -62,31 +61,21 @@ def resolve_data_file(path: str | Path) -> Path:
     return path
 
 
+QA_SCHEMA = Schema(
+    '{"document", "question", "answer", "sft_answer"?, "doc_id"?} objects, one a line',
+    {"document": Field(), "question": Field(), "answer": Field(),
+     "sft_answer": Field(required=False), "doc_id": Field((str, int), required=False),
+     "answer_finished": Field((bool,), required=False),
+     "sft_finished": Field((bool,), required=False)})
+
+
 def read_qa_rows(path: str | Path) -> list[QARow]:
     """Rows {"document", "question", "answer", "sft_answer"?, "doc_id"?}, checked field by field."""
     file = resolve_data_file(path)
-    rows = []
-    for n, raw in enumerate(read_jsonl(file), 1):
-        for field in REQUIRED_FIELDS:
-            value = raw.get(field)
-            if not isinstance(value, str) or not value.strip():
-                problem = "missing" if field not in raw else \
-                    "empty" if isinstance(value, str) else f"not a string ({type(value).__name__})"
-                raise ValueError(f"{file} row {n}: field \"{field}\" is {problem}; every row needs "
-                                 "non-empty \"document\", \"question\" and \"answer\" strings")
-        sft = raw.get("sft_answer")
-        if sft is not None and (not isinstance(sft, str) or not sft.strip()):
-            raise ValueError(f"{file} row {n}: field \"sft_answer\" must be a non-empty string "
-                             "when present")
-        flags = {}
-        for field in ("answer_finished", "sft_finished"):
-            value = raw.get(field, True)
-            if not isinstance(value, bool):
-                raise ValueError(f"{file} row {n}: field \"{field}\" must be true or false when "
-                                 f"present, got {value!r}")
-            flags[field] = value
-        rows.append(QARow(raw["document"], raw["question"], raw["answer"], sft, raw.get("doc_id"),
-                          **flags))
+    rows = [QARow(raw["document"], raw["question"], raw["answer"], raw.get("sft_answer"),
+                  raw.get("doc_id"), raw.get("answer_finished") is not False,
+                  raw.get("sft_finished") is not False)
+            for raw in read_jsonl(file, QA_SCHEMA, flag="--data")]
     if not rows:
         raise ValueError(f"{file} holds no rows")
     return rows

@@ -10,8 +10,11 @@ splitting long ones into chunks that fit the teacher's prompt.
   `save_to_disk`, read with `datasets.load_from_disk` and handled by the same column code (the
   format is inferred from the columns when not given).
 
-Bad rows (invalid JSON or UTF-8, missing or empty fields, duplicate ids) do not stop the load:
-each becomes one line in `problems`, naming the file and row, and is printed to stderr.
+A bad row of a JSONL file (invalid JSON or UTF-8, a missing or empty field, a duplicate id) or a
+bad file in a folder (not UTF-8, empty) refuses the load with one line naming the file and row, as
+every command's reader does (`jsonl.read_jsonl`): the fix is in the user's own files. Rows of a
+Hugging Face dataset are not the user's to fix, so a bad one is skipped and becomes one line in
+`problems` (printed to stderr and counted in generate's manifest).
 
 Document ids of dataset sources:
 - SQuADShifts: `sq-` + the first 12 hex digits of sha1(context), so an id does not depend on n or
@@ -25,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
+
+from .jsonl import Field, Schema, read_jsonl
 
 DEFAULT_N = 1000  # the paper evaluates on the first 1000 test questions of each dataset
 HF_PREFIX = "hf:"
@@ -55,9 +59,9 @@ def load_documents(spec: str | Path) -> tuple[list[Document], list[dict] | None,
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            docs, tests = _load_folder(path, problems), None
+            docs, tests = _load_folder(path), None
         elif path.is_file():
-            docs, tests = _load_jsonl(path, problems), None
+            docs, tests = _load_jsonl(path), None
         else:
             raise FileNotFoundError(
                 f"--docs {spec}: no such file or folder (give a .jsonl file, a folder of .txt/.md "
@@ -69,86 +73,39 @@ def load_documents(spec: str | Path) -> tuple[list[Document], list[dict] | None,
 
 # ---------------------------------------------------------------- JSONL and folders
 
-def _load_jsonl(path: Path, problems: list[str]) -> list[Document]:
-    docs: list[Document] = []
-    seen: set[str] = set()
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); row skipped")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: invalid JSON ({e.msg}); row skipped")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{where}: expected a JSON object with \"id\" and \"text\", got "
-                                f"{type(row).__name__}; row skipped")
-                continue
-            doc = _document_from_row(row, where, problems)
-            if doc is not None:
-                _add_unique(doc, docs, seen, where, problems)
-    return docs
+DOCS_SCHEMA = Schema('{"id", "text", "title"?} objects, one a line',
+                     {"id": Field((str, int)), "text": Field(),
+                      "title": Field(required=False, blank_ok=True)}, unique="id")
 
 
-def _document_from_row(row: dict[str, Any], where: str, problems: list[str]) -> Document | None:
-    missing = [k for k in ("id", "text") if k not in row]
-    if missing:
-        problems.append(f"{where}: missing field(s) {missing}; each row needs \"id\" and \"text\"; "
-                        f"row skipped")
-        return None
-    doc_id, text, title = row["id"], row["text"], row.get("title")
-    if isinstance(doc_id, int) and not isinstance(doc_id, bool):
-        doc_id = str(doc_id)
-    if not isinstance(doc_id, str) or not doc_id.strip():
-        problems.append(f"{where}: field \"id\" must be a non-empty string; row skipped")
-        return None
-    if not isinstance(text, str):
-        problems.append(f"{where}: field \"text\" of id {doc_id!r} must be a string; row skipped")
-        return None
-    if not text.strip():
-        problems.append(f"{where}: document {doc_id!r} has an empty text; row skipped")
-        return None
-    if title is not None and not isinstance(title, str):
-        problems.append(f"{where}: field \"title\" of id {doc_id!r} is not a string; title ignored")
-        title = None
-    return Document(doc_id, text.strip(), title)
+def _load_jsonl(path: Path) -> list[Document]:
+    if path.suffix.lower() in FOLDER_SUFFIXES:
+        raise ValueError(f"--docs {path} is one text file; pass the folder that holds it (every "
+                         ".txt/.md file below a folder is a document) or a .jsonl file of "
+                         '{"id", "text"} rows')
+    return [Document(str(row["id"]), row["text"].strip(), row.get("title") or None)
+            for row in read_jsonl(path, DOCS_SCHEMA, flag="--docs")]
 
 
-def _add_unique(doc: Document, docs: list[Document], seen: set[str], where: str,
-                problems: list[str]) -> None:
-    if doc.id in seen:
-        problems.append(f"{where}: duplicate document id {doc.id!r}; the first one is kept")
-        return
-    seen.add(doc.id)
-    docs.append(doc)
-
-
-def _load_folder(root: Path, problems: list[str]) -> list[Document]:
+def _load_folder(root: Path) -> list[Document]:
     files = sorted(
         (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES
          and not any(part.startswith(".") for part in p.relative_to(root).parts)),
         key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise ValueError(f"--docs {root}: no .txt or .md files in this folder")
     docs: list[Document] = []
     for p in files:
+        data = p.read_bytes()
         try:
-            text = p.read_bytes().decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start}); file skipped "
-                            f"(re-save it as UTF-8)")
-            continue
+            line, byte = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+            raise ValueError(f"{p}:{line}: not valid UTF-8 ({e.reason} at byte {byte} of the "
+                             "line); re-save the file as UTF-8") from None
         if not text.strip():
-            problems.append(f"{p}: empty document; file skipped")
-            continue
+            raise ValueError(f"{p}: empty document; add its text or remove the file")
         docs.append(Document(p.relative_to(root).as_posix(), text.strip(), p.stem))
-    if not files:
-        problems.append(f"{root}: no .txt or .md files found")
     return docs
 
 

@@ -344,10 +344,56 @@ def tests_for(tests: list[dict], sources: list[Document]) -> list[dict]:
     return [t for t in tests if all(i in ids for i in t.get("doc_ids", [t["doc_id"]]))]
 
 
+# What generate writes at the top of its output folder (a --docs input there must not be one).
+OUTPUT_FILES = ("qa.jsonl", "done.jsonl", "documents.jsonl", "test_questions.jsonl",
+                "manifest.json", "run.json")
+
+
 def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | Path,
                   cfg: GenerateConfig = GenerateConfig(), *, max_docs: int | None = None,
                   show_progress: bool = True) -> dict:
-    """Generates (or resumes) the Q&A training data of a corpus into `out_dir`; returns the manifest."""
+    """Generates (or resumes) the Q&A training data of a corpus into `out_dir`; returns the manifest.
+
+    A call that fails before committing its first document removes what it wrote (a fresh
+    `out_dir` entirely), so that the fixed command can start again: a folder holding only
+    run.json would refuse any other settings.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; generate writes a folder")
+    if Path(docs_spec).is_file():
+        for name in OUTPUT_FILES:
+            if (out / name).exists() and os.path.samefile(docs_spec, out / name):
+                raise ValueError(f"--docs {docs_spec} is {out / name}, which generate writes; "
+                                 "move the documents or choose another --out")
+    before = set(os.listdir(out)) if out.is_dir() else None
+    try:
+        return _generate_data(model_spec, docs_spec, out, cfg, max_docs, show_progress)
+    except BaseException:
+        _remove_unstarted(out, before)
+        raise
+
+
+def _remove_unstarted(out: Path, before: set[str] | None) -> None:
+    """Removes what a failed call created in `out`, unless `out` holds a committed document
+    (then it is a run to resume). before: the names `out` held when the call started, None if
+    it did not exist."""
+    done = out / "done.jsonl"
+    if not out.is_dir() or (done.exists() and done.stat().st_size > 0):
+        return
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - before:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _generate_data(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: int | None,
+                   show_progress: bool) -> dict:
     from tqdm import tqdm
 
     from .load import load_model
@@ -355,9 +401,8 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
                                 teacher_sequence_key)
 
     t_start = time.perf_counter()
-    out = Path(out_dir)
+    sources, tests, problems = load_documents(docs_spec)  # bad input refused before any write
     out.mkdir(parents=True, exist_ok=True)
-    sources, tests, problems = load_documents(docs_spec)
     if max_docs is not None:
         sources = sources[:max_docs]
     if not sources:

@@ -119,8 +119,6 @@ def read_hf_config(model_dir: Path) -> ModelConfig:
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a single or sharded (`model.safetensors.index.json`) checkpoint, as float32."""
-    from safetensors import safe_open
-
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -132,10 +130,25 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
         fpath = model_dir / fname
         if not fpath.exists():
             raise FileNotFoundError(f"{fpath}: shard listed in the index is missing")
+        yield from read_safetensors(fpath)
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) of every tensor of one .safetensors file, one at a time (memory
+    peaks at one tensor); a damaged or truncated file is one ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
         # framework="flax" reads bfloat16 too (numpy has no bfloat16).
-        with safe_open(str(fpath), framework="flax") as f:
+        with safe_open(str(path), framework="flax") as f:
             for name in f.keys():
                 yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any damage
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: damaged or truncated safetensors file ({reason}); "
+                         "download or save it again") from None
 
 
 def load_hf_checkpoint(model_dir: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
@@ -221,11 +234,30 @@ def iter_gguf(reader, cfg: ModelConfig, source: str) -> Iterator[tuple[str, np.n
         yield name, w
 
 
-def load_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+def open_gguf(path: str | Path):
+    """A GGUFReader on `path`, refusing with one ValueError a file that is not GGUF, damaged, or
+    truncated (a tensor's data running past the end of the file)."""
     from gguf import GGUFReader
 
     path = Path(path)
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the parser fails on damage with any error type
+        raise ValueError(f"{path}: not a readable GGUF file, damaged or truncated "
+                         f"({type(e).__name__}: {str(e)[:120]}); download it again") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{path}: truncated GGUF file ({size} bytes; tensor {t.name!r} needs "
+                             f"bytes up to {t.data_offset + t.n_bytes}); download it again")
+    return reader
+
+
+def load_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    path = Path(path)
+    reader = open_gguf(path)
     cfg = read_gguf_config(reader, str(path))
     return cfg, hf_to_params(cfg, iter_gguf(reader, cfg, str(path)), dtype, str(path))
 

@@ -9,35 +9,114 @@ long run is interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read one JSON object per non-blank line.
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of a row: its accepted types, whether every row must have it, and whether a
+    string may be blank."""
 
-    Raises ValueError naming the file and 1-based line number on invalid JSON
-    or on a line that is not a JSON object, so a corrupt data file is found
-    without bisecting it by hand.
+    types: tuple[type, ...] = (str,)
+    required: bool = True
+    blank_ok: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """What the rows of one kind of file hold. `describe` is shown in every error, so the user
+    sees what the file should contain; `unique` names a field no two rows may share."""
+
+    describe: str
+    fields: Mapping[str, Field] = dataclasses.field(default_factory=dict)
+    unique: str | None = None
+
+
+ANY_OBJECTS = Schema("one JSON object a line")
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list", dict: "an object"}
+
+
+def read_jsonl(path: str | os.PathLike, schema: Schema = ANY_OBJECTS, *,
+               flag: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file, each checked against `schema` (see read_jsonl_lines)."""
+    return [row for _, row in read_jsonl_lines(path, schema, flag=flag)]
+
+
+def read_jsonl_lines(path: str | os.PathLike, schema: Schema = ANY_OBJECTS, *,
+                     flag: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, row) of every non-blank line of a JSON-lines file.
+
+    The one reader of user-written JSONL (documents, Q&A rows, questions, predictions), so every
+    command treats a bad row alike: it refuses the whole file with one ValueError naming the
+    file, the line and the field (non-UTF-8 bytes, invalid JSON, not an object, a missing,
+    blank or wrongly typed field, a duplicate of the `unique` field). A half-read corpus would
+    silently train or score on less than the user gave; the fix is always in their file.
+    `flag` (e.g. "--questions") names the option in the messages about the path itself.
     """
-    rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    where = f"{flag} {path}" if flag else str(path)
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{where} is a folder; expected a JSONL file ({schema.describe})")
+    if not p.exists():
+        raise FileNotFoundError(f"{where}: no such file")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    seen: dict[str, int] = {}
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            row = _parse_line(raw, f"{path}:{lineno}", schema)
+            if row is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append(row)
+            if schema.unique is not None and schema.unique in row:
+                key = str(row[schema.unique])
+                if key in seen:
+                    raise ValueError(f"{path}:{lineno}: duplicate {schema.unique} {key!r} (also "
+                                     f"on line {seen[key]}); every row needs its own "
+                                     f"\"{schema.unique}\"")
+                seen[key] = lineno
+            rows.append((lineno, row))
     return rows
+
+
+def _parse_line(raw: bytes, where: str, schema: Schema) -> dict[str, Any] | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line); "
+                         "re-save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON at column {e.colno} ({e.msg}); expected "
+                         f"{schema.describe}") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; expected "
+                         f"{schema.describe}")
+    for name, field in schema.fields.items():
+        problem = _field_problem(row, name, field)
+        if problem:
+            raise ValueError(f"{where}: field \"{name}\" is {problem}; expected {schema.describe}")
+    return row
+
+
+def _field_problem(row: dict[str, Any], name: str, field: Field) -> str | None:
+    if name not in row or (row[name] is None and not field.required):
+        return "missing" if field.required else None
+    value = row[name]
+    # bool is an int to Python, never to a user writing an id or a count.
+    if not isinstance(value, field.types) or (isinstance(value, bool) and bool not in field.types):
+        wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in field.types)
+        return f"{json.dumps(value)[:40]}, not {wanted}"
+    if isinstance(value, str) and not field.blank_ok and not value.strip():
+        return "empty"
+    return None
 
 
 @contextlib.contextmanager
@@ -73,3 +152,22 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) 
     """Write rows as JSON lines (UTF-8, non-ASCII kept readable), atomically."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_text_atomic(path, text)
+
+
+def check_output_file(out: str | os.PathLike, flag: str,
+                      inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Refuses an output path that is a folder or one of the command's inputs (by resolved
+    path, so a symlink, a hard link or another spelling of the same file counts), before any
+    work: writing there would destroy the input."""
+    target = Path(out).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give the path of the JSONL file to write")
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).expanduser()
+        same = target.resolve() == source.resolve() or (
+            target.exists() and source.exists() and os.path.samefile(target, source))
+        if same:
+            raise ValueError(f"{flag} {out} is the {name} input {path}; writing there would "
+                             f"destroy it: choose another {flag}")

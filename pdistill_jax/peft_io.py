@@ -251,17 +251,22 @@ def lora_config_from_peft(conf: dict, cfg: ModelConfig, source: str = CONFIG_FIL
 
 # ---------------------------------------------------------------- folders
 
-def resolve_adapter(path) -> Path:
+def resolve_adapter(path, flag: str = "--adapter") -> Path:
     """A PEFT adapter folder, or a training run folder holding one in `adapter/`."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"--adapter {path}: does not exist")
+        raise FileNotFoundError(f"{flag} {path}: does not exist")
+    if p.is_file():
+        hint = p.parent if (p.parent / CONFIG_FILE).is_file() else \
+            "a PEFT adapter folder or a training run folder"
+        raise ValueError(f"{flag} {path} is a file; pass the folder that holds {CONFIG_FILE} "
+                         f"({hint})")
     if (p / CONFIG_FILE).is_file():
         return p
     if (p / "adapter" / CONFIG_FILE).is_file():
         return p / "adapter"
     raise FileNotFoundError(
-        f"--adapter {path}: neither a PEFT adapter folder (no {CONFIG_FILE}) nor a training run "
+        f"{flag} {path}: neither a PEFT adapter folder (no {CONFIG_FILE}) nor a training run "
         f"folder (no adapter/{CONFIG_FILE}); pass a run whose training has finished, or a folder "
         "written by peft's save_pretrained or `pdistill export --format peft`")
 
@@ -278,7 +283,7 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from .hf_io import read_safetensors
 
     path = folder / WEIGHTS_FILE
     if not path.exists():
@@ -286,9 +291,7 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{folder}: adapter_model.bin (a pickle) is not supported; re-save the "
                              "adapter with peft's save_pretrained(safe_serialization=True)")
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}")
-    # framework="flax" reads bfloat16 too (plain numpy lacks it).
-    with safe_open(str(path), framework="flax") as f:
-        return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+    return dict(read_safetensors(path))
 
 
 def load_peft_adapter(path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
@@ -383,14 +386,12 @@ def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
 
 def read_model_config(path: Path) -> ModelConfig:
     """The architecture of a resolved model path (HF directory or .gguf) without its weights."""
-    from .hf_io import read_gguf_config, read_hf_config
+    from .hf_io import open_gguf, read_gguf_config, read_hf_config
 
     path = Path(path)
     if path.is_dir():
         return read_hf_config(path)
-    from gguf import GGUFReader
-
-    return read_gguf_config(GGUFReader(str(path)), str(path))
+    return read_gguf_config(open_gguf(path), str(path))
 
 
 def adapter_base_model(adapter_path) -> str:

@@ -86,5 +86,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return path
     if path.is_file() and path.suffix == ".gguf":
         return path
+    if path.is_file() and (path.suffix in (".safetensors", ".bin") or path.name == "config.json"):
+        raise FileNotFoundError(f"--model {spec} is one file of a Hugging Face model; pass the "
+                                f"folder that holds it with its config.json ({path.parent})")
     raise FileNotFoundError(f"--model {spec}: not a Hugging Face directory, a .gguf file, or a "
                             f"registered name ({', '.join(REGISTRY)}; {LIST_HINT})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -208,11 +209,18 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
     data_file = resolve_data_file(data_path).absolute()
     data_sha = file_sha256(data_file)
     qa_rows = read_qa_rows(data_file)  # bad rows are reported before the slow model load
+    if init_adapter is not None and not resume:
+        from .peft_io import resolve_adapter
 
+        resolve_adapter(init_adapter, "--init-adapter")
+
+    fresh = not out.exists()
     checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
     try:
         saved = checkpoints.latest_meta() if resume else None
         if resume and saved is None:
+            if checkpoints.damaged:
+                raise ValueError(checkpoints.no_usable_checkpoint())
             _say(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from step 0")
         if saved is not None:
             _check_resume(saved, cfg, model_spec, data_sha, init_adapter)
@@ -257,11 +265,10 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                     raise ValueError(f"checkpoint step {restored.step} in {out / CHECKPOINT_DIR} "
                                      f"does not match its data position {position}; the data "
                                      "changed since it was saved")
-                _say(f"resuming from step {restored.step} (epoch {position.epoch}, "
-                     f"batch {position.index})")
+                _say(f"{checkpoints.damage_note()}resuming from step {restored.step} "
+                     f"(epoch {position.epoch}, batch {position.index})")
             else:
-                _say(f"--resume: no usable checkpoint in {out / CHECKPOINT_DIR}; "
-                     "starting from step 0")
+                raise ValueError(checkpoints.no_usable_checkpoint())
         start_step = position.global_step(spe)
         teacher_cache, teacher_cache_s, teacher_reused = None, None, 0
         if cache_teacher and start_step < total_steps:
@@ -336,8 +343,29 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         if jax.process_index() == 0:
             write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
+    except BaseException:
+        if not resume:
+            checkpoints.close()  # lets a save in flight finish before looking for checkpoints
+            _remove_unstarted_run(out, fresh)
+        raise
     finally:
         checkpoints.close()
+
+
+def _remove_unstarted_run(out: Path, fresh: bool) -> None:
+    """After a new run failed before its first checkpoint (a bad model, a batch that does not fit
+    the mesh, ...), removes what it wrote, so that the same command, fixed, can run again without
+    --resume. A run with a checkpoint is kept: --resume continues it."""
+    directory = out / CHECKPOINT_DIR
+    if jax.process_index() != 0 or (directory.is_dir() and any(
+            p.name.isdigit() for p in directory.iterdir())):
+        return
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def _teacher_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig) -> bool:

@@ -48,10 +48,10 @@ def test_answer_cli_writes_rows_in_input_order(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("rows,args,message", [
-    ([{"question": "x?"}], ["--context", "gold", "--docs", "DOCS"], 'row 1: --context gold needs a "doc_id"'),
-    ([{"question": "x?", "doc_id": "zz"}], ["--context", "gold", "--docs", "DOCS"], "doc_id 'zz' is not in --docs"),
+    ([{"question": "x?"}], ["--context", "gold", "--docs", "DOCS"], 'q.jsonl:1: --context gold needs a "doc_id"'),
+    ([{"question": "x?", "doc_id": "zz"}], ["--context", "gold", "--docs", "DOCS"], "q.jsonl:1: doc_id 'zz' is not in --docs"),
     ([{"question": "x?"}], ["--context", "bm25"], "needs --docs"),
-    ([{"question": ""}], [], 'row 1: missing or empty field "question"'),
+    ([{"question": ""}], [], 'q.jsonl:1: field "question" is empty'),
 ])
 def test_answer_cli_bad_input(tiny_llama, tmp_path, capsys, rows, args, message):
     q = _write(tmp_path / "q.jsonl", rows)
@@ -91,5 +91,5 @@ def test_answer_docs_take_the_same_sources_as_generate(tiny_llama, tmp_path, cap
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=f"^--docs {empty}: no usable documents$"):
+    with pytest.raises(ValueError, match=f"^--docs {empty}: no .txt or .md files in this folder$"):
         load_docs(str(empty))

@@ -90,7 +90,7 @@ def test_a_cut_answer_has_no_end_target_for_ce_but_keeps_it_for_kl(tok, tmp_path
     finished = read_qa_rows(_write(tmp_path / "done.jsonl", [{**row, "sft_finished": True}]))
     assert tok.decode(tokenize_rows(finished, tok, objective="ce").examples[0].targets) == \
         "Tarsk was founded in<|im_end|>"
-    with pytest.raises(ValueError, match=r'row 1: field "sft_finished" must be true or false'):
+    with pytest.raises(ValueError, match=r':1: field "sft_finished" is "no", not true or false'):
         read_qa_rows(_write(tmp_path / "bad.jsonl", [{**row, "sft_finished": "no"}]))
 
 
@@ -290,10 +290,10 @@ def test_reads_generate_folder_and_reports_bad_rows(tmp_path, tok):
     assert tok.decode(data.examples[0].student).startswith("<|im_start|>system\nBe brief.")
 
     cases = [
-        ([good, {"document": DOC, "answer": "x"}], "row 2: field \"question\" is missing"),
-        ([good, good, {**good, "answer": "  "}], "row 3: field \"answer\" is empty"),
-        ([{**good, "document": 5}], "row 1: field \"document\" is not a string"),
-        ([good, {**good, "sft_answer": ""}], "row 2: field \"sft_answer\""),
+        ([good, {"document": DOC, "answer": "x"}], ":2: field \"question\" is missing"),
+        ([good, good, {**good, "answer": "  "}], ":3: field \"answer\" is empty"),
+        ([{**good, "document": 5}], ":1: field \"document\" is 5, not a string"),
+        ([good, {**good, "sft_answer": ""}], ":2: field \"sft_answer\" is empty"),
         ([good, "{not json"], ":2: invalid JSON"),
     ]
     for i, (rows, message) in enumerate(cases):

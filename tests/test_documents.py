@@ -14,30 +14,40 @@ def write_lines(path, lines: list[bytes]) -> None:
 
 # ---------------------------------------------------------------- JSONL
 
-def test_jsonl_loads_good_rows_and_reports_each_bad_row(tmp_path, capsys):
+GOOD = json.dumps({"id": "a", "text": "  Alpha text.  ", "title": "Alpha"}).encode()
+
+
+def test_jsonl_loads_good_rows(tmp_path, capsys):
     path = tmp_path / "docs.jsonl"
     write_lines(path, [
-        json.dumps({"id": "a", "text": "  Alpha text.  ", "title": "Alpha"}).encode(),
-        b'{"id": "b", "text": "broken',  # invalid JSON
-        json.dumps({"id": "c"}).encode(),  # no text
-        json.dumps({"id": "d", "text": "   \n "}).encode(),  # whitespace only
-        json.dumps({"id": "a", "text": "Second alpha."}).encode(),  # duplicate id
-        b"[1, 2]",  # not an object
-        '{"id": "e", "text": "caf\xe9"}'.encode("latin-1"),  # not UTF-8
-        b"",
-        json.dumps({"id": 7, "text": "Seven.", "title": 3}).encode(),  # int id, bad title
-        json.dumps({"id": "f", "text": "Zoë wrote this in UTF-8."}).encode(),
+        GOOD, b"",
+        json.dumps({"id": 7, "text": "Seven.", "title": ""}).encode(),  # int id, blank title
+        json.dumps({"id": "f", "text": "Zoë wrote this in UTF-8."}, ensure_ascii=False).encode(),
     ])
     docs, tests, problems = load_documents(path)
-    assert tests is None
+    assert tests is None and problems == []
     assert docs == [Document("a", "Alpha text.", "Alpha"), Document("7", "Seven.", None),
                     Document("f", "Zoë wrote this in UTF-8.", None)]
-    expected = {2: "invalid JSON", 3: "missing field", 4: "empty text", 5: "duplicate document id",
-                6: "expected a JSON object", 7: "not valid UTF-8", 9: "title"}
-    assert len(problems) == len(expected)
-    for (line, words), problem in zip(sorted(expected.items()), problems):
-        assert problem.startswith(f"{path}:{line}: ") and words in problem, problem
-    assert "warning: " + problems[0] in capsys.readouterr().err  # problems are printed too
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bad,message", [
+    (b'{"id": "b", "text": "broken', "invalid JSON at column 21 (Unterminated string"),
+    (json.dumps({"id": "c"}).encode(), 'field "text" is missing'),
+    (json.dumps({"id": "d", "text": "   \n "}).encode(), 'field "text" is empty'),
+    (json.dumps({"id": "a", "text": "Second alpha."}).encode(), "duplicate id 'a' (also on line 1)"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    ('{"id": "e", "text": "caf\xe9"}'.encode("latin-1"), "not valid UTF-8"),
+    (json.dumps({"id": 7, "text": "Seven.", "title": 3}).encode(), 'field "title" is 3, not a string'),
+    (json.dumps({"id": True, "text": "T."}).encode(), 'field "id" is true, not a string or an integer'),
+])
+def test_jsonl_bad_row_refuses_the_file_naming_line_and_field(tmp_path, bad, message):
+    path = tmp_path / "docs.jsonl"
+    write_lines(path, [GOOD, b"", bad])
+    with pytest.raises(ValueError) as err:
+        load_documents(path)
+    assert str(err.value).startswith(f"{path}:3: ")
+    assert message in str(err.value), str(err.value)
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
@@ -47,23 +57,40 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- folders
 
-def test_folder_is_recursive_sorted_and_skips_bad_files(tmp_path):
+def test_folder_is_recursive_and_sorted(tmp_path):
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
     (tmp_path / ".hidden").mkdir()
     (tmp_path / "b.txt").write_text("Bee text.\n", encoding="utf-8")
     (tmp_path / "a.md").write_text("# A\n\nAy text.", encoding="utf-8")
     (tmp_path / "sub" / "deeper" / "c.txt").write_text("Sea text.", encoding="utf-8")
-    (tmp_path / "sub" / "empty.txt").write_text(" \n\n", encoding="utf-8")
-    (tmp_path / "sub" / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me".encode("latin-1"))
     (tmp_path / "notes.json").write_text('{"id": "x"}', encoding="utf-8")  # not a document type
     (tmp_path / ".hidden" / "secret.txt").write_text("hidden", encoding="utf-8")
     docs, tests, problems = load_documents(tmp_path)
     assert [d.id for d in docs] == ["a.md", "b.txt", "sub/deeper/c.txt"]
     assert docs[0] == Document("a.md", "# A\n\nAy text.", "a")
-    assert tests is None
-    assert len(problems) == 2
-    assert str(tmp_path / "sub" / "empty.txt") in problems[0] and "empty" in problems[0]
-    assert str(tmp_path / "sub" / "latin1.txt") in problems[1] and "UTF-8" in problems[1]
+    assert tests is None and problems == []
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", " \n\n".encode(), "empty.txt: empty document; add its text or remove the file"),
+    ("latin1.txt", "Line one.\nCaf\xe9 cr\xe8me".encode("latin-1"),
+     "latin1.txt:2: not valid UTF-8 (invalid continuation byte at byte 4 of the line); re-save the file as UTF-8"),
+])
+def test_folder_with_a_bad_file_is_refused_naming_it(tmp_path, name, content, message):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "good.txt").write_text("Good text.", encoding="utf-8")
+    (tmp_path / "sub" / name).write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_documents(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'sub'}/{message}"
+
+
+def test_folder_without_documents_and_single_text_file_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"no \.txt or \.md files in this folder"):
+        load_documents(tmp_path)
+    (tmp_path / "one.txt").write_text("Text.", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"one\.txt is one text file; pass the folder that holds it"):
+        load_documents(tmp_path / "one.txt")
 
 
 # ---------------------------------------------------------------- saved Hugging Face datasets

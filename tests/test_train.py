@@ -96,7 +96,7 @@ def test_refuses_to_overwrite_or_resume_with_a_different_setup(trained, capsys):
     bad = qa.parent / "bad.jsonl"
     bad.write_text(qa.read_text().splitlines()[0] + "\n" + '{"document": "d", "question": "q"}\n')
     assert main(["train", "--model", args[2], "--data", str(bad), "--out", str(qa.parent / "r")]) == 2
-    assert f'{bad} row 2: field "answer" is missing' in capsys.readouterr().err  # before any load
+    assert f'{bad}:2: field "answer" is missing' in capsys.readouterr().err  # before any load
 
 
 def test_init_adapter_starts_from_the_trained_adapter(trained, tiny_llama, tmp_path):

@@ -49,14 +49,18 @@ def load_docs(spec: str) -> list[dict]:
 def main(args):
     from tqdm import tqdm
 
-    from ..answer import answer_questions
-    from ..jsonl import read_jsonl, write_jsonl_atomic
+    from ..answer import QUESTIONS_SCHEMA, answer_questions, check_contexts
+    from ..jsonl import check_output_file, read_jsonl, read_jsonl_lines, write_jsonl_atomic
     from ..load import load_model
 
-    questions = read_jsonl(args.questions)
-    if not questions:
+    questions_file = Path(args.questions)
+    check_output_file(args.out, "--out", {"--questions": args.questions, "--docs": args.docs})
+    numbered = read_jsonl_lines(questions_file, QUESTIONS_SCHEMA, flag="--questions")
+    if not numbered:
         raise ValueError(f"{args.questions}: no questions")
+    lines, questions = [n for n, _ in numbered], [q for _, q in numbered]
     docs = load_docs(args.docs) if args.docs else None
+    check_contexts(questions, docs, args.context, str(questions_file), lines)
     system = args.system
     if args.adapter:
         from ..peft_io import load_adapter_model, training_system_message

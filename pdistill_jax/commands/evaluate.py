@@ -49,11 +49,11 @@ def main(args):
     from ..evaluate import evaluate, format_table, write_results
     from ..jsonl import read_jsonl
 
-    questions = read_jsonl(args.questions)
+    questions = read_jsonl(args.questions, flag="--questions")
     folders = output_folders(args.predictions, args.out)
     predictions = {}
     for path in args.predictions:
-        rows = read_jsonl(path)
+        rows = read_jsonl(path, flag="--predictions")
         try:  # every file is checked before the (slow) judge starts on the first
             evaluate(questions, rows)
         except ValueError as e:
