@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import cache_dir
 
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+    # Without torch (a plain install) transformers warns that its models are unavailable; we use
+    # only its tokenizers, so the warning would mislead.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = argparse.ArgumentParser(prog="pdistill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
