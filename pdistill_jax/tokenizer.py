@@ -92,9 +92,14 @@ def gguf_tokenizer(path: str | Path):
         raise ValueError(f"{path}: GGUF tokenizer.ggml.model={model!r} is not supported; use a "
                          f"GGUF whose tokenizer is one of {sorted(builders)}, or the model's "
                          "Hugging Face folder")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ValueError(f"{path}: GGUF has no tokenizer.ggml.tokens; it cannot be tokenized")
+    # A vocabulary, and the merges (or, for sentencepiece, the scores that imply them).
+    needed = ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"] if model == "gpt2" else \
+        ["tokenizer.ggml.tokens", "tokenizer.ggml.merges or tokenizer.ggml.scores"]
+    for field in needed:
+        if not any(meta.get(name) for name in field.split(" or ")):
+            raise ValueError(f"{path}: GGUF has no {field}, so its tokenizer cannot be built; "
+                             "use the model's Hugging Face folder")
+    tokens = meta["tokenizer.ggml.tokens"]
     backend = builders[model](meta)
     _add_marked_tokens(backend, meta, byte_level=model == "gpt2")
     special = {name: tokens[meta[f"tokenizer.ggml.{key}"]]

@@ -114,6 +114,29 @@ def test_unsupported_gguf_tokenizer_model_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "tokenizers").exists()
 
 
+@pytest.mark.parametrize("model,missing", [
+    ("gpt2", "tokenizer.ggml.merges"),
+    ("llama", "tokenizer.ggml.merges or tokenizer.ggml.scores")])
+def test_gguf_without_merges_is_one_line(tmp_path, monkeypatch, model, missing):
+    from gguf import GGUFWriter
+
+    monkeypatch.setenv("PDISTILL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "nomerges.gguf"
+    writer = GGUFWriter(str(gguf), "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(["<unk>", "a", "b", "ab"])
+    tiny_models._gguf_header(writer, 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(gguf)
+    assert str(e.value) == (f"{gguf}: GGUF has no {missing}, so its tokenizer cannot be built; "
+                            "use the model's Hugging Face folder")
+    assert not (tmp_path / "cache" / "tokenizers").exists()
+
+
 # ---------------------------------------------------------------- a folder without a tokenizer
 
 
