@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import cache_dir
 
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+    # Without torch (a plain install) transformers warns that its models are unavailable; we use
+    # only its tokenizers, so the warning would mislead.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser({chosen}).parse_args(argv)

@@ -6,6 +6,7 @@ is randomised so that parity tests cannot pass by accident.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CHATML = (
@@ -69,3 +70,124 @@ def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int
                 p.copy_(0.08 * torch.randn_like(p))
     model.save_pretrained(str(out_dir))
     return model
+
+
+# Text that a tokenizer built from a GGUF must treat exactly as transformers' GGUF loader does.
+TRICKY_TEXTS = [
+    "", " ", "  ", "\n", "\n\n", " \n ", "\t", "hello", " hello", "  hello  ", "Hello world!",
+    "The capital is Tarsk, founded in 1873.", "line one\nline two\r\nline three\n\n\nend",
+    "tabs\tand  double  spaces   triple", "café naïve Zürich façade", "日本語のテキスト", "emoji 🦊🐕 ok",
+    "Ünïcödé — “quotes” ‘single’ … ellipsis", "numbers 1234567 3.14159 -42 1e-3", "x" * 50,
+    "don't I'll we've they're she's", "<|im_start|>user\nHi<|im_end|>\n", "a<|im_end|>b",
+    "<|endoftext|><|endoftext|>", "<think>reasoning</think>", "<s> </s> <unk>", "< |im_end| >",
+    "<repo_name>pdistill<repo_name>", "end<\uff5cend\u2581of\u2581sentence\uff5c>",
+    "mixed 日本 and ascii\n  indented\n\tcode()", "\u00a0non-breaking\u2009thin\u200bzero-width",
+]
+
+
+def _gguf_header(writer, vocab_size: int) -> None:
+    import numpy as np
+
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_rope_dimension_count(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab_size)
+    writer.add_tensor("token_embd.weight", np.zeros((vocab_size, 8), np.float32))
+
+
+def _byte_level_vocab():
+    """(tokens, merges, token types) of a small byte-level BPE trained here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB + 64, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS + TRICKY_TEXTS * 5, trainer)
+    vocab = tok.get_vocab()
+    # Added as llama.cpp writes them: user-defined tokens, and a control token spelled in plain
+    # text outside the byte alphabet (a converter's mislabel, as in DeepSeek's files).
+    user, mislabelled = ["<think>", "</think>"], "<\uff5cend\u2581of\u2581sentence\uff5c>"
+    tokens = sorted(vocab, key=vocab.get) + user + [mislabelled]
+    model = json.loads(tok.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t in specials + [mislabelled] else 4 if t in user else 1 for t in tokens]
+    return tokens, merges, types
+
+
+def _sentencepiece_vocab():
+    """(tokens, scores, token types) in llama.cpp's layout of a Llama-2 vocabulary: <unk>, <s>,
+    </s>, the 256 byte tokens, then pieces spelled with \u2581, scored best first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=VOCAB))
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    vocab = tok.get_vocab()
+    pieces = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
+    tokens = specials + byte_tokens + pieces
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    return tokens, scores, types
+
+
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'system' %}"
+    "{{ '<<SYS>>\\n' + message['content'] + '\\n<</SYS>>\\n\\n' }}{% else %}"
+    "{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def write_tokenizer_gguf(path: Path, kind: str = "gpt2", pre: str | None = None,
+                         add_bos: bool | None = None, chat_template: str | None = CHATML) -> Path:
+    """A GGUF file whose metadata holds a tiny tokenizer, written as llama.cpp's converter does:
+    kind "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2; `pre` names the split) or
+    "llama" (a sentencepiece vocabulary with scores and no merges: Llama 2, Mistral)."""
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    writer = GGUFWriter(str(path), "llama")
+    if kind == "gpt2":
+        tokens, merges, types = _byte_level_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre or "smollm")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_pad_token_id(0)
+    elif kind == "llama":
+        tokens, scores, types = _sentencepiece_vocab()
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre(pre or "default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+    else:
+        writer.add_tokenizer_model(kind)
+        writer.add_token_list(["<unk>", "a"])
+        tokens = ["<unk>", "a"]
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    _gguf_header(writer, len(tokens))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
