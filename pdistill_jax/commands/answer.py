@@ -27,11 +27,15 @@ def add_arguments(p):
 def main(args):
     from tqdm import tqdm
 
-    from ..answer import answer_questions
+    from ..answer import answer_questions, check_answer_options
     from ..jsonl import read_jsonl, write_jsonl_atomic
     from ..load import load_model
     from ..sample import SamplingParams
 
+    check_answer_options(context=args.context, top_k=args.top_k, prompt_format=args.prompt_format,
+                         batch_size=args.batch_size)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     questions = read_jsonl(args.questions)
     if not questions:
         raise ValueError(f"{args.questions}: no questions")
@@ -51,8 +55,6 @@ def main(args):
                   "(--system to ask under another)", file=sys.stderr)
     else:
         lm = load_model(args.model)
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
-                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr) as bar:
         rows = answer_questions(lm, questions, docs=docs, context=args.context, top_k=args.top_k,
                                 prompt_format=args.prompt_format, system=system,
