@@ -42,6 +42,22 @@ def check_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, conte
                 raise ValueError(f"{source}:{n}: doc_id {doc_id!r} is not in --docs")
 
 
+def check_answer_options(*, context: str = "none", top_k: int = 3, prompt_format: str = "chat",
+                         batch_size: int = 16) -> None:
+    """Refuses bad answering options in one line; `pdistill answer` calls it before loading a
+    model, `answer_questions` before any work."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, "
+                         f"got {prompt_format!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if context == "bm25" and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 with context bm25 (the documents "
+                         f"retrieved per question), got {top_k!r}")
+
+
 def question_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, context: str,
                       top_k: int = 3, source: str = "questions") -> list[str | None]:
     """The context text placed before each question (None for closed-book)."""
@@ -73,6 +89,8 @@ def answer_questions(lm: LoadedModel, questions: Sequence[dict], *, docs: Sequen
                      progress: Callable[[int], None] | None = None,
                      source: str = "questions") -> list[dict]:
     """Prediction rows {"question", "prediction", "doc_id"?} in input order."""
+    check_answer_options(context=context, top_k=top_k, prompt_format=prompt_format,
+                         batch_size=batch_size)
     for n, q in enumerate(questions, 1):
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise ValueError(f"{source}:{n}: missing or empty field \"question\"")

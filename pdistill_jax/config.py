@@ -2,11 +2,22 @@
 
 Every knob of a run lives in one of these dataclasses; a run folder stores the resolved
 config next to its results (big_vision style), so a result can always be reproduced.
+
+Each dataclass checks its own fields in `__post_init__` (so library callers get the same
+checks as the command line): values are coerced to the annotated type (`coerce_fields`: a YAML
+`3e-3` is a string, an int is a valid float) and ranges are checked (`check_range`), raising
+`FieldError`, one line naming the field, the valid range and the bad value. `from_dict` adds the
+file and line a value was read from (`read_yaml` records every key's line).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +25,151 @@ import yaml
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+
+
+class FieldError(ValueError):
+    """A field's value is invalid. The message starts with the field's name, so a caller that
+    knows where the value came from can prefix its file, line and enclosing key."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _fail(name: str, valid: str, value: Any) -> FieldError:
+    return FieldError(name, f"{name} must be {valid}, got {value!r}")
+
+
+def check_range(cfg, name: str, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, finite: bool = True,
+                high_name: str | None = None) -> None:
+    """Refuses cfg.<name> outside [low, high] (open ends with low_open/high_open); floats must
+    also be finite unless finite=False (e.g. a memory limit of inf = no limit). high_name: the
+    field the upper bound comes from, for the message."""
+    value = getattr(cfg, name)
+    top = None if high is None else f"{high_name}={high:g}" if high_name else f"{high:g}"
+    if low is not None and high is not None:
+        valid = f"in {'(' if low_open else '['}{low:g}, {top}{')' if high_open else ']'}"
+    else:
+        valid = f"{'>' if low_open else '>='} {low:g}" if low is not None else \
+            f"{'<' if high_open else '<='} {top}"
+    ok = (low is None or (value > low if low_open else value >= low)) and \
+        (high is None or (value < high if high_open else value <= high))
+    if finite and isinstance(value, float) and not math.isfinite(value):
+        ok, valid = False, f"a finite number {valid}"
+    if not ok:
+        raise _fail(name, valid, value)
+
+
+def check_choice(cfg, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise _fail(name, f"one of {', '.join(choices)}", value)
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts + (["null"] if type(None) in args else []))
+    if origin is tuple or origin is list:
+        if len(args) == 2 and args[1] is Ellipsis or origin is list:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(hint, "a mapping" if dataclasses.is_dataclass(hint) else
+                                   getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value: Any, hint, name: str) -> Any:
+    """value as the type `hint` (raising _Mismatch): numbers written as strings are parsed, ints
+    become floats, lists become tuples; bools are only true/false and ints never take 2.5."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except _Mismatch:
+                continue
+        raise _Mismatch(_describe(hint))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        number = _number(value)
+        if number is not None and float(number).is_integer() and math.isfinite(number):
+            return int(number)
+    elif hint is float:
+        number = _number(value)
+        if number is not None:
+            return float(number)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            if origin is list:
+                return [_coerce(v, args[0], name) for v in value]
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], name) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return from_dict(hint, value, prefix=f"{name}.")
+    else:  # Any, or a type we do not check
+        return value
+    raise _Mismatch(_describe(hint))
+
+
+def _number(value: Any) -> float | int | None:
+    """An int or float from a number or a string that spells one (YAML reads `3e-3` as text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                continue
+    return None
+
+
+@functools.cache
+def _field_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - forward refs we cannot resolve: those fields go unchecked
+        return {}
+
+
+def coerce_fields(cfg) -> None:
+    """Coerces every field of the (frozen) dataclass `cfg` to its annotated type, in place."""
+    hints = _field_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.name not in hints:
+            continue
+        value = getattr(cfg, f.name)
+        try:
+            object.__setattr__(cfg, f.name, _coerce(value, hints[f.name], f.name))
+        except _Mismatch as e:
+            raise _fail(f.name, e.expected, value) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +192,19 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        # Values come from a checkpoint's own config (numpy ints from GGUF included): checked,
+        # not coerced.
+        check_choice(self, "model_type", SUPPORTED_ARCHITECTURES)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            check_range(self, name, 1)
+        for name in ("rope_theta", "rms_norm_eps"):
+            check_range(self, name, 0, low_open=True)
+        if self.num_heads % self.num_kv_heads:
+            raise _fail("num_kv_heads", f"a divisor of num_heads={self.num_heads}",
+                        self.num_kv_heads)
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -66,24 +235,27 @@ class ModelConfig:
                 )
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
         heads = hf["num_attention_heads"]
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+            )
+        except FieldError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` this architecture corresponds to (for merged export)."""
@@ -124,16 +296,20 @@ class LoraConfig:
     """A LoRA adapter: W x + (alpha / rank) * B A x on each target projection (PEFT's convention)."""
 
     rank: int = 64
-    alpha: float = 128.0
+    # None = 2 x rank (the paper's and PEFT users' convention: the update's scale alpha / rank
+    # stays 2 whatever the rank), resolved here so that saved configs show the number.
+    alpha: float | None = None
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad:
-            raise ValueError(f"unknown LoRA target(s) {bad}; choose from {', '.join(LORA_TARGETS)}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        coerce_fields(self)
+        check_range(self, "rank", 1)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2.0 * self.rank)
+        check_range(self, "alpha", 0, low_open=True)
+        if not self.targets or any(t not in LORA_TARGETS for t in self.targets):
+            raise _fail("targets", f"a non-empty list of {', '.join(LORA_TARGETS)}",
+                        list(self.targets))
 
     @property
     def scale(self) -> float:
@@ -143,46 +319,104 @@ class LoraConfig:
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """Builds a (possibly nested) dataclass from a dict, rejecting unknown keys by name."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, *,
+              lines: dict[str, int] | None = None, prefix: str = "") -> T:
+    """Builds a (possibly nested) dataclass from a dict, rejecting unknown keys by name.
+
+    Values are coerced and checked by the dataclasses themselves; a bad one is reported as
+    `source:line: prefix.field must be ..., got ...`, the line taken from `lines` ({dotted key:
+    line}, as `read_yaml` returns them) where the key has one.
+    """
+    if not isinstance(data, dict):
+        where = _where(source, lines, prefix[:-1])
+        raise ValueError(f"{where}{prefix[:-1] or 'the config'} must be a mapping of "
+                         f"{cls.__name__} fields, got {data!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; "
-                         f"valid keys: {sorted(fields)}")
+        where = _where(source, lines, prefix + str(unknown[0]))
+        raise ValueError(f"{where}unknown key(s) {sorted(map(str, unknown))} for {cls.__name__}"
+                         f"{f' ({prefix[:-1]})' if prefix else ''}; valid keys: {sorted(fields)}")
+    hints = _field_hints(cls)
     kwargs = {}
-    hints = _resolved_hints(cls)
     for name, value in data.items():
         hint = hints.get(name)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{source}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
+            value = from_dict(hint, value, source, lines=lines, prefix=f"{prefix}{name}.")
         kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _resolved_hints(cls) -> dict:
-    import typing
-
     try:
-        return typing.get_type_hints(cls)
-    except Exception:  # forward refs we cannot resolve: nested parsing is then skipped
-        return {}
+        return cls(**kwargs)
+    except FieldError as e:
+        where = _where(source, lines, prefix + e.field)
+        raise FieldError(prefix + e.field, f"{where}{prefix}{e}") from None
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
+def _where(source: str | None, lines: dict[str, int] | None, key: str) -> str:
+    """'file:line: ' for a key read from a file, 'source: ' without line numbers, else ''."""
+    if lines is not None and key in lines:
+        return f"{source}:{lines[key]}: "
+    return f"{source}: " if source and lines is None else ""
+
+
+def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """A YAML file's top-level mapping, and the 1-based line of every key ({"pd.lora.rank": 7}).
+
+    The one reader of config files: a syntax error is one line naming file, line and column.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; give a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    lines: dict[str, int] = {}
+    try:
+        node = loader.get_single_node()
+        if isinstance(node, yaml.MappingNode):  # before constructing, which expands merge keys
+            _key_lines(node, "", path, lines)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}, {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping of keys to values")
-    return from_dict(cls, data, str(path))
+    return data, lines
+
+
+def _key_lines(node, prefix: str, path: Path, lines: dict[str, int]) -> None:
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        name = prefix + key.value
+        if name in lines:  # PyYAML would silently keep the last one
+            raise ValueError(f"{path}:{key.start_mark.line + 1}: duplicate key {name!r} (first "
+                             f"on line {lines[name]})")
+        lines[name] = key.start_mark.line + 1
+        if isinstance(value, yaml.MappingNode):
+            _key_lines(value, name + ".", path, lines)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    data, lines = read_yaml(path)
+    return from_dict(cls, data, str(path), lines=lines)
 
 
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+OBJECTIVES = ("kl", "reverse_kl", "jsd", "ce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,10 +449,19 @@ class TrainConfig:
     teacher_cache_gb: float = 4.0
 
     def __post_init__(self):
-        if self.objective not in ("kl", "reverse_kl", "jsd", "ce"):
-            raise ValueError(f"objective={self.objective!r}; choose kl, reverse_kl, jsd or ce")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose float32 or bfloat16")
-        if isinstance(self.lora, dict):
-            object.__setattr__(self, "lora", from_dict(LoraConfig, self.lora, "lora"))
-        object.__setattr__(self, "mesh", tuple(self.mesh))
+        coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
+        check_choice(self, "objective", OBJECTIVES)
+        check_choice(self, "compute_dtype", ("float32", "bfloat16"))
+        for name in ("tau", "lr", "max_grad_norm"):
+            check_range(self, name, 0, low_open=True)
+        check_range(self, "jsd_beta", 0, 1)
+        check_range(self, "warmup_ratio", 0, 1, high_open=True)
+        check_range(self, "weight_decay", 0)
+        for name in ("epochs", "batch_size", "grad_accum", "max_seq_len", "save_every",
+                     "keep_checkpoints", "log_every"):
+            check_range(self, name, 1)
+        check_range(self, "seed", 0)
+        check_range(self, "teacher_cache_gb", 0, finite=False)
+        if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
+            raise _fail("mesh", "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1 "
+                        "(= the remaining devices)", list(self.mesh))

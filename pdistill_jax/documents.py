@@ -31,7 +31,7 @@ import hashlib
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 from urllib.parse import parse_qsl
 
 from .jsonl import Field, Schema, read_jsonl

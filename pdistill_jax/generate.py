@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import to_dict
+from .config import check_range, coerce_fields, to_dict
 from .data import resolve_data_file
 from .documents import Document, chunk_document, load_documents
 from .jsonl import write_jsonl_atomic, write_text_atomic
@@ -77,13 +77,17 @@ class GenerateConfig:
     teacher_states_gb: float = 1.0
 
     def __post_init__(self):
+        coerce_fields(self)
         for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
-                     "max_answer_tokens", "batch_size", "docs_per_commit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"generate config: {name}={getattr(self, name)} must be >= 1")
-        for name in ("q_temperature", "a_temperature", "sft_temperature", "teacher_states_gb"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"generate config: {name}={getattr(self, name)} must be >= 0")
+                     "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens"):
+            check_range(self, name, 1)
+        for name in ("q_temperature", "a_temperature", "sft_temperature"):
+            check_range(self, name, 0)
+        for name in ("q_top_k", "a_top_k", "seed"):  # top-k 0 = off
+            check_range(self, name, 0)
+        check_range(self, "chunk_overlap", 0, self.chunk_tokens, high_open=True,
+                    high_name="chunk_tokens")
+        check_range(self, "teacher_states_gb", 0, finite=False)
 
 
 # Settings that may differ between a run and its resumption (they do not change the data's meaning).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import TrainConfig, from_dict, to_dict
+from .config import TrainConfig, check_range, coerce_fields, from_dict, load_yaml, to_dict
 from .generate import GenerateConfig
 from .jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
 
@@ -41,6 +41,9 @@ class RunConfig:
     system: str | None = None
 
     def __post_init__(self):
+        coerce_fields(self)
+        for name in ("max_new_tokens", "answer_batch_size", "bm25_top_k"):
+            check_range(self, name, 1)
         for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -63,13 +66,7 @@ def resolve_path(spec: str, config_dir: Path | None = None) -> Path:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping of keys to values")
-    return from_dict(RunConfig, data, str(path))
+    return load_yaml(RunConfig, path)
 
 
 # name -> (adapter: None | "pd" | "sft", context, question set)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .config import check_range, coerce_fields
 from .data import bucket_length as data_bucket_length
 from .model import Transformer, init_cache
 
@@ -32,6 +33,13 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     max_new_tokens: int = 128
+
+    def __post_init__(self):
+        coerce_fields(self)
+        check_range(self, "temperature", 0)
+        check_range(self, "top_k", 0)
+        check_range(self, "top_p", 0, 1, low_open=True)
+        check_range(self, "max_new_tokens", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +234,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     when the prompt holds the document). `progress(n)` is called with the number of rows
     finished after each batch.
     """
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("an empty prompt cannot be continued; every prompt needs at least one token")
     if temperatures is not None and len(temperatures) != len(prompts):

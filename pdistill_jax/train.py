@@ -29,7 +29,7 @@ import yaml
 from flax import nnx
 
 from .checkpoint import RunCheckpoints
-from .config import TrainConfig, from_dict, to_dict
+from .config import TrainConfig, from_dict, read_yaml, to_dict
 from .data import DataPosition, TrainData, make_train_data, read_qa_rows, resolve_data_file
 from .jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
 from .teacher_cache import (TEACHER_STATES_DIR, attach_teacher_hidden, compute_teacher_cache,
@@ -72,10 +72,7 @@ def read_run_config(out_dir: str | Path) -> dict | None:
     path = Path(out_dir) / CONFIG_FILE
     if not path.exists():
         return None
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping; the run folder was edited or is damaged")
-    return data
+    return read_yaml(path)[0]
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
@@ -145,6 +142,31 @@ def _trim_metrics(path: Path, last_step: int) -> None:
         write_jsonl_atomic(path, kept)
 
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss, gradient or weights are inf or NaN; train() turns it into a one-line error."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"step {step}: {what}")
+        self.step, self.what = step, what
+
+
+def _non_finite_message(e: NonFiniteLoss, cfg: TrainConfig, checkpoints: RunCheckpoints) -> str:
+    kept = checkpoints.latest_step()
+    fix = f"Lower lr (now {cfg.lr:g}) or check tau (now {cfg.tau:g}) and train into a new --out"
+    if kept is None:
+        return f"step {e.step}: {e.what}; training stopped before any checkpoint was saved. {fix}"
+    return (f"step {e.step}: {e.what}; training stopped and saved nothing from it (the last good "
+            f"checkpoint, step {kept}, is kept in {checkpoints.directory}). {fix}; --resume "
+            "continues from that checkpoint with the same settings")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 class _MetricsLog:
     """Buffers per-step device metrics and writes them every `every` steps, so the host waits on
     the device once per log window instead of once per step."""
@@ -173,9 +195,16 @@ class _MetricsLog:
                  "answer_tokens": int(v["answer_tokens"]), "examples_per_s": round(rate, 3),
                  "elapsed": round(elapsed, 3)}
                 for (step, _, _), v in zip(self.pending, values)]
+        bad = next((r for r in rows if not np.isfinite([r["loss"], r["grad_norm"]]).all()), None)
+        if bad is not None:  # log the good steps only; the caller saves nothing after this
+            rows = rows[:rows.index(bad)]
+            self.pending = []
         if jax.process_index() == 0:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
+        if bad is not None:
+            raise NonFiniteLoss(bad["step"], f"the loss is {bad['loss']} (gradient norm "
+                                             f"{bad['grad_norm']})")
         self.bar.set_postfix(loss=f"{np.mean([r['loss'] for r in rows]):.4f}",
                              ex_s=f"{rate:.1f}", refresh=False)
         self.pending, self.window_start = [], now
@@ -202,6 +231,8 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
     from .sharding import global_batch, initialize_distributed, make_mesh
     from .step import init_train_state, make_train_step
 
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     initialize_distributed()
     session_start = time.perf_counter()
     out = Path(out_dir)
@@ -291,6 +322,16 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
                    dynamic_ncols=True, disable=not progress or jax.process_index() != 0)
         log = _MetricsLog(out / METRICS_FILE, spe, cfg.log_every, elapsed0, bar)
+
+        def save(step: int, state, position: DataPosition) -> None:
+            """A checkpoint of `state` after `step`, only when every step up to it and the
+            weights it holds are finite (checked on the host: the save fetches `state` anyway)."""
+            log.flush()  # the metrics file then covers every step a resume keeps
+            if not bool(_all_finite(state)):
+                raise NonFiniteLoss(step, "the LoRA weights or optimizer state after it are "
+                                          "not finite")
+            checkpoints.save(step, state, meta(position, log.elapsed))
+
         step, first_step_s, first_rows, examples_seen = start_step, None, 0, 0
         next_position = position
         try:
@@ -309,24 +350,25 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
                 bar.update(1)
                 log.add(step, len(indices), metrics)
                 if step % cfg.save_every == 0:
-                    log.flush()  # the metrics file then covers every step a resume keeps
-                    checkpoints.save(step, state, meta(next_position, log.elapsed))
+                    save(step, state, next_position)
                 if stop_after is not None and step - start_step >= stop_after:
                     break
+            log.flush()  # waits for the last step
+            loop_s = time.perf_counter() - loop_start
+            save(step, state, next_position)
         except KeyboardInterrupt:
             try:  # keep the finished steps; `state` may be unusable if the interrupt hit mid-step
-                log.flush()
-                checkpoints.save(step, state, meta(next_position, log.elapsed))
+                save(step, state, next_position)
                 checkpoints.wait()
                 _say(f"interrupted after step {step}, checkpoint saved; continue with --resume")
             except Exception:  # noqa: BLE001 - the last periodic checkpoint still stands
                 _say("interrupted; continue from the last checkpoint with --resume")
             raise
+        except NonFiniteLoss as e:
+            checkpoints.wait()
+            raise RuntimeError(_non_finite_message(e, cfg, checkpoints)) from None
         finally:
             bar.close()
-        log.flush()  # waits for the last step
-        loop_s = time.perf_counter() - loop_start
-        checkpoints.save(step, state, meta(next_position, log.elapsed))
         checkpoints.wait()
         finished = step >= total_steps
         adapter = None

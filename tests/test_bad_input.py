@@ -298,7 +298,7 @@ def test_failed_train_and_generate_leave_no_stub(tiny_llama, inputs, tmp_path, c
 
     gen = tmp_path / "gen"
     config = tmp_path / "gen.yaml"
-    config.write_text("chunk_tokens: 4\n")  # refused only once the tokenizer is there
+    config.write_text("chunk_tokens: 4\nchunk_overlap: 0\n")  # refused only once the tokenizer is there
     line = one_line_error(capsys, ["generate", "--model", str(tiny_llama), "--docs", inputs["d"],
                                    "--out", str(gen), "--config", str(config)], "generate")
     assert "chunk max_tokens=4 is too small" in line and not gen.exists()

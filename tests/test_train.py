@@ -1,8 +1,10 @@
 """`pdistill train` end to end on a tiny model: run folder, metrics, adapter, resume rules."""
 import argparse
 import json
+import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -39,7 +41,7 @@ def trained(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     qa, run = write_qa(tmp / "qa.jsonl"), tmp / "run"
     args = ["train", "--model", str(tiny_llama), "--data", str(qa), "--out", str(run),
-            "--mesh", "data=2", "--batch-size", "4", "--epochs", "6", "--rank", "8", "--alpha", "16",
+            "--mesh", "data=2", "--batch-size", "4", "--epochs", "6", "--rank", "8",
             "--targets", "q,k,v,o,gate,up,down", "--lr", "2e-2", "--save-every", "5",
             "--system", "Answer briefly.", "--no-progress"]
     assert main(args + ["--stop-after", "12"]) == 0
@@ -72,6 +74,10 @@ def test_train_writes_adapter_metrics_and_config(trained, tiny_llama):
     assert config["model"] == str(tiny_llama) and config["data"] == str(qa.absolute())
     train_cfg = config["train"]
     assert train_cfg["lr"] == 2e-2 and train_cfg["lora"]["rank"] == 8
+    # No --alpha: 2 x rank, written as the number, so the bare --resume (which reads it back)
+    # and the PEFT export agree on the scale.
+    assert train_cfg["lora"]["alpha"] == 16.0
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 16.0
     assert train_cfg["mesh"] == [2, 1, 1] and train_cfg["system"] == "Answer briefly."
 
     assert (run / "adapter" / "adapter_config.json").is_file()
@@ -144,3 +150,58 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused_in_one_line(tiny_lla
             "--batch-size", "3", "--mesh", "data=2,fsdp=1,tensor=1", "--no-progress"]
     assert main(args) == 2
     assert "batch_size 3 does not split over the mesh's data x fsdp = 2 devices" in capsys.readouterr().err
+
+
+def nan_args(model, qa: Path, run: Path, lr: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(qa), "--out", str(run),
+            "--mesh", "data=1", "--batch-size", "4", "--epochs", "3", "--rank", "4", "--lr", lr, "--save-every", "1",
+            "--no-progress"]
+
+
+def saved_steps(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path,
+                                                                             capsys):
+    import orbax.checkpoint as ocp
+
+    qa, run = write_qa(tmp_path / "qa.jsonl"), tmp_path / "run"
+    # lr 1e30: step 1 (warm-up from lr 0) and step 2 are finite, step 2's update blows the weights
+    # up, and a later step's loss is inf or nan.
+    assert main(nan_args(tiny_llama, qa, run, "1e30")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.fullmatch(
+        r"pdistill train: error: step (\d+): the loss is (nan|inf|-inf) \(gradient norm \S+\); "
+        r"training stopped and saved nothing from it \(the last good checkpoint, step (\d+), is "
+        r"kept in (.+)\)\. Lower lr \(now 1e\+30\) or check tau \(now 2\) and train into a new "
+        r"--out; --resume continues from that checkpoint with the same settings", err)
+    assert found, err
+    bad, kept = int(found[1]), int(found[3])
+    assert found[4] == str((run / "checkpoints").absolute())
+    assert bad > 1 and kept == bad - 1 and saved_steps(run)[-1] == kept  # nothing from step `bad`
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, bad))
+    assert all(np.isfinite([r["loss"], r["grad_norm"]]).all() for r in rows)
+    state = ocp.StandardCheckpointer().restore(run.absolute() / "checkpoints" / str(kept) / "state")
+    lora = jax.tree.leaves(state["lora"])
+    assert lora and all(np.isfinite(np.asarray(x)).all() for x in lora)
+
+    # --resume restores that checkpoint and, with the same settings, meets the same step again.
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"resuming from step {kept} " in err and err.strip().splitlines()[-1] == found[0]
+    assert saved_steps(run)[-1] == kept and [r["step"] for r in metrics(run)] == list(range(1, bad))
+
+
+def test_weights_that_overflow_are_never_saved(tiny_llama, tmp_path, capsys):
+    qa, run = write_qa(tmp_path / "qa.jsonl"), tmp_path / "run"
+    # 1e39 is a finite Python float but not a float32: the schedule's lr, and so the first
+    # update, is nan while step 1's loss and gradient (computed before it) are finite.
+    assert main(nan_args(tiny_llama, qa, run, "1e39")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "pdistill train: error: step 1: the LoRA weights or optimizer state after it are not "
+        "finite; training stopped before any checkpoint was saved. Lower lr (now 1e+39) or check "
+        "tau (now 2) and train into a new --out")
+    assert not run.exists()  # nothing was saved, so no stub run folder blocks the next try

@@ -49,10 +49,14 @@ def load_docs(spec: str) -> list[dict]:
 def main(args):
     from tqdm import tqdm
 
-    from ..answer import QUESTIONS_SCHEMA, answer_questions, check_contexts
-    from ..jsonl import check_output_file, read_jsonl, read_jsonl_lines, write_jsonl_atomic
+    from ..answer import QUESTIONS_SCHEMA, answer_questions, check_answer_options, check_contexts
+    from ..jsonl import check_output_file, read_jsonl_lines, write_jsonl_atomic
     from ..load import load_model
 
+    check_answer_options(context=args.context, top_k=args.top_k, prompt_format=args.prompt_format,
+                         batch_size=args.batch_size)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     questions_file = Path(args.questions)
     check_output_file(args.out, "--out", {"--questions": args.questions, "--docs": args.docs})
     numbered = read_jsonl_lines(questions_file, QUESTIONS_SCHEMA, flag="--questions")
@@ -71,8 +75,6 @@ def main(args):
                   "(--system to ask under another)", file=sys.stderr)
     else:
         lm = load_model(args.model)
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
-                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr,
               disable=args.no_progress) as bar:
         rows = answer_questions(lm, questions, docs=docs, context=args.context, top_k=args.top_k,

@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{default('objective')}")
     p.add_argument("--tau", type=float, help=f"distillation temperature {default('tau')}")
     p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (the update is scaled by alpha/rank) "
-                                               f"{default('alpha', LoraConfig)}")
+    p.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha/rank "
+                                               "(default: 2 x rank, from LoraConfig)")
     p.add_argument("--targets", help="LoRA targets, comma-separated: q,k,v,o,gate,up,down,lm_head "
                                      f"{default('targets', LoraConfig)}")
     p.add_argument("--lr", type=float, help=f"peak learning rate (AdamW) {default('lr')}")
@@ -94,43 +94,35 @@ def train_inputs(args: argparse.Namespace, run_config: dict | None) -> tuple[str
 
 
 def resolve_config(args: argparse.Namespace, run_config: dict | None):
-    """TrainConfig from (the run's saved config when resuming) < --config YAML < flags."""
-    import yaml
+    """TrainConfig from (the run's saved config when resuming) < --config YAML < flags.
 
-    from ..config import TrainConfig, from_dict, to_dict
+    TrainConfig checks the values; one read from --config is reported with its file and line.
+    """
+    from ..config import TrainConfig, from_dict, read_yaml
     from ..sharding import parse_mesh
 
-    merged = to_dict(TrainConfig())
-    if run_config is not None:
-        merged.update(run_config.get("train") or {})
-    if args.config:
-        from pathlib import Path
-
-        path = Path(args.config)
-        if not path.exists():
-            raise FileNotFoundError(f"--config {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: top level must be a mapping of TrainConfig fields")
-        lora = loaded.pop("lora", None) or {}
-        merged.update(loaded)
-        merged["lora"] = {**merged["lora"], **lora}
-    for dest, field in TRAIN_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            merged[field] = parse_mesh(value) if dest == "mesh" else value
-    for dest, field in LORA_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            if dest == "targets":
-                value = tuple(t.strip() for t in value.split(",") if t.strip())
-            merged["lora"] = {**merged["lora"], field: value}
-    source = args.config or "flags"
-    cfg = from_dict(TrainConfig, merged, source)
-    for name in ("epochs", "batch_size", "grad_accum", "max_seq_len", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
-    return cfg
+    flags = {field: parse_mesh(getattr(args, dest)) if dest == "mesh" else getattr(args, dest)
+             for dest, field in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+    lora_flags = {field: getattr(args, dest) for dest, field in LORA_FLAGS.items()
+                  if getattr(args, dest) is not None}
+    if "targets" in lora_flags:
+        lora_flags["targets"] = tuple(t.strip() for t in lora_flags["targets"].split(",")
+                                      if t.strip())
+    if lora_flags:
+        flags["lora"] = lora_flags
+    loaded, lines = read_yaml(args.config) if args.config else ({}, {})
+    merged: dict = {}
+    for layer in ((run_config or {}).get("train") or {}, loaded, flags):
+        lora = layer.get("lora")
+        if isinstance(lora, dict) and isinstance(merged.get("lora"), dict):
+            lora = {**merged["lora"], **lora}  # --rank alone keeps the YAML's targets
+        merged.update(layer)
+        if "lora" in layer:
+            merged["lora"] = lora
+    # A value a flag replaced is no longer the file's: its errors must not point at the file.
+    overridden = set(flags) | {f"lora.{k}" for k in lora_flags}
+    lines = {k: n for k, n in lines.items() if k not in overridden}
+    return from_dict(TrainConfig, merged, args.config, lines=lines)
 
 
 def main(args: argparse.Namespace) -> int:
