@@ -129,10 +129,10 @@ def plan(stages: Sequence[Stage], out: Path) -> tuple[dict[str, str], list[str]]
         names = [str(s.output.relative_to(out)) if s.output.is_relative_to(out) else str(s.output)
                  for s in unrecorded]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        were = "were" if len(names) > 1 else "was"
+        were, they, them = ("were", "they", "them") if len(names) > 1 else ("was", "it", "it")
         raise ValueError(f"{out}: {shown} {were} made by an older pdistill that kept no record of "
-                         "the settings, so it cannot be checked against this config; delete "
-                         f"it (or all of {out}) to redo it, or choose a new --out")
+                         f"the settings, so {they} cannot be checked against this config; delete "
+                         f"{them} (or all of {out}) to redo {them}, or choose a new --out")
     return status, lines
 
 

@@ -308,7 +308,9 @@ def test_changed_generate_settings_redo_every_stage(run_dir, tmp_path, capsys):
         f"{kind} {name}" for kind in ("answer", "evaluate")
         for name, (adapter, _, _) in CONDITIONS.items() if adapter is not None}
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["config"]["questions_per_doc"] == 1 and manifest["counts"]["rows"] == 4
+    old = json.loads((run_dir / "out" / "data" / "manifest.json").read_text())
+    assert manifest["config"]["questions_per_doc"] == 1
+    assert 0 < manifest["counts"]["rows"] < old["counts"]["rows"]
     data_sha = train_module.file_sha256(out / "data" / "qa.jsonl")
     for kind in ("pd", "sft"):
         assert yaml.safe_load((out / f"train_{kind}" / "config.yaml").read_text())["data_sha256"] == data_sha
@@ -323,8 +325,8 @@ def test_outputs_without_a_record_are_refused_and_left_alone(run_dir, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"pdistill run: error: {out}: data, train_pd, train_sft, predictions/base_closed_book.jsonl " \
-           f"and 17 more were made by an older pdistill that kept no record of the settings, so it " \
-           f"cannot be checked against this config; delete it (or all of {out}) to redo it, or " \
+           f"and 17 more were made by an older pdistill that kept no record of the settings, so they " \
+           f"cannot be checked against this config; delete them (or all of {out}) to redo them, or " \
            f"choose a new --out\n" in err
     assert _snapshot(out) == before  # run_config.yaml too
 
