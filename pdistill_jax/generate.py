@@ -360,7 +360,9 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
 
     A call that fails before committing its first document removes what it wrote (a fresh
     `out_dir` entirely), so that the fixed command can start again: a folder holding only
-    run.json would refuse any other settings.
+    run.json would refuse any other settings. A generation that yields no row at all raises
+    ValueError and leaves nothing of itself in `out_dir`: with no questions parsed there is
+    nothing to train on, whatever comes next.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -478,9 +480,30 @@ def _generate_data(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_do
         write_manifest(out, model_spec, lm.path, docs_spec, max_docs, cfg, docs, sources, tests,
                        problems, done, rows, timings, t_start)
     bar.close()
+    if not rows:
+        calls = sum(r["calls"] for r in done.values())
+        _discard_generation(out)
+        raise ValueError(f"{docs_spec}: generation yielded 0 Q&A rows: {calls} question calls on "
+                         f"{len(docs)} document(s) wrote no question the parser accepts; try a "
+                         f"larger max_question_tokens (now {cfg.max_question_tokens}) or another "
+                         f"q_temperature (now {cfg.q_temperature:g})")
     save_dataset(out / "dataset", rows)
     return write_manifest(out, model_spec, lm.path, docs_spec, max_docs, cfg, docs, sources, tests,
                           problems, done, rows, timings, t_start)
+
+
+def _discard_generation(out: Path) -> None:
+    """Deletes what generation wrote into `out` (and `out` if that leaves it empty): a folder of
+    0 rows would only pass for finished data, or block a retry with other settings."""
+    from .teacher_cache import TEACHER_STATES_DIR
+
+    for name in ("qa.jsonl", "done.jsonl", "manifest.json", "run.json", "documents.jsonl",
+                 "test_questions.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("dataset", TEACHER_STATES_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    if not any(out.iterdir()):
+        out.rmdir()
 
 
 def _states_bytes(folder: Path) -> int:

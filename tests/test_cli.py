@@ -31,7 +31,7 @@ def test_compiled_programs_persist_in_the_pdistill_cache(monkeypatch, tmp_path, 
 # ---------------------------------------------------------------- help, version, models
 
 # The commands whose work shows a progress bar (evaluate's, while the judge runs).
-PROGRESS_COMMANDS = ("generate", "train", "answer", "evaluate")
+PROGRESS_COMMANDS = ("generate", "train", "answer", "evaluate", "run")
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -272,7 +272,7 @@ def test_killed_run_resumes_without_duplicates(reference_run, question_model, do
     assert manifest["complete"] and manifest["counts"]["rows"] == len(rows)
 
 
-def test_dataset_documents_bring_their_test_questions(tiny_llama, tmp_path):
+def test_dataset_documents_bring_their_test_questions(question_model, tmp_path):
     from datasets import Dataset
 
     ctx = ["Tarsk was founded in 1873.", "The fox of Velloria is red.", "Tarsk has a bridge."]
@@ -284,9 +284,9 @@ def test_dataset_documents_bring_their_test_questions(tiny_llama, tmp_path):
         "answers": [{"text": ["1873"], "answer_start": [21]}, {"text": ["Tarsk"], "answer_start": [0]},
                     {"text": ["red"], "answer_start": [23]}, {"text": ["a bridge"], "answer_start": [10]}],
     }).save_to_disk(str(tmp_path / "squad"))
-    cfg = GenerateConfig(questions_per_doc=1, max_calls_per_doc=1, max_question_tokens=4,
-                         batch_size=2)
-    manifest = generate_data(tiny_llama, f"hf:{tmp_path / 'squad'}", tmp_path / "data", cfg,
+    cfg = GenerateConfig(questions_per_doc=1, max_calls_per_doc=1, max_question_tokens=48,
+                         max_answer_tokens=4, batch_size=2)  # a generation of no rows is refused
+    manifest = generate_data(question_model, f"hf:{tmp_path / 'squad'}", tmp_path / "data", cfg,
                              max_docs=2, show_progress=False)
     tests = jsonl(tmp_path / "data" / "test_questions.jsonl")
     docs = jsonl(tmp_path / "data" / "documents.jsonl")
