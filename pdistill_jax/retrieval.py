@@ -1,6 +1,7 @@
 """BM25 retrieval over the document collection (bm25s: a small, well-kept, pure-Python library)."""
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 
@@ -8,6 +9,9 @@ class BM25Index:
     def __init__(self, texts: Sequence[str]):
         import bm25s
 
+        # bm25s sets its own logger to DEBUG, which prints mid-progress-bar once anything (absl,
+        # orbax) has given the root logger a handler.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         if not texts:
             raise ValueError("cannot build a BM25 index over zero documents")
         self._n = len(texts)
