@@ -37,7 +37,7 @@ class HelpFormatter(argparse.HelpFormatter):
 def build_parser(load: Iterable[str] = ()) -> argparse.ArgumentParser:
     """The `pdistill` parser; only the commands named in `load` get their flags, because a
     command's module may import jax, which is slow to load."""
-    from . import __version__
+    from pdistill_jax import __version__
 
     parser = argparse.ArgumentParser(
         prog="pdistill", description="Prompt distillation: teach a model your documents, so that it "
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     # Compiled XLA programs persist across runs (a train-step shape costs tens of seconds to
     # compile on a CPU): a resumed or repeated run with the same shapes skips compiling. Set
     # before the command imports jax; a user's own JAX_COMPILATION_CACHE_DIR wins.
-    from .registry import cache_dir
+    from pdistill_jax.weights.registry import cache_dir
 
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
     # Without torch (a plain install) transformers warns that its models are unavailable; we use

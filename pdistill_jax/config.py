@@ -1,6 +1,8 @@
-"""Typed configuration: the model architecture, the LoRA adapter, and YAML loading.
+"""Typed configuration: every dataclass a user sets, and all of their validation.
 
-Every knob of a run lives in one of these dataclasses; a run folder stores the resolved
+`ModelConfig` (the architecture), `LoraConfig` (the adapter), `TrainConfig` (one training run),
+`SamplingParams` (one sampler call), `GenerateConfig` (`pdistill generate`) and `RunConfig`
+(`pdistill run`: all of the above for one experiment). Every knob of a run lives in one of them; a run folder stores the resolved
 config next to its results (big_vision style), so a result can always be reproduced.
 
 Each dataclass checks its own fields in `__post_init__` (so library callers get the same
@@ -465,3 +467,90 @@ class TrainConfig:
         if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
             raise _fail("mesh", "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1 "
                         "(= the remaining devices)", list(self.mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        coerce_fields(self)
+        check_range(self, "temperature", 0)
+        check_range(self, "top_k", 0)
+        check_range(self, "top_p", 0, 1, low_open=True)
+        check_range(self, "max_new_tokens", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    questions_per_doc: int = 30  # distinct questions wanted per document (chunk)
+    max_calls_per_doc: int = 30  # question calls after which a document gives up on its quota
+    q_temperature: float = 1.0  # SmolLM2-135M: 2.3 questions a call at 1.0, 1.3 at 1.2, 1.2 at 1.5
+    q_top_k: int = 50
+    a_temperature: float = 1.5  # PD answers (the paper: 1.5, top-k 50)
+    a_top_k: int = 50
+    sft_temperature: float = 0.25  # SFT-baseline answers, same top-k
+    max_question_tokens: int = 96
+    max_answer_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    system: str | None = None  # system message everywhere; None = the chat template's default
+    chunk_tokens: int = 512  # longer documents are split into chunks of at most this many tokens
+    chunk_overlap: int = 64
+    docs_per_commit: int = 8  # documents per wave: the most a kill can lose
+    # Disk (GiB) the teacher's hidden states at its answer positions may take: computed anyway
+    # while answering, kept so that PD training need not run the teacher again; 0 = never keep.
+    teacher_states_gb: float = 1.0
+
+    def __post_init__(self):
+        coerce_fields(self)
+        for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
+                     "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens"):
+            check_range(self, name, 1)
+        for name in ("q_temperature", "a_temperature", "sft_temperature"):
+            check_range(self, name, 0)
+        for name in ("q_top_k", "a_top_k", "seed"):  # top-k 0 = off
+            check_range(self, name, 0)
+        check_range(self, "chunk_overlap", 0, self.chunk_tokens, high_open=True,
+                    high_name="chunk_tokens")
+        check_range(self, "teacher_states_gb", 0, finite=False)
+
+
+BUILTIN = "builtin:"  # paths inside the installed package's assets, e.g. builtin:demo/documents.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/demo"
+    model: str = "smollm2-135m-instruct"
+    documents: str = BUILTIN + "demo/documents.jsonl"
+    questions: str = BUILTIN + "demo/questions.jsonl"  # held-out test questions, never trained on
+    retention_questions: str | None = BUILTIN + "demo/general_knowledge.jsonl"
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    pd: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sft: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(objective="ce"))
+    max_new_tokens: int = 48
+    answer_batch_size: int = 16
+    bm25_top_k: int = 3
+    judge: str | None = None  # a model to grade answers as an LLM judge (slow on CPU)
+    # The system message of every stage (questions, teacher answers, both trainings, answering):
+    # the method uses one everywhere. None = the chat template's default.
+    system: str | None = None
+
+    def __post_init__(self):
+        coerce_fields(self)
+        for name in ("max_new_tokens", "answer_batch_size", "bm25_top_k"):
+            check_range(self, name, 1)
+        for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = from_dict(cls, value, name)
+            if value.system is not None and value.system != self.system:
+                raise ValueError(f"{name}.system is set: set `system` once, at the top level of the "
+                                 "run config, so every stage uses the same system message")
+            object.__setattr__(self, name, dataclasses.replace(value, system=self.system))
+        if self.sft.objective != "ce":
+            raise ValueError(f"sft.objective={self.sft.objective!r}: the SFT baseline trains with ce")

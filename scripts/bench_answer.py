@@ -12,11 +12,12 @@ import argparse
 import json
 import time
 
-from pdistill_jax.jsonl import read_jsonl
-from pdistill_jax.load import load_model
-from pdistill_jax.run import resolve_path
-from pdistill_jax.sample import SamplingParams, generate
-from pdistill_jax.tokenizer import chat_prompt_ids, end_token_ids
+from pdistill_jax.files import read_jsonl
+from pdistill_jax.weights.load import load_model
+from pdistill_jax.pipeline.run import resolve_path
+from pdistill_jax.model.sampler import generate
+from pdistill_jax.config import SamplingParams
+from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
 
 def bench_jax(lm, prompts, end, batch, max_new):

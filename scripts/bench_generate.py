@@ -24,7 +24,8 @@ DEMO_DOCS = REPO / "pdistill_jax" / "assets" / "demo" / "documents.jsonl"
 
 
 def run_ours(args, out: Path, seed: int) -> dict:
-    from pdistill_jax.generate import GenerateConfig, generate_data
+    from pdistill_jax.datagen.generate import generate_data
+    from pdistill_jax.config import GenerateConfig
 
     cfg = GenerateConfig(questions_per_doc=args.questions_per_doc,
                          max_calls_per_doc=args.questions_per_doc, batch_size=args.batch_size,
@@ -64,10 +65,10 @@ def run_torch(args, ours_dir: Path, manifest: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pdistill_jax.generate import teacher_message
-    from pdistill_jax.questions import question_prompt
-    from pdistill_jax.registry import resolve_model
-    from pdistill_jax.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer
+    from pdistill_jax.datagen.generate import teacher_message
+    from pdistill_jax.datagen.questions import question_prompt
+    from pdistill_jax.weights.registry import resolve_model
+    from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer
 
     path = resolve_model(args.model)
     tok = load_tokenizer(path)

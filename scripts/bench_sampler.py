@@ -30,8 +30,9 @@ def main() -> None:
 
     import jax
 
-    from pdistill_jax.load import load_model
-    from pdistill_jax.sample import SamplingParams, generate
+    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.model.sampler import generate
+    from pdistill_jax.config import SamplingParams
 
     lm = load_model(a.model)
     rng = np.random.default_rng(0)

@@ -82,9 +82,9 @@ def main() -> None:
         return
 
     from pdistill_jax.config import LoraConfig, TrainConfig
-    from pdistill_jax.load import load_model
-    from pdistill_jax.sharding import global_batch, make_mesh
-    from pdistill_jax.step import init_train_state, make_train_step
+    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.model.sharding import global_batch, make_mesh
+    from pdistill_jax.train.step import init_train_state, make_train_step
 
     if a.answer_tokens >= a.qa_tokens:
         raise SystemExit("--answer-tokens must be smaller than --qa-tokens")

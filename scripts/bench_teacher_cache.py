@@ -24,11 +24,11 @@ def main() -> None:
     from flax import nnx
 
     from pdistill_jax.config import LoraConfig
-    from pdistill_jax.data import load_train_data
-    from pdistill_jax.load import load_model
-    from pdistill_jax.sharding import global_batch, make_mesh
-    from pdistill_jax.step import make_teacher_hidden
-    from pdistill_jax.teacher_cache import compute_teacher_cache, compute_teacher_cache_shared
+    from pdistill_jax.train.batches import load_train_data
+    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.model.sharding import global_batch, make_mesh
+    from pdistill_jax.train.step import make_teacher_hidden
+    from pdistill_jax.train.teacher_cache import compute_teacher_cache, compute_teacher_cache_shared
 
     lm = load_model(a.model, LoraConfig(rank=8, alpha=16))
     data = load_train_data(a.data, lm.tokenizer, objective="kl", max_seq_len=1024, system=None,

@@ -29,10 +29,10 @@ def main() -> None:
     import jax
 
     from pdistill_jax.config import LoraConfig, TrainConfig
-    from pdistill_jax.data import DataPosition, collate, load_train_data
-    from pdistill_jax.load import load_model
-    from pdistill_jax.sharding import make_mesh
-    from pdistill_jax.step import init_train_state, make_train_step
+    from pdistill_jax.train.batches import DataPosition, collate, load_train_data
+    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.model.sharding import make_mesh
+    from pdistill_jax.train.step import init_train_state, make_train_step
 
     cfg = TrainConfig(objective="ce", lora=LoraConfig(rank=a.rank, alpha=2.0 * a.rank), lr=1e-4,
                       batch_size=a.batch)

@@ -33,8 +33,8 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pdistill_jax.registry import resolve_model
-    from pdistill_jax.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer
+    from pdistill_jax.weights.registry import resolve_model
+    from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer
 
     path = resolve_model(a.model)
     tok = load_tokenizer(path)

@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pdistill_jax.evaluate import evaluate, match, normalize_answer, write_results  # noqa: E402
-from pdistill_jax.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
+from pdistill_jax.infer.evaluate import evaluate, match, normalize_answer, write_results  # noqa: E402
+from pdistill_jax.files import read_jsonl, write_jsonl_atomic  # noqa: E402
 
 DEMO = REPO / "pdistill_jax" / "assets" / "demo"
 MAX_NEW_TOKENS = 48

@@ -4,7 +4,10 @@ from pathlib import Path
 
 # Fake devices must be configured before JAX initialises; sharding tests use 8.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, str(Path(__file__).parent))
+# tiny_models and the test modules others borrow helpers from (test_step, test_generate, ...)
+# are imported by name: the tests' folders mirror the package's, their file names are unique.
+TESTS = Path(__file__).parent
+sys.path[:0] = [str(TESTS), *(str(d) for d in sorted(TESTS.iterdir()) if d.is_dir() and not d.name.startswith(("_", ".")))]
 
 import pytest  # noqa: E402
 
@@ -28,7 +31,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The real SmolLM2-135M GGUF (fetched on first use); for tests marked slow."""
-    from pdistill_jax.registry import fetch
+    from pdistill_jax.weights.registry import fetch
 
     return fetch("smollm2-135m-instruct")
 

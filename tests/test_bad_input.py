@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pdistill_jax.cli import main
-from pdistill_jax.jsonl import write_jsonl_atomic
+from pdistill_jax.files import write_jsonl_atomic
 
 QUESTIONS = [{"id": "q1", "question": "What is the capital of Velloria?", "answers": ["Tarsk"],
               "doc_id": "d1"},

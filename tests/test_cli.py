@@ -10,8 +10,8 @@ import pytest
 
 from pdistill_jax.cli import COMMANDS, HelpFormatter, build_parser, main
 from pdistill_jax.config import LoraConfig, TrainConfig
-from pdistill_jax.generate import GenerateConfig
-from pdistill_jax.registry import DEFAULT_MODEL
+from pdistill_jax.config import GenerateConfig
+from pdistill_jax.weights.registry import DEFAULT_MODEL
 
 
 def test_compiled_programs_persist_in_the_pdistill_cache(monkeypatch, tmp_path, capsys):
@@ -146,7 +146,7 @@ def test_version_prints_the_package_version(capsys):
 
 
 def test_models_lists_each_registered_model_and_its_cache_state(tmp_path, monkeypatch, capsys):
-    from pdistill_jax.registry import REGISTRY, model_path
+    from pdistill_jax.weights.registry import REGISTRY, model_path
 
     monkeypatch.setenv("PDISTILL_CACHE", str(tmp_path / "cache"))
     path = model_path(DEFAULT_MODEL)
@@ -230,7 +230,7 @@ def test_evaluate_by_doc_adds_a_table_per_file(tmp_path, capsys):
 
 
 def test_evaluate_table_shows_the_judge_when_there_is_one():
-    from pdistill_jax.evaluate import evaluate, format_table
+    from pdistill_jax.infer.evaluate import evaluate, format_table
 
     replies = ["<grade>true</grade>", "<grade>false</grade>", "no verdict", "<grade>true</grade>"]
     preds = [{"question": x["question"], "prediction": p} for x, p in zip(EVAL_QUESTIONS, PRED_A)]

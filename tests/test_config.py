@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pdistill_jax.answer import answer_questions
+from pdistill_jax.infer.answer import answer_questions
 from pdistill_jax.cli import main
 from pdistill_jax.commands.train import add_arguments, resolve_config
 from pdistill_jax.config import LoraConfig, ModelConfig, TrainConfig, load_yaml, to_dict
-from pdistill_jax.generate import GenerateConfig
-from pdistill_jax.run import RunConfig, load_run_config
-from pdistill_jax.sample import SamplingParams
+from pdistill_jax.config import GenerateConfig
+from pdistill_jax.pipeline.run import load_run_config
+from pdistill_jax.config import RunConfig
+from pdistill_jax.config import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = {"document": "Tarsk was founded in 1873.", "question": "When was Tarsk founded?",
@@ -327,7 +328,7 @@ def test_answer_refuses_bad_options_before_loading_a_model(tmp_path, capsys, fla
 
 
 def test_bm25_top_k_zero_is_fine_without_bm25():
-    from pdistill_jax.answer import check_answer_options
+    from pdistill_jax.infer.answer import check_answer_options
 
     check_answer_options(context="none", top_k=0)
     check_answer_options(context="gold", top_k=0)

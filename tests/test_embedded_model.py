@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def both(embedded_model):
     from transformers import AutoModelForCausalLM
 
-    from pdistill_jax.load import load_model
+    from pdistill_jax.weights.load import load_model
 
     ours = load_model(embedded_model)
     ref = AutoModelForCausalLM.from_pretrained(str(embedded_model.parent), gguf_file=embedded_model.name,
@@ -21,8 +21,8 @@ def both(embedded_model):
 def test_gguf_logits_match_transformers_gguf_loader(both):
     import jax.numpy as jnp
 
-    from pdistill_jax.model import causal_inputs
-    from pdistill_jax.tokenizer import chat_prompt_ids
+    from pdistill_jax.model.transformer import causal_inputs
+    from pdistill_jax.weights.tokenizer import chat_prompt_ids
 
     lm, ref = both
     ids = np.array([chat_prompt_ids(lm.tokenizer, "What is the tallest mountain on Earth?")])
@@ -36,8 +36,9 @@ def test_gguf_logits_match_transformers_gguf_loader(both):
 
 
 def test_gguf_greedy_answers_match_token_for_token(both):
-    from pdistill_jax.sample import SamplingParams, generate
-    from pdistill_jax.tokenizer import chat_prompt_ids, end_token_ids
+    from pdistill_jax.model.sampler import generate
+    from pdistill_jax.config import SamplingParams
+    from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
     lm, ref = both
     questions = ["What is the capital of France?", "Name a primary colour.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from ..registry import DEFAULT_MODEL
+from pdistill_jax.weights.registry import DEFAULT_MODEL
 
 MODEL_HELP = ("a registered name (`pdistill models` lists them), a Hugging Face folder "
               "(config.json + safetensors) or a .gguf file")

@@ -2,8 +2,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ..answer import CONTEXTS, PROMPT_FORMATS
-from ..sample import SamplingParams
+from pdistill_jax.infer.answer import CONTEXTS, PROMPT_FORMATS
+from pdistill_jax.config import SamplingParams
 from . import DOCS_HELP, add_model_argument, add_no_progress_argument
 
 
@@ -38,7 +38,7 @@ def add_arguments(p):
 
 def load_docs(spec: str) -> list[dict]:
     """--docs as {"id", "text", "title"} rows; the same sources `generate --docs` reads."""
-    from ..documents import load_documents
+    from pdistill_jax.datagen.documents import load_documents
 
     docs = load_documents(spec)[0]
     if not docs:
@@ -49,9 +49,9 @@ def load_docs(spec: str) -> list[dict]:
 def main(args):
     from tqdm import tqdm
 
-    from ..answer import QUESTIONS_SCHEMA, answer_questions, check_answer_options, check_contexts
-    from ..jsonl import check_output_file, read_jsonl_lines, write_jsonl_atomic
-    from ..load import load_model
+    from pdistill_jax.infer.answer import QUESTIONS_SCHEMA, answer_questions, check_answer_options, check_contexts
+    from pdistill_jax.files import check_output_file, read_jsonl_lines, write_jsonl_atomic
+    from pdistill_jax.weights.load import load_model
 
     check_answer_options(context=args.context, top_k=args.top_k, prompt_format=args.prompt_format,
                          batch_size=args.batch_size)
@@ -67,7 +67,7 @@ def main(args):
     check_contexts(questions, docs, args.context, str(questions_file), lines)
     system = args.system
     if args.adapter:
-        from ..peft_io import load_adapter_model, training_system_message
+        from pdistill_jax.weights.peft import load_adapter_model, training_system_message
 
         lm = load_adapter_model(args.model, args.adapter)
         if system is None and (system := training_system_message(args.adapter)) is not None:

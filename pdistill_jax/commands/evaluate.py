@@ -46,8 +46,8 @@ def output_folders(predictions: list[str], out: str | None) -> list[Path]:
 
 
 def main(args):
-    from ..evaluate import evaluate, format_table, write_results
-    from ..jsonl import read_jsonl
+    from pdistill_jax.infer.evaluate import evaluate, format_table, write_results
+    from pdistill_jax.files import read_jsonl
 
     questions = read_jsonl(args.questions, flag="--questions")
     folders = output_folders(args.predictions, args.out)
@@ -63,7 +63,7 @@ def main(args):
     if args.judge:
         from tqdm import tqdm
 
-        from ..judge import local_judge
+        from pdistill_jax.infer.judge import local_judge
 
         bar = tqdm(total=len(questions) * len(predictions), desc="judging", unit="q",
                    file=sys.stderr, disable=args.no_progress)

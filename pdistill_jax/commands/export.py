@@ -19,8 +19,8 @@ def add_arguments(p):
 
 
 def main(args):
-    from ..export import export_peft, save_merged
-    from ..peft_io import training_system_message
+    from pdistill_jax.weights.merged import export_peft, save_merged
+    from pdistill_jax.weights.peft import training_system_message
 
     if args.format == "peft":
         out = export_peft(args.out, args.model, args.adapter)

@@ -1,4 +1,4 @@
-from ..registry import LIST_HINT, fetch
+from pdistill_jax.weights.registry import LIST_HINT, fetch
 
 
 def add_arguments(p):

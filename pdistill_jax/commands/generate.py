@@ -18,7 +18,7 @@ OVERRIDES = {
 
 
 def add_arguments(p) -> None:
-    from ..generate import GenerateConfig
+    from pdistill_jax.config import GenerateConfig
 
     def default(name):
         return config_default(GenerateConfig, name)
@@ -48,8 +48,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..config import load_yaml
-    from ..generate import GenerateConfig, generate_data
+    from pdistill_jax.config import load_yaml
+    from pdistill_jax.datagen.generate import generate_data
+    from pdistill_jax.config import GenerateConfig
 
     cfg = load_yaml(GenerateConfig, args.config) if args.config else GenerateConfig()
     changes = {field: getattr(args, flag) for flag, field in OVERRIDES.items()

@@ -1,7 +1,7 @@
 """`pdistill models`: the registered model names, what each is, where it comes from, its cache path."""
 from __future__ import annotations
 
-from ..registry import DEFAULT_MODEL, REGISTRY, cache_dir, model_path
+from pdistill_jax.weights.registry import DEFAULT_MODEL, REGISTRY, cache_dir, model_path
 
 
 def add_arguments(p) -> None:

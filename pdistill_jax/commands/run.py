@@ -12,7 +12,7 @@ def add_arguments(p):
 def main(args):
     import dataclasses
 
-    from ..run import load_run_config, run
+    from pdistill_jax.pipeline.run import load_run_config, run
 
     cfg = load_run_config(args.config)
     if args.out:

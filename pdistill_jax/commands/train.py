@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 
-from ..registry import DEFAULT_MODEL
+from pdistill_jax.weights.registry import DEFAULT_MODEL
 from . import add_model_argument, add_no_progress_argument, config_default
 
 TRAIN_FLAGS = {  # flag dest -> TrainConfig field
@@ -24,7 +24,7 @@ LORA_FLAGS = {"rank": "rank", "alpha": "alpha", "targets": "targets"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import LoraConfig, TrainConfig
+    from pdistill_jax.config import LoraConfig, TrainConfig
 
     def default(name, cls=TrainConfig):
         return config_default(cls, name)
@@ -98,8 +98,8 @@ def resolve_config(args: argparse.Namespace, run_config: dict | None):
 
     TrainConfig checks the values; one read from --config is reported with its file and line.
     """
-    from ..config import TrainConfig, from_dict, read_yaml
-    from ..sharding import parse_mesh
+    from pdistill_jax.config import TrainConfig, from_dict, read_yaml
+    from pdistill_jax.model.sharding import parse_mesh
 
     flags = {field: parse_mesh(getattr(args, dest)) if dest == "mesh" else getattr(args, dest)
              for dest, field in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
@@ -126,13 +126,13 @@ def resolve_config(args: argparse.Namespace, run_config: dict | None):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train import read_run_config, train
+    from pdistill_jax.train.loop import read_run_config, train
 
     run_config = read_run_config(args.out) if args.resume else None
     model, data = train_inputs(args, run_config)
     cfg = resolve_config(args, run_config)
     if cfg.system is None and run_config is None:
-        from ..generate import generation_system_message
+        from pdistill_jax.datagen.generate import generation_system_message
 
         if (system := generation_system_message(data)) is not None:
             cfg = dataclasses.replace(cfg, system=system)

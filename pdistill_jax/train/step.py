@@ -1,0 +1,352 @@
+"""The jit-compiled prompt-distillation training step: objectives, optimizer, gradient accumulation.
+
+One `jax.jit` per step does all of it: the teacher forward (base model, adapter off, document in
+the prompt, no gradient) unless the batch brings the teacher's cached hidden states (the teacher
+is frozen, so they are the same every epoch: teacher_cache.py), the student forward (adapter on, question only), the hidden states
+gathered at the answer positions *before* the LM head, the loss chunked over answer positions,
+the LoRA gradients, and one AdamW update. One copy of the base weights serves both roles and is
+never an output of the step, so it is never copied; only the TrainState (LoRA + optimizer state
++ step) is donated and returned.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from pdistill_jax.model import losses
+from pdistill_jax.config import TrainConfig
+from pdistill_jax.model.transformer import KVCache, Transformer, causal_inputs, init_cache
+from pdistill_jax.model.sharding import batch_sharding, replicated, shard_state, state_shardings
+
+STUDENT_KEYS = ("student_tokens", "student_valid", "targets", "target_mask", "student_pos")
+TEACHER_KEYS = ("teacher_tokens", "teacher_valid", "teacher_pos")
+BATCH_KEYS = TEACHER_KEYS[:2] + STUDENT_KEYS[:4] + TEACHER_KEYS[2:] + STUDENT_KEYS[4:]
+# Instead of TEACHER_KEYS a batch may carry the teacher's final hidden states at the answer
+# positions, (B, A, D), computed once per run by `make_teacher_hidden` (see teacher_cache.py).
+TEACHER_HIDDEN = "teacher_hidden"
+# Elements of one (B, c, V) LM-head chunk of logits (128 MiB in float32): the loss runs over the
+# answer positions in as few chunks as stay within it. Chunked logits are recomputed in the
+# backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits
+# (measured: SmolLM2-135M, rank-32 LoRA, cached teacher, 8 rows x 48 answer positions: one chunk
+# 3.61 s a step, three chunks of 16 positions 3.77 s).
+LOGITS_PER_CHUNK = 1 << 25
+
+
+class TrainState(NamedTuple):
+    lora: nnx.State  # the trainable adapter (float32)
+    opt_state: optax.OptState  # AdamW moments for the LoRA leaves only
+    step: jax.Array  # optimizer steps taken (int32 scalar)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def lora_labels(params_state: Any) -> Any:
+    """"lora" for every nnx.LoRAParam, "frozen" for every other Variable (a prefix tree of params)."""
+    return jax.tree.map(lambda v: "lora" if isinstance(v, nnx.LoRAParam) else "frozen",
+                        params_state, is_leaf=_is_variable)
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 over warmup_ratio * total_steps, then linear decay to 0 at total_steps."""
+    total = max(int(total_steps), 1)
+    warmup = int(round(cfg.warmup_ratio * total))
+    if warmup == 0:
+        return optax.linear_schedule(cfg.lr, 0.0, total)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, warmup),
+         optax.linear_schedule(cfg.lr, 0.0, max(total - warmup, 1))], [warmup])
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with clipping on the LoRA leaves; every other leaf gets a zero update (frozen)."""
+    adamw = optax.inject_hyperparams(optax.adamw)(  # injected: the lr in use is read back as a metric
+        learning_rate=lr_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+    return optax.multi_transform(
+        {"lora": optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw),
+         "frozen": optax.set_to_zero()},
+        lora_labels)
+
+
+def current_lr(opt_state: optax.OptState) -> jax.Array:
+    """The learning rate of the last update (inject_hyperparams stores it in the state)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+        if jax.tree_util.keystr(path).endswith("hyperparams['learning_rate']"):
+            return leaf
+    raise ValueError("optimizer state has no injected learning_rate; build it with make_optimizer")
+
+
+def configure_model(model: Transformer, cfg: TrainConfig) -> None:
+    """Sets the model's compute dtype and rematerialisation from cfg (both are static attributes
+    read at trace time; the weights keep their storage dtype, LoRA stays float32)."""
+    dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dtype"):
+            module.dtype = dtype
+    model.remat = cfg.remat
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """Shardings of a TrainState: LoRA leaves and their Adam moments (which keep the LoRAParam
+    wrappers and hence the `axes` metadata) from the logical rules; counters replicated."""
+    return TrainState(state_shardings(state.lora, mesh), state_shardings(state.opt_state, mesh),
+                      replicated(mesh))
+
+
+def init_train_state(model: Transformer, cfg: TrainConfig, total_steps: int, mesh: Mesh
+                     ) -> tuple[nnx.GraphDef, nnx.State, TrainState, optax.GradientTransformation]:
+    """Splits `model` into (graphdef, frozen base, trainable TrainState), all placed on `mesh`.
+
+    Also sets the model's compute dtype and remat from cfg (see `configure_model`); build the model
+    with its LoRA adapter (LoraConfig) before calling this.
+    """
+    configure_model(model, cfg)
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    if not jax.tree.leaves(lora):
+        raise ValueError("the model has no LoRA parameters; build it with a LoraConfig")
+    # The TrainState is donated to the step, so it gets its own LoRA buffers: the caller's model
+    # keeps working (for sampling, export) after training starts. The base is shared, never donated.
+    lora = shard_state(jax.tree.map(jnp.copy, lora), mesh)
+    base = shard_state(base, mesh)
+    optimizer = make_optimizer(cfg, total_steps)
+    abstract = jax.eval_shape(optimizer.init, (lora, base))
+    opt_state = jax.jit(optimizer.init, out_shardings=state_shardings(abstract, mesh))((lora, base))
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return graphdef, base, TrainState(lora, opt_state, step), optimizer
+
+
+def _gather(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+    """hidden (B, T, D) at positions (B, A) -> (B, A, D)."""
+    return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+
+
+def teacher_hidden(model: Transformer, batch: dict) -> jax.Array:
+    """The teacher's (base model, adapter off) final hidden states at the answer positions, (B, A, D)."""
+    t_pos, t_valid = causal_inputs(batch["teacher_tokens"], batch["teacher_valid"])
+    hidden_t, _ = model(batch["teacher_tokens"], t_pos, t_valid, use_lora=False)
+    return _gather(hidden_t, batch["teacher_pos"])
+
+
+def student_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()) -> jax.Array:
+    """The student's (adapter on) final hidden states over batch["student_tokens"], (B, T, D).
+
+    With `prefix` (the ids every student sequence starts with, left out of student_tokens by
+    `collate`), the prefix runs once, as one row, and every row attends to its keys and values:
+    the same states as running it in every row, for 1/B of its cost. Its gradient is the sum
+    over the rows that read it.
+    """
+    tokens, valid = batch["student_tokens"], batch["student_valid"]
+    if not prefix:
+        positions, key_valid = causal_inputs(tokens, valid)
+        return model(tokens, positions, key_valid, use_lora=True)[0]
+    p, (b, t) = len(prefix), tokens.shape
+    ids = jnp.asarray(prefix, jnp.int32)[None]
+    _, kv = model(ids, jnp.arange(p)[None], jnp.ones((1, p), bool),
+                  cache=init_cache(model.cfg, 1, p, model.dtype), cache_index=0, use_lora=True)
+    kv = KVCache(*(jnp.broadcast_to(c, (c.shape[0], b) + c.shape[2:]) for c in kv))
+    positions = p + causal_inputs(tokens, valid)[0]
+    key_valid = jnp.concatenate([jnp.ones((b, p), bool), valid.astype(bool)], axis=1)
+    return model(tokens, positions, key_valid, prefix=kv, use_lora=True)[0]
+
+
+def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_PER_CHUNK) -> int:
+    """Answer positions per LM-head chunk: all of them if their logits fit the budget, else the
+    fewest equal chunks that do (at least one position each)."""
+    fits = max(1, budget // max(rows * vocab, 1))
+    if positions <= fits:
+        return positions
+    n = -(-positions // fits)
+    return -(-positions // n)
+
+
+def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | None = None,
+                   student_prefix: Sequence[int] = ()
+                   ) -> Callable[[nnx.State, nnx.State, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+    """(lora, base, batch) -> (sum of per-sequence mean losses, (sequences with answers, answer tokens)).
+
+    Sums rather than means so that micro-batches add up to exactly the full-batch loss.
+    `loss_chunk` answer positions go through the LM head at a time (None: `loss_chunk_for`).
+    `student_prefix`: the ids the batches' student sequences share and leave out
+    (`TrainData.student_prefix`; empty when they carry whole sequences).
+    """
+    objective, tau, beta = cfg.objective, cfg.tau, cfg.jsd_beta
+    prefix = tuple(int(i) for i in student_prefix)
+
+    def loss_sums(lora, base, batch):
+        model: Transformer = nnx.merge(graphdef, lora, base)
+        chunk = loss_chunk or loss_chunk_for(*batch["targets"].shape, model.cfg.vocab_size)
+        h_s = _gather(student_hidden(model, batch, prefix), batch["student_pos"])
+        if objective == "ce":
+            per_token = losses.chunked_token_losses(
+                lambda h, t: losses.cross_entropy_per_token(model.logits(h, True), t),
+                (h_s, batch["targets"]), chunk)
+        else:
+            h_t = batch[TEACHER_HIDDEN] if TEACHER_HIDDEN in batch else teacher_hidden(model, batch)
+            h_t = jax.lax.stop_gradient(h_t.astype(model.dtype))
+            token_loss = {
+                "kl": losses.forward_kl_per_token,
+                "reverse_kl": losses.reverse_kl_per_token,
+                "jsd": lambda t, s, tau_: losses.jsd_per_token(t, s, tau_, beta),
+            }[objective]
+            per_token = losses.chunked_token_losses(
+                lambda ht, hs: token_loss(jax.lax.stop_gradient(model.logits(ht, False)),
+                                          model.logits(hs, True), tau),
+                (h_t, h_s), chunk)
+        mask = batch["target_mask"]
+        total, count = losses.sequence_sums(per_token, mask)
+        return total, (count, jnp.sum(mask.astype(jnp.float32)))
+
+    return loss_sums
+
+
+def _micro_batches(batch: dict, grad_accum: int) -> dict:
+    """(G*B, ...) -> (G, B, ...) with micro-batch g = rows g, G+g, 2G+g, ...: each device's
+    contiguous shard of the batch axis then holds whole groups, so the split moves no data."""
+    def split(x):
+        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def _step_inputs(batch: dict) -> dict:
+    """The arrays the step reads: the student keys and either the teacher's tokens or its cached
+    hidden states (then the teacher tokens are not sent to the devices at all)."""
+    teacher = (TEACHER_HIDDEN,) if TEACHER_HIDDEN in batch else TEACHER_KEYS
+    missing = [k for k in STUDENT_KEYS + teacher if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}; expected the keys {list(BATCH_KEYS)} (or "
+                         f"{TEACHER_HIDDEN!r} in place of {list(TEACHER_KEYS)})")
+    return {k: batch[k] for k in STUDENT_KEYS + teacher}
+
+
+def _data_shards(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
+    rows = batch["student_tokens"].shape[0]
+    if rows != cfg.batch_size * cfg.grad_accum:
+        raise ValueError(f"training batch has {rows} rows; expected batch_size * grad_accum = "
+                         f"{cfg.batch_size} * {cfg.grad_accum}")
+    if cfg.batch_size % _data_shards(mesh):
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over data x fsdp = "
+                         f"{_data_shards(mesh)} devices; use a multiple of it or a smaller mesh")
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    cfg: TrainConfig, mesh: Mesh, *, loss_chunk: int | None = None,
+                    student_prefix: Sequence[int] = ()
+                    ) -> Callable[[TrainState, nnx.State, dict], tuple[TrainState, dict]]:
+    """(state, base, batch) -> (new state, metrics {loss, grad_norm, lr, answer_tokens}).
+
+    `state` is donated (do not reuse the one passed in); `base` is read only. The batch's leading
+    size is cfg.batch_size * cfg.grad_accum; gradients of grad_accum micro-batches are summed in a
+    `lax.scan` and applied in one update. `student_prefix`: as for `make_loss_sums`.
+    """
+    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
+    # The gradient is taken with respect to the merged (LoRA, base) tree and the optimizer's
+    # set_to_zero branch freezes the base. Only the LoRA update is returned, so the base weight
+    # gradients are dead code and XLA removes them, across the accumulation scan too: measured on a
+    # 4-layer d=256 model, the compiled step has the same 76 dot ops and 3.53e9 flops as one that
+    # differentiates the LoRA leaves only (see docs/distributed.md, "What the step computes").
+    grad_fn = jax.value_and_grad(lambda params, micro: loss_sums(params[0], params[1], micro),
+                                 has_aux=True)
+
+    def micro_step(params, micro):
+        (total, (count, tokens)), grads = grad_fn(params, micro)
+        return grads, total, count, tokens
+
+    def step(state: TrainState, base: nnx.State, batch: dict):
+        params = (state.lora, base)
+        if cfg.grad_accum == 1:
+            grads, total, count, tokens = micro_step(params, batch)
+        else:
+            def body(acc, micro):
+                return jax.tree.map(jnp.add, acc, micro_step(params, micro)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params),) + (jnp.zeros((), jnp.float32),) * 3
+            (grads, total, count, tokens), _ = jax.lax.scan(
+                body, zeros, _micro_batches(batch, cfg.grad_accum))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        lora = optax.apply_updates(state.lora, updates[0])  # updates[1] (base) is zero and unused
+        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads[0]),
+                   "lr": current_lr(opt_state), "answer_tokens": tokens}
+        return TrainState(lora, opt_state, state.step + 1), metrics
+
+    jitted = None
+
+    def train_step(state: TrainState, base: nnx.State, batch: dict):
+        nonlocal jitted
+        batch = _step_inputs(batch)
+        _check_batch(batch, cfg, mesh)
+        if jitted is None:  # shardings come from the state's metadata, known at the first call
+            state_sh = train_state_shardings(state, mesh)
+            jitted = jax.jit(step, donate_argnums=0,
+                             in_shardings=(state_sh, state_shardings(base, mesh), batch_sharding(mesh)),
+                             out_shardings=(state_sh, replicated(mesh)))
+        return jitted(state, base, batch)
+
+    return train_step
+
+
+def make_eval_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh, *,
+                   loss_chunk: int | None = None, student_prefix: Sequence[int] = ()
+                   ) -> Callable[[nnx.State, nnx.State, dict], dict]:
+    """(lora, base, batch) -> {loss, sequences, answer_tokens}: the training loss, no update.
+
+    The batch may have any number of rows that is a multiple of data x fsdp (one compilation per
+    distinct shape). `student_prefix`: as for `make_loss_sums`.
+    """
+    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
+
+    def evaluate(lora, base, batch):
+        total, (count, tokens) = loss_sums(lora, base, batch)
+        return {"loss": total / jnp.maximum(count, 1.0), "sequences": count, "answer_tokens": tokens}
+
+    jitted = _jit_on_mesh(evaluate, mesh, replicated(mesh))
+
+    def eval_loss(lora, base, batch):
+        batch = _step_inputs(batch)
+        rows = batch["student_tokens"].shape[0]
+        if rows % _data_shards(mesh):
+            raise ValueError(f"evaluation batch of {rows} rows does not split over data x fsdp = "
+                             f"{_data_shards(mesh)} devices; pad it to a multiple")
+        return jitted(lora, base, batch)
+
+    return eval_loss
+
+
+def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:
+    """fn(lora, base, batch) jitted at its first call, with the state shardings read from the
+    states' metadata then and the batch split over data x fsdp."""
+    jitted = None
+
+    def call(lora, base, batch):
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fn, in_shardings=(state_shardings(lora, mesh),
+                                               state_shardings(base, mesh), batch_sharding(mesh)),
+                             out_shardings=out_sharding)
+        return jitted(lora, base, batch)
+
+    return call
+
+
+def make_teacher_hidden(graphdef: nnx.GraphDef, mesh: Mesh
+                        ) -> Callable[[nnx.State, nnx.State, dict], jax.Array]:
+    """(lora, base, batch) -> the teacher's hidden states at the answer positions, (B, A, D),
+    sharded over the batch like the batch. The adapter is off, so `lora` is read for its
+    structure only; any number of rows that splits over data x fsdp."""
+    def hidden(lora, base, batch):
+        return teacher_hidden(nnx.merge(graphdef, lora, base), batch)
+
+    jitted = _jit_on_mesh(hidden, mesh, batch_sharding(mesh))
+    return lambda lora, base, batch: jitted(lora, base, {k: batch[k] for k in TEACHER_KEYS})

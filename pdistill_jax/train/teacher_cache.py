@@ -1,0 +1,178 @@
+"""The frozen teacher's final hidden states at the answer positions, computed once per run.
+
+The teacher is the base model with the adapter off and never changes during training, so what it
+computes for a row is the same in every epoch. Running it once per row and keeping its final
+hidden states at the answer positions (answer tokens x hidden size per row: ~40 MB for the demo's
+276 rows on SmolLM2-135M) leaves each step only the student's forward and backward and the two LM
+heads. Hidden states rather than logits: they are ~85x smaller than 49k-vocabulary logits, and
+the LM head applied in the step is the same function the step would apply anyway, so the loss is
+the one the uncached step computes (up to float rounding order).
+
+Generation computes the very same states while it samples the answers, so `pdistill generate`
+keeps them beside qa.jsonl (TEACHER_STATES_DIR), keyed by a hash of the model, the dtype and the
+whole teacher sequence. Training takes every row whose re-tokenised teacher sequence hashes the
+same and runs the teacher only for the rest (a different system prompt, a truncated document,
+an answer that re-tokenises differently, another model or dtype).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import zipfile
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pdistill_jax.train.batches import Example, collate
+from pdistill_jax.files import atomic_writer
+from pdistill_jax.model.sampler import _left_padded, plan_prefill, prefill, prefill_rows
+from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS
+
+
+TEACHER_STATES_DIR = "teacher_states"  # beside qa.jsonl: the states generation kept
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Names a checkpoint cheaply: its files' resolved paths, sizes and modification times (a
+    re-fetched or edited checkpoint gets a new name, so no stale state is ever matched)."""
+    path = Path(path).resolve()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def teacher_sequence_key(fingerprint: str, dtype, ids: Sequence[int]) -> str:
+    """The key of one teacher sequence's states: (model, compute dtype, prompt + answer ids)."""
+    h = hashlib.sha256(f"{fingerprint}:{np.dtype(dtype).name}:".encode())
+    h.update(np.asarray(ids, "<i4").tobytes())
+    return h.hexdigest()
+
+
+def save_teacher_states(path: str | Path, states: dict[str, np.ndarray]) -> None:
+    """states (key -> (answer tokens + 1, D)) as one .npz, written atomically."""
+    with atomic_writer(path, "wb") as f:
+        np.savez(f, **states)
+
+
+def load_teacher_states(folder: str | Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """The stored states of those keys found in folder's .npz files. They only save time, so an
+    unreadable file is reported and skipped (its rows are recomputed), never fatal."""
+    wanted, found = set(keys), {}
+    for file in sorted(Path(folder).glob("*.npz")):
+        try:
+            with np.load(file) as z:
+                for key in wanted.intersection(z.files).difference(found):
+                    found[key] = z[key]
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            print(f"warning: {file}: unreadable ({e}); its teacher states are recomputed",
+                  file=sys.stderr)
+    return found
+
+
+def teacher_cache_bytes(examples: Sequence[Example], hidden_size: int, dtype) -> int:
+    return sum(len(e.targets) for e in examples) * hidden_size * np.dtype(dtype).itemsize
+
+
+def compute_teacher_cache(examples: Sequence[Example], rows: int,
+                          hidden_fn: Callable[[dict], jax.Array],
+                          to_global: Callable[[dict], dict], pad_id: int = 0,
+                          progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Per example, the teacher's hidden states at its answer positions, (answer tokens, D).
+
+    hidden_fn maps a global teacher batch of `rows` rows to (rows, A, D) (step.make_teacher_hidden
+    with the state bound); to_global turns the numpy batch into global arrays (this process's rows).
+    Rows of similar teacher length are batched together, so padding stays small.
+    """
+    order = np.argsort([len(e.teacher) for e in examples], kind="stable")
+    cache: list[np.ndarray | None] = [None] * len(examples)
+    for start in range(0, len(order), rows):
+        idx = order[start:start + rows]
+        batch = collate(examples, idx, rows, pad_id)
+        hidden = hidden_fn(to_global({k: batch[k] for k in TEACHER_KEYS}))
+        if jax.process_count() > 1:
+            from jax.experimental.multihost_utils import process_allgather
+            hidden = process_allgather(hidden, tiled=True)
+        hidden = np.asarray(hidden)
+        for r, i in enumerate(idx):
+            cache[i] = hidden[r, :len(examples[i].targets)].copy()
+        if progress is not None:
+            progress(len(idx))
+    return cache  # type: ignore[return-value]
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefix_shared_hidden(graphdef, lora, base, tokens, valid, src, suffix, suffix_valid, gather):
+    model = nnx.merge(graphdef, lora, base)
+    hidden, *_ = prefill(model, tokens, valid, src, suffix, suffix_valid, 0, use_lora=False)
+    return jnp.take_along_axis(hidden, gather[..., None], axis=1)
+
+
+def compute_teacher_cache_shared(examples: Sequence[Example], rows: int, graphdef, lora, base
+                                 ) -> list[np.ndarray]:
+    """As compute_teacher_cache, on one process, with every document prefilled once per batch.
+
+    The teacher rows of one document differ only after the document (the question and the
+    answer), so rows are sorted by prompt, and each batch's shared prefixes go through the model
+    once (sample.prefill, as the sampler does) before each row's own question and answer: for
+    the demo's 12 questions a document this is about a third of the teacher's work.
+    """
+    order = sorted(range(len(examples)),
+                   key=lambda i: tuple(examples[i].teacher[:examples[i].teacher_prompt_len]))
+    cache: list[np.ndarray | None] = [None] * len(examples)
+    answers = max(len(e.targets) for e in examples)  # one gather width: one shape fewer to compile
+    for start in range(0, len(order), rows):
+        idx = order[start:start + rows]
+        chosen = [examples[i] for i in idx]
+        # The plan is made on the prompts, so a cut never passes the last prompt token, whose
+        # hidden state predicts the first answer token.
+        prefixes, src_rows, _ = plan_prefill(
+            [tuple(e.teacher[:e.teacher_prompt_len]) for e in chosen], rows)
+        if len(prefixes) == len(chosen):  # nothing shared: each row whole, as one prefix
+            prefixes, cuts = [tuple(e.teacher) for e in chosen], [len(e.teacher) for e in chosen]
+            suffixes = []
+        else:
+            cuts = [len(prefixes[src_rows[r]]) for r in range(len(chosen))]
+            suffixes = [tuple(e.teacher[cut:]) for e, cut in zip(chosen, cuts)]
+        tokens, valid = _left_padded(prefixes, prefill_rows(len(prefixes), rows) if suffixes else rows)
+        src = np.zeros(rows, np.int32)
+        src[:len(chosen)] = src_rows if suffixes else np.arange(len(chosen))
+        if suffixes:
+            suffix, suffix_valid = _left_padded(suffixes, rows)
+            last = [len(s) for s in suffixes]
+        else:
+            suffix, suffix_valid = np.zeros((rows, 0), np.int32), np.zeros((rows, 0), bool)
+            last = [len(e.teacher) for e in chosen]
+        width = tokens.shape[1] if not suffixes else suffix.shape[1]
+        gather = np.zeros((rows, answers), np.int32)
+        for r, (e, cut, n) in enumerate(zip(chosen, cuts, last)):
+            # position p of the teacher sequence sits at slot width - n + (p - start of stage)
+            stage_start = cut if suffixes else 0
+            pos = e.teacher_prompt_len - 1 + np.arange(len(e.targets))
+            gather[r, :len(e.targets)] = width - n + pos - stage_start
+        hidden = np.asarray(_prefix_shared_hidden(
+            graphdef, lora, base, tokens, valid, src, suffix, suffix_valid, gather))
+        for r, i in enumerate(idx):
+            cache[i] = hidden[r, :len(examples[i].targets)].copy()
+    return cache  # type: ignore[return-value]
+
+
+def attach_teacher_hidden(batch: dict[str, np.ndarray], indices: Sequence[int],
+                          cache: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with the cached teacher hidden states (rows, A, D) in place of the teacher's
+    tokens; filler rows and padded answer positions are zero (they are masked in the loss)."""
+    rows, width = batch["targets"].shape
+    first = cache[indices[0]]
+    hidden = np.zeros((rows, width, first.shape[-1]), first.dtype)
+    for r, i in enumerate(indices):
+        hidden[r, :len(cache[i])] = cache[i]
+    out = {k: v for k, v in batch.items() if k not in TEACHER_KEYS}
+    out[TEACHER_HIDDEN] = hidden
+    return out

@@ -1,0 +1,272 @@
+"""Weights in from Hugging Face (safetensors) and GGUF files, mapped onto our parameter tree.
+
+The mapping is one regex table from Hugging Face names to our paths, with the expected shape of
+every tensor asserted. GGUF files are first renamed to Hugging Face names (and llama.cpp's q/k
+row permutation undone), so both formats share the same table.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from pdistill_jax.config import ModelConfig
+
+# HF name -> (our path template, transpose?). {i} is the layer index.
+_HF_TO_OURS = [
+    (r"model\.embed_tokens\.weight", "embed", False),
+    (r"model\.norm\.weight", "norm.weight", False),
+    (r"lm_head\.weight", "lm_head.kernel", True),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.attn_norm.weight", False),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.mlp_norm.weight", False),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", "layers.attn.{1}.kernel", True),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.bias", "layers.attn.{1}.bias", False),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layers.mlp.{1}.kernel", True),
+]
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our path -> shape of every base weight (layer weights without the leading layer axis)."""
+    d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes = {
+        "embed": (v, d), "norm.weight": (d,),
+        "layers.attn_norm.weight": (d,), "layers.mlp_norm.weight": (d,),
+        "layers.attn.q.kernel": (d, qd), "layers.attn.k.kernel": (d, kd),
+        "layers.attn.v.kernel": (d, kd), "layers.attn.o.kernel": (qd, d),
+        "layers.mlp.gate.kernel": (d, f), "layers.mlp.up.kernel": (d, f),
+        "layers.mlp.down.kernel": (f, d),
+    }
+    if cfg.attention_bias:
+        shapes.update({"layers.attn.q.bias": (qd,), "layers.attn.k.bias": (kd,),
+                       "layers.attn.v.bias": (kd,)})
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.kernel"] = (d, v)
+    return shapes
+
+
+def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=np.float32,
+                 source: str = "checkpoint") -> dict:
+    """Maps (HF name, array) pairs to a nested dict of our base parameters, checking every shape."""
+    shapes = expected_shapes(cfg)
+    flat: dict[str, np.ndarray] = {}
+    per_layer: dict[str, list] = {k: [None] * cfg.num_layers for k in shapes if k.startswith("layers.")}
+    for name, array in tensors:
+        if _IGNORED.match(name):
+            continue
+        for pattern, template, transpose in _HF_TO_OURS:
+            m = re.fullmatch(pattern, name)
+            if m:
+                break
+        else:
+            if cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a {cfg.model_type} model")
+        path = template.format(*m.groups())
+        if path == "lm_head.kernel" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints still store the (identical) head
+        if path not in shapes:
+            raise ValueError(f"{source}: tensor {name!r} does not fit this config "
+                             f"(attention_bias={cfg.attention_bias})")
+        array = np.asarray(array)
+        want = shapes[path][::-1] if transpose else shapes[path]
+        if array.shape != want:
+            raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, "
+                             f"expected {want} from the config")
+        array = (array.T if transpose else array).astype(dtype)
+        if path.startswith("layers."):
+            layer = int(m.group(1))
+            if layer >= cfg.num_layers:
+                raise ValueError(f"{source}: tensor {name!r} is beyond num_hidden_layers={cfg.num_layers}")
+            per_layer[path][layer] = array
+        else:
+            flat[path] = array
+    for path, layers in per_layer.items():
+        missing = [i for i, a in enumerate(layers) if a is None]
+        if missing:
+            raise ValueError(f"{source}: missing tensor for {path!r} in layer(s) {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}")
+        flat[path] = np.stack(layers)
+    absent = sorted(set(shapes) - set(flat))
+    if absent:
+        raise ValueError(f"{source}: missing tensor(s) {absent}")
+    return _nest(flat)
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+# ---------------------------------------------------------------- Hugging Face directories
+
+def read_hf_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
+    return ModelConfig.from_hf(json.loads(path.read_text()), str(path))
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a single or sharded (`model.safetensors.index.json`) checkpoint, as float32."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    for fname in files:
+        fpath = model_dir / fname
+        if not fpath.exists():
+            raise FileNotFoundError(f"{fpath}: shard listed in the index is missing")
+        yield from read_safetensors(fpath)
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) of every tensor of one .safetensors file, one at a time (memory
+    peaks at one tensor); a damaged or truncated file is one ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
+        # framework="flax" reads bfloat16 too (numpy has no bfloat16).
+        with safe_open(str(path), framework="flax") as f:
+            for name in f.keys():
+                yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any damage
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: damaged or truncated safetensors file ({reason}); "
+                         "download or save it again") from None
+
+
+def load_hf_checkpoint(model_dir: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    model_dir = Path(model_dir)
+    cfg = read_hf_config(model_dir)
+    return cfg, hf_to_params(cfg, iter_safetensors(model_dir), dtype, str(model_dir))
+
+
+# ---------------------------------------------------------------- GGUF
+
+_GGUF_TO_HF = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_(q|k|v)\.(weight|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}"),
+    (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", "model.layers.{0}.mlp.{1}_proj.weight"),
+]
+
+
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_gguf_config(reader, source: str) -> ModelConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{source}: GGUF general.architecture={arch!r} is not supported; "
+                         "use llama or qwen2")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"{source}: GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported; "
+                         "pass the Hugging Face directory instead")
+    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    heads = int(g("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = g("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    hidden = int(g("embedding_length"))
+    return ModelConfig(
+        model_type=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=int(g("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(g("attention.head_count_kv", heads)),
+        head_dim=int(g("attention.key_length", hidden // heads)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        max_position_embeddings=int(g("context_length", 4096)),
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of each head's rotary halves (HF rotate-half order)."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf(reader, cfg: ModelConfig, source: str) -> Iterator[tuple[str, np.ndarray]]:
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        for pattern, template in _GGUF_TO_HF:
+            m = re.fullmatch(pattern, t.name)
+            if m:
+                break
+        else:
+            raise ValueError(f"{source}: unexpected GGUF tensor {t.name!r}")
+        name = template.format(*m.groups())
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if cfg.model_type == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute_qk(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
+        yield name, w
+
+
+def open_gguf(path: str | Path):
+    """A GGUFReader on `path`, refusing with one ValueError a file that is not GGUF, damaged, or
+    truncated (a tensor's data running past the end of the file)."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the parser fails on damage with any error type
+        raise ValueError(f"{path}: not a readable GGUF file, damaged or truncated "
+                         f"({type(e).__name__}: {str(e)[:120]}); download it again") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{path}: truncated GGUF file ({size} bytes; tensor {t.name!r} needs "
+                             f"bytes up to {t.data_offset + t.n_bytes}); download it again")
+    return reader
+
+
+def load_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    path = Path(path)
+    reader = open_gguf(path)
+    cfg = read_gguf_config(reader, str(path))
+    return cfg, hf_to_params(cfg, iter_gguf(reader, cfg, str(path)), dtype, str(path))
+
+
+def load_checkpoint(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """A Hugging Face directory or a .gguf file -> (config, nested dict of base parameters)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_hf_checkpoint(path, dtype)
+    if path.suffix == ".gguf" and path.is_file():
+        return load_gguf(path, dtype)
+    raise FileNotFoundError(f"{path}: expected a Hugging Face model directory or a .gguf file")

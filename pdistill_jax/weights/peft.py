@@ -1,0 +1,398 @@
+"""LoRA adapters to and from PEFT folders (`adapter_config.json` + `adapter_model.safetensors`).
+
+A PEFT folder is what `peft.PeftModel.from_pretrained` and vLLM load, so a trained student can
+be served without pdistill. Our LoRA leaves hold A as (in, r) and B as (r, out), stacked over
+layers; PEFT stores one `lora_A.weight` (r, in) and `lora_B.weight` (out, r) per module, keyed
+by the Hugging Face module path. Both use scale = alpha / r, so the conversion is a rename and a
+transpose with no rescaling.
+
+Folders are written into a temporary sibling and renamed into place, so an interrupted export
+never leaves a half-written adapter (and an existing one survives until the new one is complete).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pdistill_jax.files import write_dir_atomic
+from pdistill_jax.config import LORA_TARGETS, LoraConfig, ModelConfig
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+VLLM_MAX_LORA_RANK = 512  # vLLM refuses adapters above this rank (--max-lora-rank tops out here)
+
+# Our target -> Hugging Face module name (the last part of its path).
+HF_MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+             "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head"}
+_OUR_TARGET = {hf: ours for ours, hf in HF_MODULE.items()}
+# Per-layer targets: where they sit in our LoRA tree and in the HF module tree.
+LAYER_PATH = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
+               "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
+_HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
+
+# adapter_config.json fields describing PEFT features our plain LoRA cannot reproduce. Any value
+# other than "unset" (None, False, empty, or the listed default) is rejected by name on import.
+_UNSUPPORTED_FIELDS = {
+    "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+    "rank_pattern": None, "alpha_pattern": None, "bias": "none", "lora_bias": False,
+    "exclude_modules": None, "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
+    "use_bdlora": None,
+}
+
+
+# ---------------------------------------------------------------- names and shapes
+
+def hf_module_paths(cfg: ModelConfig, target: str) -> list[str]:
+    """Hugging Face module path(s) of one target, one per layer (just `lm_head` for the head)."""
+    if target == "lm_head":
+        return ["lm_head"]
+    block, name = LAYER_PATH[target]
+    return [f"model.layers.{i}.{_HF_BLOCK[block]}.{HF_MODULE[name]}" for i in range(cfg.num_layers)]
+
+
+def target_dims(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of a target projection."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    return {"q": (d, qd), "k": (d, kd), "v": (d, kd), "o": (qd, d), "gate": (d, f),
+            "up": (d, f), "down": (f, d), "lm_head": (d, cfg.vocab_size)}[target]
+
+
+def peft_key(module_path: str, matrix: str) -> str:
+    """`matrix` is "A" or "B"."""
+    return f"{PEFT_PREFIX}{module_path}.lora_{matrix}.weight"
+
+
+# ---------------------------------------------------------------- tree <-> PEFT tensors
+
+def _pure(lora_state) -> dict:
+    return nnx.to_pure_dict(lora_state) if isinstance(lora_state, nnx.State) else lora_state
+
+
+def _to_host(x) -> np.ndarray:
+    """A full float32 numpy copy. Arrays spread over several hosts are all-gathered first, which
+    is a collective: every process must make the same calls."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), dtype=np.float32)
+
+
+def head_lora(pure: dict) -> tuple[Any, Any]:
+    """(A (D, r), B (r, V)) of the LM-head adapter, tied (`lm_head_lora_a`) or untied layout."""
+    if "lm_head_lora_a" in pure:
+        return pure["lm_head_lora_a"], pure["lm_head_lora_b"]
+    head = pure.get("lm_head") or {}
+    if "lora_a" not in head:
+        raise ValueError("LoRA state has no lm_head adapter although 'lm_head' is a target")
+    return head["lora_a"], head["lora_b"]
+
+
+def layer_lora(pure: dict, target: str) -> tuple[Any, Any]:
+    """(A (L, in, r), B (L, r, out)) of a per-layer target."""
+    block, name = LAYER_PATH[target]
+    node = pure.get("layers", {}).get(block, {}).get(name) or {}
+    if "lora_a" not in node:
+        raise ValueError(f"LoRA state has no adapter on {target!r} although it is a target; "
+                         "was the model built with a different LoraConfig?")
+    return node["lora_a"], node["lora_b"]
+
+
+def lora_to_peft_tensors(lora_state, cfg: ModelConfig, lora: LoraConfig) -> dict[str, np.ndarray]:
+    """PEFT tensors (float32, host memory) of our LoRA state (an nnx.State or its pure dict)."""
+    pure = _pure(lora_state)
+    out: dict[str, np.ndarray] = {}
+    for target in lora.targets:
+        if target == "lm_head":
+            a, b = (_to_host(x) for x in head_lora(pure))
+            a, b = a[None], b[None]
+        else:
+            a, b = (_to_host(x) for x in layer_lora(pure, target))
+        for module, a_i, b_i in zip(hf_module_paths(cfg, target), a, b, strict=True):
+            out[peft_key(module, "A")] = np.ascontiguousarray(a_i.T)
+            out[peft_key(module, "B")] = np.ascontiguousarray(b_i.T)
+    return out
+
+
+def peft_tensors_to_lora(tensors: dict[str, Any], cfg: ModelConfig, lora: LoraConfig, *,
+                         source: str = "adapter") -> dict:
+    """Our LoRA tree (the `nnx.to_pure_dict` layout, float32) from PEFT tensors, every key and
+    shape checked against the model config."""
+    remaining = {k: v for k, v in tensors.items()
+                 # peft saves a copy of the base head/embedding when they are targeted; the base
+                 # model supplies it, and a resized vocabulary already fails lora_B's shape check.
+                 if not re.fullmatch(r".*(lm_head|embed_tokens)\.base_layer\.weight", k)}
+
+    def take(module: str, matrix: str, shape: tuple[int, int]) -> np.ndarray:
+        key = peft_key(module, matrix)
+        if key not in remaining:
+            raise ValueError(f"{source}: missing tensor {key!r} (target_modules lists "
+                             f"{module.split('.')[-1]!r})")
+        array = np.asarray(remaining.pop(key), dtype=np.float32)
+        if array.shape != shape:
+            raise ValueError(f"{source}: tensor {key!r} has shape {array.shape}, expected {shape} "
+                             f"(r={lora.rank} and the base model's dimensions)")
+        return array.T
+
+    pure: dict = {}
+    r = lora.rank
+    for target in lora.targets:
+        d_in, d_out = target_dims(cfg, target)
+        pairs = [(take(m, "A", (r, d_in)), take(m, "B", (d_out, r)))
+                 for m in hf_module_paths(cfg, target)]
+        a = np.stack([p[0] for p in pairs])
+        b = np.stack([p[1] for p in pairs])
+        if target == "lm_head":
+            if cfg.tie_word_embeddings:
+                pure["lm_head_lora_a"], pure["lm_head_lora_b"] = a[0], b[0]
+            else:
+                pure["lm_head"] = {"lora_a": a[0], "lora_b": b[0]}
+        else:
+            block, name = LAYER_PATH[target]
+            pure.setdefault("layers", {}).setdefault(block, {})[name] = {"lora_a": a, "lora_b": b}
+    if remaining:
+        extra = sorted(remaining)
+        raise ValueError(f"{source}: unexpected tensor(s) {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                         f" for targets {list(lora.targets)} of a {cfg.num_layers}-layer model")
+    return pure
+
+
+# ---------------------------------------------------------------- adapter_config.json
+
+def peft_config_dict(lora: LoraConfig, base_model: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,  # PEFT's scale alpha / r equals ours; hence no rslora
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": [HF_MODULE[t] for t in lora.targets],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _is_unset(value, default) -> bool:
+    return value is None or value is False or value == default or value in ({}, [], "")
+
+
+def _targets_from_config(target_modules, cfg: ModelConfig, source: str) -> tuple[str, ...]:
+    supported = ", ".join(HF_MODULE.values())
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":  # peft's shorthand: every linear layer but the head
+            return tuple(t for t in LORA_TARGETS if t != "lm_head")
+        found = []
+        for target in LORA_TARGETS:  # peft matches a string as a regex on full module paths
+            hits = [bool(re.fullmatch(target_modules, p)) for p in hf_module_paths(cfg, target)]
+            if all(hits):
+                found.append(target)
+            elif any(hits):
+                raise ValueError(f"{source}: target_modules={target_modules!r} matches "
+                                 f"{HF_MODULE[target]} in some layers only; pdistill adapts "
+                                 "every layer alike")
+        if not found:
+            raise ValueError(f"{source}: target_modules={target_modules!r} matches none of "
+                             f"{supported}")
+        return tuple(found)
+    if not target_modules:
+        raise ValueError(f"{source}: target_modules is empty")
+    names = set()
+    for entry in target_modules:
+        name = str(entry).split(".")[-1]
+        if name not in _OUR_TARGET:
+            raise ValueError(f"{source}: target_modules entry {entry!r} is not supported; "
+                             f"pdistill adapts {supported}")
+        names.add(_OUR_TARGET[name])
+    return tuple(t for t in LORA_TARGETS if t in names)
+
+
+def lora_config_from_peft(conf: dict, cfg: ModelConfig, source: str = CONFIG_FILE) -> LoraConfig:
+    """Our LoraConfig from a PEFT adapter_config.json dict; PEFT features we cannot reproduce
+    are rejected by field name rather than silently dropped."""
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type={conf.get('peft_type')!r}; "
+                         "only LORA adapters are supported")
+    for field, default in _UNSUPPORTED_FIELDS.items():
+        if field in conf and not _is_unset(conf[field], default):
+            raise ValueError(f"{source}: {field}={conf[field]!r} is not supported (plain LoRA only); "
+                             "use an adapter without it, or merge it with peft's merge_and_unload "
+                             "and pass the merged model as --model")
+    if "r" not in conf or "target_modules" not in conf:
+        raise ValueError(f"{source}: missing field {'r' if 'r' not in conf else 'target_modules'!r}")
+    rank = int(conf["r"])
+    alpha = float(conf.get("lora_alpha", 8))  # peft's default lora_alpha
+    return LoraConfig(rank=rank, alpha=alpha,
+                      targets=_targets_from_config(conf["target_modules"], cfg, source))
+
+
+# ---------------------------------------------------------------- folders
+
+def resolve_adapter(path, flag: str = "--adapter") -> Path:
+    """A PEFT adapter folder, or a training run folder holding one in `adapter/`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {path}: does not exist")
+    if p.is_file():
+        hint = p.parent if (p.parent / CONFIG_FILE).is_file() else \
+            "a PEFT adapter folder or a training run folder"
+        raise ValueError(f"{flag} {path} is a file; pass the folder that holds {CONFIG_FILE} "
+                         f"({hint})")
+    if (p / CONFIG_FILE).is_file():
+        return p
+    if (p / "adapter" / CONFIG_FILE).is_file():
+        return p / "adapter"
+    raise FileNotFoundError(
+        f"{flag} {path}: neither a PEFT adapter folder (no {CONFIG_FILE}) nor a training run "
+        f"folder (no adapter/{CONFIG_FILE}); pass a run whose training has finished, or a folder "
+        "written by peft's save_pretrained or `pdistill export --format peft`")
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        conf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return conf
+
+
+def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    from pdistill_jax.weights.hf import read_safetensors
+
+    path = folder / WEIGHTS_FILE
+    if not path.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise ValueError(f"{folder}: adapter_model.bin (a pickle) is not supported; re-save the "
+                             "adapter with peft's save_pretrained(safe_serialization=True)")
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}")
+    return dict(read_safetensors(path))
+
+
+def load_peft_adapter(path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, LoRA pure dict) of a PEFT folder or training run, checked against `cfg`."""
+    folder = resolve_adapter(path)
+    lora = lora_config_from_peft(read_adapter_config(folder), cfg, str(folder / CONFIG_FILE))
+    pure = peft_tensors_to_lora(_read_tensors(folder), cfg, lora, source=str(folder / WEIGHTS_FILE))
+    return lora, pure
+
+
+def _looks_like_adapter(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).exists()
+
+
+def _base_model_name(base_model) -> str:
+    """Registered names stay names; paths become absolute so the folder can be used from anywhere."""
+    from pdistill_jax.weights.registry import REGISTRY
+
+    text = str(base_model)
+    if text in REGISTRY or not Path(text).expanduser().exists():
+        return text
+    return str(Path(text).expanduser().resolve())
+
+
+def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
+                      base_model: str) -> Path:
+    """Writes `out_dir` as a PEFT LoRA folder loadable by `PeftModel.from_pretrained` and vLLM.
+
+    Multi-host: every process must call this (sharded leaves are all-gathered); only process 0
+    writes, and all processes return once the folder is in place.
+    """
+    from safetensors.numpy import save_file
+
+    tensors = lora_to_peft_tensors(lora_state, cfg, lora)
+    out = Path(out_dir)
+    if jax.process_index() == 0:
+        if lora.rank > VLLM_MAX_LORA_RANK:
+            print(f"warning: LoRA rank {lora.rank} is above vLLM's limit of {VLLM_MAX_LORA_RANK}: "
+                  "peft loads this adapter but vLLM will not; export with --format merged to "
+                  "serve it with vLLM", file=sys.stderr)
+        if "lm_head" in lora.targets:
+            print("note: many vLLM and SGLang versions do not serve a LoRA on lm_head; if yours "
+                  "refuses this adapter, export with --format merged", file=sys.stderr)
+        config = peft_config_dict(lora, _base_model_name(base_model))
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+        write_dir_atomic(out, fill, _looks_like_adapter)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"pdistill save_peft_adapter {out}")
+    return out
+
+
+# ---------------------------------------------------------------- base + adapter
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The architecture of a resolved model path (HF directory or .gguf) without its weights."""
+    from pdistill_jax.weights.hf import open_gguf, read_gguf_config, read_hf_config
+
+    path = Path(path)
+    if path.is_dir():
+        return read_hf_config(path)
+    return read_gguf_config(open_gguf(path), str(path))
+
+
+def adapter_base_model(adapter_path) -> str:
+    """The base model an adapter names (`base_model_name_or_path`), for a missing --model."""
+    folder = resolve_adapter(adapter_path)
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder / CONFIG_FILE}: no base_model_name_or_path; pass --model")
+    return str(base)
+
+
+def training_system_message(adapter_path) -> str | None:
+    """The system message a training run's adapter was trained with (its run folder's
+    config.yaml), None for the chat template's default or a bare PEFT folder. The student learned
+    its answers under that message, so it should be asked under the same one."""
+    from pdistill_jax.train.loop import read_run_config
+
+    folder = resolve_adapter(adapter_path)
+    run = folder.parent if folder.name == "adapter" else folder
+    conf = read_run_config(run) or {}
+    return (conf.get("train") or {}).get("system")
+
+
+def load_adapter_model(model_spec, adapter_path, *, dtype=jnp.float32):
+    """The base model with the adapter's LoRA weights in place (`use_lora=True` = the student).
+
+    `model_spec` None means the base model the adapter names.
+    """
+    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.weights.registry import resolve_model
+
+    if model_spec is None:
+        model_spec = adapter_base_model(adapter_path)
+    cfg = read_model_config(resolve_model(model_spec))
+    lora, pure = load_peft_adapter(adapter_path, cfg)
+    lm = load_model(model_spec, lora, dtype=dtype)
+    state = nnx.state(lm.model, nnx.LoRAParam)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    nnx.update(lm.model, state)
+    return lm

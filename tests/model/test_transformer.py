@@ -1,0 +1,108 @@
+"""The JAX model computes what transformers computes, with and without LoRA and a KV cache."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from pdistill_jax.config import LoraConfig
+from pdistill_jax.weights.hf import load_hf_checkpoint
+from pdistill_jax.weights.load import build_model
+from pdistill_jax.model.transformer import causal_inputs, init_cache
+
+
+def _torch_logits(model, ids, attention_mask=None):
+    with torch.no_grad():
+        out = model(torch.tensor(ids), attention_mask=None if attention_mask is None
+                    else torch.tensor(attention_mask))
+    return out.logits.numpy()
+
+
+def _jax_logits(model, ids, valid=None, use_lora=True):
+    ids = jnp.asarray(ids)
+    valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid)
+    positions, key_valid = causal_inputs(ids, valid)
+    hidden, _ = model(ids, positions, key_valid, use_lora=use_lora)
+    return np.asarray(model.logits(hidden, use_lora))
+
+
+CASES = {
+    "llama-untied-gqa": dict(arch="llama", tie=False),
+    "llama-tied-mha": dict(arch="llama", tie=True, num_key_value_heads=4),
+    "llama3-rope-scaling": dict(arch="llama", tie=False, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "qwen2-tied-bias": dict(arch="qwen2", tie=True),
+    "qwen2-untied-bias": dict(arch="qwen2", tie=False, num_key_value_heads=1),
+    "mistral-head-dim": dict(arch="mistral", tie=False, head_dim=24),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    kw = dict(CASES[case])
+    torch_model = tiny_models.build_model(tmp_path, kw.pop("arch"), tie=kw.pop("tie"), **kw)
+    cfg, params = load_hf_checkpoint(tmp_path)
+    model = build_model(cfg, params)
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 40))
+    diff = np.abs(_jax_logits(model, ids) - _torch_logits(torch_model, ids)).max()
+    assert diff <= 1e-4, diff
+
+
+def test_left_padded_rows_match_unpadded(tiny_llama):
+    cfg, params = load_hf_checkpoint(tiny_llama)
+    model = build_model(cfg, params)
+    rng = np.random.RandomState(1)
+    short, long = rng.randint(3, cfg.vocab_size, 9), rng.randint(3, cfg.vocab_size, 16)
+    ids = np.zeros((2, 16), np.int32)
+    valid = np.zeros((2, 16), bool)
+    ids[0, 7:], valid[0, 7:] = short, True
+    ids[1], valid[1] = long, True
+    batched = _jax_logits(model, ids, valid)
+    alone = _jax_logits(model, short[None])
+    np.testing.assert_allclose(batched[0, 7:], alone[0], atol=1e-5)
+    np.testing.assert_allclose(batched[1], _jax_logits(model, long[None])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_lora_with_zero_b_is_the_base_and_nonzero_b_is_not(fixture, request):
+    cfg, params = load_hf_checkpoint(request.getfixturevalue(fixture))
+    lora = LoraConfig(rank=4, alpha=8, targets=("q", "k", "v", "o", "gate", "up", "down", "lm_head"))
+    model = build_model(cfg, params, lora, seed=3)
+    ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 12))
+    base = _jax_logits(model, ids, use_lora=False)
+    np.testing.assert_array_equal(_jax_logits(model, ids, use_lora=True), base)
+    from flax import nnx
+    _, lora_state, _ = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    leaves = jax.tree.leaves(lora_state)
+    assert leaves and all(leaf.dtype == jnp.float32 for leaf in leaves)
+    nnx.update(model, jax.tree.map(lambda a: a + 0.05, lora_state))
+    assert np.abs(_jax_logits(model, ids, use_lora=True) - base).max() > 1e-2
+    np.testing.assert_array_equal(_jax_logits(model, ids, use_lora=False), base)
+
+
+def test_kv_cache_decoding_equals_full_recomputation(tiny_qwen2):
+    cfg, params = load_hf_checkpoint(tiny_qwen2)
+    model = build_model(cfg, params)
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 14)))
+    full = _jax_logits(model, ids)
+    prompt = 9
+    cache = init_cache(cfg, 2, 14)
+    key_valid = jnp.zeros((2, 14), bool).at[:, :prompt].set(True)
+    pos = jnp.broadcast_to(jnp.arange(14), (2, 14))
+    hidden, cache = model(ids[:, :prompt], pos[:, :prompt], key_valid, cache=cache, cache_index=0)
+    np.testing.assert_allclose(np.asarray(model.logits(hidden)), full[:, :prompt], atol=1e-5)
+    for t in range(prompt, 14):
+        key_valid = key_valid.at[:, t].set(True)
+        hidden, cache = model(ids[:, t:t + 1], pos[:, t:t + 1], key_valid, cache=cache, cache_index=t)
+        np.testing.assert_allclose(np.asarray(model.logits(hidden))[:, 0], full[:, t], atol=1e-5)
+
+
+def test_remat_and_bfloat16_compute(tiny_llama):
+    cfg, params = load_hf_checkpoint(tiny_llama)
+    ids = np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 10))
+    ref = _jax_logits(build_model(cfg, params), ids)
+    np.testing.assert_allclose(_jax_logits(build_model(cfg, params, remat=True), ids), ref, atol=1e-6)
+    bf16 = _jax_logits(build_model(cfg, params, dtype=jnp.bfloat16), ids)
+    assert bf16.dtype == jnp.bfloat16 and np.abs(bf16.astype(np.float32) - ref).max() < 0.5

@@ -1,0 +1,321 @@
+"""PEFT adapter export and import, checked against real `peft` on tiny Llama (untied head) and
+Qwen2 (tied head) models: key names and shapes, logits through `PeftModel`, bitwise round trips
+of adapters made by peft itself, the promised errors, and atomic writes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from pdistill_jax.config import LoraConfig
+from pdistill_jax.weights.load import load_model
+from pdistill_jax.model.transformer import causal_inputs
+from pdistill_jax.weights.peft import (HF_MODULE, load_adapter_model, load_peft_adapter,
+                                  lora_to_peft_tensors, read_model_config, resolve_adapter,
+                                  save_peft_adapter)
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+TOKENS = [[1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 300, 11]]
+
+
+def randomize_lora(model, seed: int = 0, std: float = 0.1) -> None:
+    """Non-zero random A and B everywhere, so the adapter changes the outputs (B starts at 0)."""
+    state = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [std * jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+def jax_logits(model, use_lora: bool = True) -> np.ndarray:
+    tokens = jnp.asarray(TOKENS, jnp.int32)
+    positions, key_valid = causal_inputs(tokens, jnp.ones_like(tokens, bool))
+    hidden, _ = model(tokens, positions, key_valid, use_lora=use_lora)
+    return np.asarray(model.logits(hidden, use_lora))
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits.float().numpy()
+
+
+def torch_base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def peft_reference(model_dir, targets, rank=4, alpha=8):
+    """What real peft builds for the same targets."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=[HF_MODULE[t] for t in targets],
+                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return peft.get_peft_model(torch_base(model_dir), config)
+
+
+def student(model_dir, targets, rank=4, alpha=8.0, seed=0):
+    lm = load_model(model_dir, LoraConfig(rank=rank, alpha=alpha, targets=targets),
+                    with_tokenizer=False)
+    randomize_lora(lm.model, seed)
+    return lm
+
+
+CASES = [("tiny_llama", PROJECTIONS), ("tiny_llama", PROJECTIONS + ("lm_head",)),
+         ("tiny_qwen2", PROJECTIONS), ("tiny_qwen2", PROJECTIONS + ("lm_head",))]
+
+
+@pytest.mark.parametrize("fixture, targets", CASES)
+def test_export_matches_peft_keys_and_logits(fixture, targets, request, tmp_path):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    model_dir = request.getfixturevalue(fixture)
+    lm = student(model_dir, targets)
+    lora = lm.model.lora_config
+    out = save_peft_adapter(tmp_path / "adapter", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                            lora, str(model_dir))
+
+    # Key set and shapes equal what peft itself makes for these targets (peft would also add a
+    # copy of the base head when lm_head is targeted; we leave it out, as vLLM rejects it).
+    ref = get_peft_model_state_dict(peft_reference(model_dir, targets), save_embedding_layers=False)
+    ours = load_file(str(out / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8.0 and conf["peft_type"] == "LORA"
+    assert sorted(conf["target_modules"]) == sorted(HF_MODULE[t] for t in targets)
+    assert conf["base_model_name_or_path"] == str(Path(model_dir).resolve())
+
+    # peft loads it and computes our student's logits, which are far from the base's.
+    peft_model = PeftModel.from_pretrained(torch_base(model_dir), str(out)).eval()
+    got, want = torch_logits(peft_model), jax_logits(lm.model)
+    base = torch_logits(torch_base(model_dir))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(got - base).max() > 0.1
+    np.testing.assert_allclose(jax_logits(lm.model, use_lora=False), base, atol=1e-4, rtol=0)
+
+    # And our own import gives back the identical student.
+    loaded = load_adapter_model(str(model_dir), out)
+    np.testing.assert_array_equal(jax_logits(loaded.model), want)
+    assert loaded.tokenizer is not None
+
+
+def _peft_made_adapter(model_dir, targets, out: Path, seed: int, **save_kw) -> dict:
+    """An adapter made and saved by real peft, with random non-zero A and B."""
+    model = peft_reference(model_dir, targets, rank=3, alpha=5)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(out), **save_kw)
+    return {"model": model}
+
+
+@pytest.mark.parametrize("fixture, targets, save_kw", [
+    ("tiny_llama", PROJECTIONS, {}),
+    ("tiny_qwen2", ("q", "v", "down", "lm_head"), {"save_embedding_layers": False}),
+])
+def test_round_trip_of_peft_made_adapter_is_bitwise(fixture, targets, save_kw, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    made = _peft_made_adapter(model_dir, targets, tmp_path / "peft", seed=1, **save_kw)
+    lm_cfg = read_model_config(Path(model_dir))
+    lora, pure = load_peft_adapter(tmp_path / "peft", lm_cfg)
+    assert (lora.rank, lora.alpha, set(lora.targets)) == (3, 5.0, set(targets))
+    again = save_peft_adapter(tmp_path / "ours", pure, lm_cfg, lora, str(model_dir))
+
+    before = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    after = load_file(str(again / "adapter_model.safetensors"))
+    assert set(before) == set(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype == np.float32
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+
+    # Import semantics, not just bytes: our student equals peft's model on the same tokens.
+    student_lm = load_adapter_model(str(model_dir), tmp_path / "peft")
+    np.testing.assert_allclose(jax_logits(student_lm.model), torch_logits(made["model"].eval()),
+                               atol=1e-4, rtol=0)
+
+
+def test_peft_copy_of_base_head_is_ignored(tiny_qwen2, tmp_path):
+    """peft's default save adds `lm_head.base_layer.weight` when lm_head is targeted."""
+    targets = ("q", "lm_head")
+    _peft_made_adapter(tiny_qwen2, targets, tmp_path / "peft", seed=2)
+    keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.base_layer.weight" in keys
+    cfg = read_model_config(Path(tiny_qwen2))
+    lora, pure = load_peft_adapter(tmp_path / "peft", cfg)
+    np.testing.assert_array_equal(pure["lm_head_lora_b"],
+                                  keys["base_model.model.lm_head.lora_B.weight"].T)
+
+
+@pytest.fixture(scope="module")
+def pristine_adapter(tiny_llama, tmp_path_factory) -> tuple[Path, object]:
+    lm = student(tiny_llama, ("q", "v", "lm_head"))
+    out = save_peft_adapter(tmp_path_factory.mktemp("pristine") / "adapter",
+                            nnx.state(lm.model, nnx.LoRAParam), lm.cfg, lm.model.lora_config,
+                            str(tiny_llama))
+    return out, lm.cfg
+
+
+@pytest.fixture
+def exported(pristine_adapter, tmp_path) -> tuple[Path, object]:
+    """A fresh copy of a valid adapter (q, v, lm_head on tiny Llama) for a test to damage."""
+    folder, cfg = pristine_adapter
+    return Path(shutil.copytree(folder, tmp_path / "adapter")), cfg
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_rslora", True), ("use_dora", True), ("modules_to_save", ["lm_head"]),
+    ("layers_to_transform", [0]), ("rank_pattern", {"q_proj": 8}), ("alpha_pattern", {"v_proj": 4}),
+    ("bias", "all"),
+])
+def test_unsupported_peft_features_are_named(exported, field, value):
+    folder, cfg = exported
+    conf = json.loads((folder / "adapter_config.json").read_text())
+    conf[field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=f"{field}="):
+        load_peft_adapter(folder, cfg)
+
+
+def test_unsupported_target_module_is_named(exported):
+    folder, cfg = exported
+    conf = json.loads((folder / "adapter_config.json").read_text())
+    conf["target_modules"] = ["q_proj", "embed_tokens"]
+    (folder / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="embed_tokens"):
+        load_peft_adapter(folder, cfg)
+
+
+def test_regex_and_all_linear_target_modules(exported):
+    folder, cfg = exported
+    conf = json.loads((folder / "adapter_config.json").read_text())
+    conf["target_modules"] = r".*\.(q_proj|v_proj)|lm_head"
+    (folder / "adapter_config.json").write_text(json.dumps(conf))
+    assert load_peft_adapter(folder, cfg)[0].targets == ("q", "v", "lm_head")
+    conf["target_modules"] = r"model\.layers\.0\..*q_proj"
+    (folder / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="some layers only"):
+        load_peft_adapter(folder, cfg)
+    conf["target_modules"] = "all-linear"  # 7 projections expected: their tensors are missing
+    (folder / "adapter_config.json").write_text(json.dumps(conf))
+    k_proj = r"base_model\.model\.model\.layers\.0\.self_attn\.k_proj"
+    with pytest.raises(ValueError, match=f"missing tensor '{k_proj}"):
+        load_peft_adapter(folder, cfg)
+
+
+def test_missing_wrong_shape_and_unexpected_tensors_are_named(exported):
+    folder, cfg = exported
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+    save_file({k: v for k, v in tensors.items() if k != key}, str(path))
+    with pytest.raises(ValueError, match=f"missing tensor '{key}'"):
+        load_peft_adapter(folder, cfg)
+
+    save_file({**tensors, key: np.zeros((5, 4), np.float32)}, str(path))
+    with pytest.raises(ValueError, match=rf"'{key}' has shape \(5, 4\), expected \(32, 4\)"):
+        load_peft_adapter(folder, cfg)
+
+    extra = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    save_file({**tensors, extra: np.zeros((4, 64), np.float32)}, str(path))
+    with pytest.raises(ValueError, match="unexpected tensor.*up_proj"):
+        load_peft_adapter(folder, cfg)
+
+
+def test_resolve_adapter_accepts_peft_and_run_folders_only(exported, tmp_path):
+    folder, _ = exported
+    assert resolve_adapter(folder) == folder
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "adapter")
+    assert resolve_adapter(run) == run / "adapter"
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="neither a PEFT adapter folder"):
+        resolve_adapter(tmp_path / "neither")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_adapter(tmp_path / "nowhere")
+
+
+def test_failed_write_leaves_nothing_and_keeps_existing_adapter(exported, monkeypatch):
+    import safetensors.numpy
+
+    folder, cfg = exported
+    lora, pure = load_peft_adapter(folder, cfg)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken_writer)
+    fresh = folder.parent / "fresh"
+    with pytest.raises(OSError, match="disk full"):
+        save_peft_adapter(fresh, pure, cfg, lora, "base")
+    with pytest.raises(OSError, match="disk full"):
+        save_peft_adapter(folder, pure, cfg, lora, "base")
+    assert not fresh.exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]  # no stray temp folders
+
+    monkeypatch.undo()
+    pure["layers"]["attn"]["q"]["lora_b"] = pure["layers"]["attn"]["q"]["lora_b"] + 1.0
+    save_peft_adapter(folder, pure, cfg, lora, "base")  # replacing a complete adapter works
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    np.testing.assert_array_equal(load_peft_adapter(folder, cfg)[1]["layers"]["attn"]["q"]["lora_b"],
+                                  pure["layers"]["attn"]["q"]["lora_b"])
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]
+
+
+def test_refuses_to_replace_an_unrelated_folder(exported, tmp_path):
+    folder, cfg = exported
+    lora, pure = load_peft_adapter(folder, cfg)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not an earlier export"):
+        save_peft_adapter(precious, pure, cfg, lora, "base")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_rank_above_vllm_limit_warns(tiny_llama, tmp_path, capsys):
+    lm = load_model(tiny_llama, LoraConfig(rank=520, alpha=520.0, targets=("q",)),
+                    with_tokenizer=False)
+    tensors = lora_to_peft_tensors(nnx.state(lm.model, nnx.LoRAParam), lm.cfg, lm.model.lora_config)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (520, 64)
+    save_peft_adapter(tmp_path / "big", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                      lm.model.lora_config, "base")
+    err = capsys.readouterr().err
+    assert "above vLLM's limit of 512" in err and "--format merged" in err
+
+
+def test_sharded_lora_state_exports_the_same_tensors(tiny_qwen2):
+    """Leaves split over 8 (fake CPU) devices are gathered to host before writing."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    lm = student(tiny_qwen2, PROJECTIONS + ("lm_head",))
+    state = nnx.state(lm.model, nnx.LoRAParam)
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("x",))
+
+    def spread(x):
+        axis = int(np.argmax(x.shape))  # the largest axis, divisible by 8 on these shapes
+        spec = [None] * x.ndim
+        spec[axis] = "x"
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    sharded = jax.tree.map(spread, state)
+    assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+    plain = lora_to_peft_tensors(state, lm.cfg, lm.model.lora_config)
+    gathered = lora_to_peft_tensors(sharded, lm.cfg, lm.model.lora_config)
+    assert set(plain) == set(gathered)
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], gathered[key], err_msg=key)
