@@ -418,6 +418,14 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
+def differences(old: dict, new: dict, ignore: typing.Iterable[str] = ()) -> list[str]:
+    """'key: old -> new' for every top-level key whose value differs, `ignore`d keys aside: how a
+    resumed run (training, generation) names the settings that would make it a different run."""
+    skip = set(ignore)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if key not in skip and old.get(key) != new.get(key)]
+
+
 OBJECTIVES = ("kl", "reverse_kl", "jsd", "ce")
 
 

@@ -153,6 +153,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def write_yaml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write a mapping as YAML (keys in the given order), atomically: resolved configs of runs."""
+    import yaml
+
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows as JSON lines (UTF-8, non-ASCII kept readable), atomically."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
