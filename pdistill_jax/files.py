@@ -157,7 +157,7 @@ def write_yaml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write a mapping as YAML (keys in the given order), atomically: resolved configs of runs."""
     import yaml
 
-    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
