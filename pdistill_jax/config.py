@@ -1,15 +1,24 @@
 """Typed configuration: every dataclass a user sets, and all of their validation.
 
 `ModelConfig` (the architecture), `LoraConfig` (the adapter), `TrainConfig` (one training run),
-`SamplingParams` (one sampler call), `GenerateConfig` (`pdistill generate`) and `RunConfig`
-(`pdistill run`: all of the above for one experiment). Every knob of a run lives in one of them; a run folder stores the resolved
-config next to its results (big_vision style), so a result can always be reproduced.
+`SamplingParams` (one sampler call), `AnswerConfig` (putting test questions to a model),
+`GenerateConfig` (`pdistill generate`) and `RunConfig` (`pdistill run`: all of the above for one
+experiment). Every knob of a run lives in one of them; a run folder stores the resolved config
+next to its results (big_vision style), so a result can always be reproduced.
 
-Each dataclass checks its own fields in `__post_init__` (so library callers get the same
-checks as the command line): values are coerced to the annotated type (`coerce_fields`: a YAML
-`3e-3` is a string, an int is a valid float) and ranges are checked (`check_range`), raising
-`FieldError`, one line naming the field, the valid range and the bad value. `from_dict` adds the
-file and line a value was read from (`read_yaml` records every key's line).
+Each dataclass checks its own fields in `__post_init__` (so library callers get the same checks
+as the command line): values are coerced to the annotated type (`coerce_fields`: a YAML `3e-3` is
+a string, an int is a valid float) and ranges are checked (`check_range`), raising `FieldError`,
+one line naming the field, the valid range and the bad value. `from_dict` adds the file and line
+a value was read from (`read_yaml` records every key's line).
+
+The system message (`system`, None = the chat template's default) is resolved by these rules:
+- `pdistill run`: `RunConfig.system`, set once at the top level, is every stage's (questions,
+  teacher answers, both trainings, answering); a stage's own `system` is refused.
+- `pdistill generate`: `GenerateConfig.system` (--system), for the question and answer prompts.
+- `pdistill train`: --system, else the resumed run's, else the one --data was generated under.
+- `pdistill answer`: --system, else the one the --adapter run was trained with.
+- `pdistill export`: the adapter keeps the one it was trained with (the export notes it).
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ import yaml
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
+
+# ---------------------------------------------------------------- checking fields
 
 class FieldError(ValueError):
     """A field's value is invalid. The message starts with the field's name, so a caller that
@@ -174,6 +185,8 @@ def coerce_fields(cfg) -> None:
             raise _fail(f.name, e.expected, value) from None
 
 
+# ---------------------------------------------------------------- the model and the adapter
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer covering the Llama family (Llama 2/3, Mistral, SmolLM2) and Qwen2."""
@@ -318,6 +331,182 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+# ---------------------------------------------------------------- training
+
+OBJECTIVES = ("kl", "reverse_kl", "jsd", "ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One prompt-distillation (or SFT) training run. Defaults are those measured to work on the
+    embedded SmolLM2-135M (see docs/results.md); the paper's 8B recipe is in docs/design.md."""
+
+    objective: str = "kl"  # kl (forward KL teacher||student) | reverse_kl | jsd | ce (SFT baseline)
+    tau: float = 2.0  # distillation temperature, applied to teacher and student alike
+    jsd_beta: float = 0.5
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    lr: float = 1e-3
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epochs: int = 10
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 1024  # teacher sequences longer than this are truncated (document side) or skipped
+    system: str | None = None  # system message; None = the chat template's default
+    seed: int = 0
+    compute_dtype: str = "float32"  # float32 | bfloat16 (LoRA and optimizer state stay float32)
+    remat: bool = False
+    mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    save_every: int = 200  # steps between Orbax checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # Host memory (GiB) the frozen teacher's hidden states at the answer positions may take to be
+    # computed once per run instead of in every step (teacher_cache.py); 0 = never cache.
+    teacher_cache_gb: float = 4.0
+
+    def __post_init__(self):
+        coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
+        check_choice(self, "objective", OBJECTIVES)
+        check_choice(self, "compute_dtype", ("float32", "bfloat16"))
+        for name in ("tau", "lr", "max_grad_norm"):
+            check_range(self, name, 0, low_open=True)
+        check_range(self, "jsd_beta", 0, 1)
+        check_range(self, "warmup_ratio", 0, 1, high_open=True)
+        check_range(self, "weight_decay", 0)
+        for name in ("epochs", "batch_size", "grad_accum", "max_seq_len", "save_every",
+                     "keep_checkpoints", "log_every"):
+            check_range(self, name, 1)
+        check_range(self, "seed", 0)
+        check_range(self, "teacher_cache_gb", 0, finite=False)
+        if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
+            raise _fail("mesh", "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1 "
+                        "(= the remaining devices)", list(self.mesh))
+
+
+# ---------------------------------------------------------------- sampling and answering
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        coerce_fields(self)
+        check_range(self, "temperature", 0)
+        check_range(self, "top_k", 0)
+        check_range(self, "top_p", 0, 1, low_open=True)
+        check_range(self, "max_new_tokens", 1)
+
+
+CONTEXTS = ("none", "gold", "bm25")
+PROMPT_FORMATS = ("chat", "raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerConfig:
+    """How test questions are put to a model (`pdistill answer`, `pdistill run`'s answer stages)."""
+
+    context: str = "none"  # none (closed-book) | gold (the question's doc_id) | bm25 (retrieved)
+    top_k: int = 3  # documents BM25 retrieves per question (context bm25)
+    prompt_format: str = "chat"  # chat: the model's chat template | raw: plain text (base models)
+    system: str | None = None  # system message (chat only); None = the chat template's default
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    batch_size: int = 16  # questions answered at once
+    seed: int = 0  # of answer sampling (temperature > 0)
+
+    def __post_init__(self):
+        check_choice(self, "context", CONTEXTS)
+        check_choice(self, "prompt_format", PROMPT_FORMATS)
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise _fail("batch_size", "an integer >= 1", self.batch_size)
+        if self.context == "bm25" and (not _is_int(self.top_k) or self.top_k < 1):
+            raise _fail("top_k", "an integer >= 1 with context bm25 (the documents retrieved per "
+                        "question)", self.top_k)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- generation and the pipeline
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    questions_per_doc: int = 30  # distinct questions wanted per document (chunk)
+    max_calls_per_doc: int = 30  # question calls after which a document gives up on its quota
+    q_temperature: float = 1.0  # hotter: fewer parseable questions a call
+    q_top_k: int = 50
+    a_temperature: float = 1.5  # PD answers (the paper: 1.5, top-k 50)
+    a_top_k: int = 50
+    sft_temperature: float = 0.25  # SFT-baseline answers, same top-k
+    max_question_tokens: int = 96
+    max_answer_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    system: str | None = None  # system message everywhere; None = the chat template's default
+    chunk_tokens: int = 512  # longer documents are split into chunks of at most this many tokens
+    chunk_overlap: int = 64
+    docs_per_commit: int = 8  # documents per wave: the most a kill can lose
+    # Disk (GiB) the teacher's hidden states at its answer positions may take: computed anyway
+    # while answering, kept so that PD training need not run the teacher again; 0 = never keep.
+    teacher_states_gb: float = 1.0
+
+    def __post_init__(self):
+        coerce_fields(self)
+        for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
+                     "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens"):
+            check_range(self, name, 1)
+        for name in ("q_temperature", "a_temperature", "sft_temperature"):
+            check_range(self, name, 0)
+        for name in ("q_top_k", "a_top_k", "seed"):  # top-k 0 = off
+            check_range(self, name, 0)
+        check_range(self, "chunk_overlap", 0, self.chunk_tokens, high_open=True,
+                    high_name="chunk_tokens")
+        check_range(self, "teacher_states_gb", 0, finite=False)
+
+
+BUILTIN = "builtin:"  # paths inside the installed package's assets, e.g. builtin:demo/documents.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/demo"
+    model: str = "smollm2-135m-instruct"
+    documents: str = BUILTIN + "demo/documents.jsonl"
+    questions: str = BUILTIN + "demo/questions.jsonl"  # held-out test questions, never trained on
+    retention_questions: str | None = BUILTIN + "demo/general_knowledge.jsonl"
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    pd: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sft: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(objective="ce"))
+    max_new_tokens: int = 48
+    answer_batch_size: int = 16
+    bm25_top_k: int = 3
+    judge: str | None = None  # a model to grade answers as an LLM judge (slow on CPU)
+    # The system message of every stage (questions, teacher answers, both trainings, answering):
+    # the method uses one everywhere. None = the chat template's default.
+    system: str | None = None
+
+    def __post_init__(self):
+        coerce_fields(self)
+        for name in ("max_new_tokens", "answer_batch_size", "bm25_top_k"):
+            check_range(self, name, 1)
+        for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = from_dict(cls, value, name)
+            if value.system is not None and value.system != self.system:
+                raise ValueError(f"{name}.system is set: set `system` once, at the top level of the "
+                                 "run config, so every stage uses the same system message")
+            object.__setattr__(self, name, dataclasses.replace(value, system=self.system))
+        if self.sft.objective != "ce":
+            raise ValueError(f"sft.objective={self.sft.objective!r}: the SFT baseline trains with ce")
+
+
+# ---------------------------------------------------------------- reading and writing configs
+
 T = TypeVar("T")
 
 
@@ -424,141 +613,3 @@ def differences(old: dict, new: dict, ignore: typing.Iterable[str] = ()) -> list
     skip = set(ignore)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if key not in skip and old.get(key) != new.get(key)]
-
-
-OBJECTIVES = ("kl", "reverse_kl", "jsd", "ce")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """One prompt-distillation (or SFT) training run. Defaults are those measured to work on the
-    embedded SmolLM2-135M (see docs/results.md); the paper's 8B recipe is in docs/design.md."""
-
-    objective: str = "kl"  # kl (forward KL teacher||student) | reverse_kl | jsd | ce (SFT baseline)
-    tau: float = 2.0  # distillation temperature, applied to teacher and student alike
-    jsd_beta: float = 0.5
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-    lr: float = 1e-3
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: int = 10
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_seq_len: int = 1024  # teacher sequences longer than this are truncated (document side) or skipped
-    system: str | None = None  # system message; None = the chat template's default
-    seed: int = 0
-    compute_dtype: str = "float32"  # float32 | bfloat16 (LoRA and optimizer state stay float32)
-    remat: bool = False
-    mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
-    save_every: int = 200  # steps between Orbax checkpoints (and one at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    # Host memory (GiB) the frozen teacher's hidden states at the answer positions may take to be
-    # computed once per run instead of in every step (teacher_cache.py); 0 = never cache.
-    teacher_cache_gb: float = 4.0
-
-    def __post_init__(self):
-        coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
-        check_choice(self, "objective", OBJECTIVES)
-        check_choice(self, "compute_dtype", ("float32", "bfloat16"))
-        for name in ("tau", "lr", "max_grad_norm"):
-            check_range(self, name, 0, low_open=True)
-        check_range(self, "jsd_beta", 0, 1)
-        check_range(self, "warmup_ratio", 0, 1, high_open=True)
-        check_range(self, "weight_decay", 0)
-        for name in ("epochs", "batch_size", "grad_accum", "max_seq_len", "save_every",
-                     "keep_checkpoints", "log_every"):
-            check_range(self, name, 1)
-        check_range(self, "seed", 0)
-        check_range(self, "teacher_cache_gb", 0, finite=False)
-        if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
-            raise _fail("mesh", "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1 "
-                        "(= the remaining devices)", list(self.mesh))
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    max_new_tokens: int = 128
-
-    def __post_init__(self):
-        coerce_fields(self)
-        check_range(self, "temperature", 0)
-        check_range(self, "top_k", 0)
-        check_range(self, "top_p", 0, 1, low_open=True)
-        check_range(self, "max_new_tokens", 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateConfig:
-    questions_per_doc: int = 30  # distinct questions wanted per document (chunk)
-    max_calls_per_doc: int = 30  # question calls after which a document gives up on its quota
-    q_temperature: float = 1.0  # SmolLM2-135M: 2.3 questions a call at 1.0, 1.3 at 1.2, 1.2 at 1.5
-    q_top_k: int = 50
-    a_temperature: float = 1.5  # PD answers (the paper: 1.5, top-k 50)
-    a_top_k: int = 50
-    sft_temperature: float = 0.25  # SFT-baseline answers, same top-k
-    max_question_tokens: int = 96
-    max_answer_tokens: int = 128
-    batch_size: int = 16
-    seed: int = 0
-    system: str | None = None  # system message everywhere; None = the chat template's default
-    chunk_tokens: int = 512  # longer documents are split into chunks of at most this many tokens
-    chunk_overlap: int = 64
-    docs_per_commit: int = 8  # documents per wave: the most a kill can lose
-    # Disk (GiB) the teacher's hidden states at its answer positions may take: computed anyway
-    # while answering, kept so that PD training need not run the teacher again; 0 = never keep.
-    teacher_states_gb: float = 1.0
-
-    def __post_init__(self):
-        coerce_fields(self)
-        for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
-                     "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens"):
-            check_range(self, name, 1)
-        for name in ("q_temperature", "a_temperature", "sft_temperature"):
-            check_range(self, name, 0)
-        for name in ("q_top_k", "a_top_k", "seed"):  # top-k 0 = off
-            check_range(self, name, 0)
-        check_range(self, "chunk_overlap", 0, self.chunk_tokens, high_open=True,
-                    high_name="chunk_tokens")
-        check_range(self, "teacher_states_gb", 0, finite=False)
-
-
-BUILTIN = "builtin:"  # paths inside the installed package's assets, e.g. builtin:demo/documents.jsonl
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    out: str = "runs/demo"
-    model: str = "smollm2-135m-instruct"
-    documents: str = BUILTIN + "demo/documents.jsonl"
-    questions: str = BUILTIN + "demo/questions.jsonl"  # held-out test questions, never trained on
-    retention_questions: str | None = BUILTIN + "demo/general_knowledge.jsonl"
-    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
-    pd: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    sft: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(objective="ce"))
-    max_new_tokens: int = 48
-    answer_batch_size: int = 16
-    bm25_top_k: int = 3
-    judge: str | None = None  # a model to grade answers as an LLM judge (slow on CPU)
-    # The system message of every stage (questions, teacher answers, both trainings, answering):
-    # the method uses one everywhere. None = the chat template's default.
-    system: str | None = None
-
-    def __post_init__(self):
-        coerce_fields(self)
-        for name in ("max_new_tokens", "answer_batch_size", "bm25_top_k"):
-            check_range(self, name, 1)
-        for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                value = from_dict(cls, value, name)
-            if value.system is not None and value.system != self.system:
-                raise ValueError(f"{name}.system is set: set `system` once, at the top level of the "
-                                 "run config, so every stage uses the same system message")
-            object.__setattr__(self, name, dataclasses.replace(value, system=self.system))
-        if self.sft.objective != "ce":
-            raise ValueError(f"sft.objective={self.sft.objective!r}: the SFT baseline trains with ce")

@@ -223,7 +223,7 @@ def append_jsonl_durable(path: Path, rows: Sequence[dict]) -> None:
 
 # ---------------------------------------------------------------- folders
 
-def write_dir_atomic(target, fill: Callable[[Path], None],
+def write_dir_atomic(target: str | os.PathLike, fill: Callable[[Path], None],
                      replaceable: Callable[[Path], bool]) -> Path:
     """Runs `fill(tmp)` on a fresh temporary sibling of `target`, then renames it into place.
 
@@ -234,7 +234,7 @@ def write_dir_atomic(target, fill: Callable[[Path], None],
     target = Path(target).expanduser()
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or replaceable(target))):
         raise ValueError(f"--out {target}: exists and is not an earlier export of this kind; "
-                              "choose another --out or remove it")
+                         "choose another --out or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:

@@ -11,11 +11,9 @@ import pytest
 from pdistill_jax.infer.answer import answer_questions
 from pdistill_jax.cli import main
 from pdistill_jax.commands.train import add_arguments, resolve_config
-from pdistill_jax.config import LoraConfig, ModelConfig, TrainConfig, load_yaml, to_dict
-from pdistill_jax.config import GenerateConfig
+from pdistill_jax.config import (AnswerConfig, GenerateConfig, LoraConfig, ModelConfig, RunConfig,
+                                 SamplingParams, TrainConfig, load_yaml, to_dict)
 from pdistill_jax.pipeline.run import load_run_config
-from pdistill_jax.config import RunConfig
-from pdistill_jax.config import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = {"document": "Tarsk was founded in 1873.", "question": "When was Tarsk founded?",
@@ -162,11 +160,12 @@ def test_library_answering_refuses_bad_options_before_any_work():
     # No model is needed: the options are checked before the first use of it.
     questions = [{"question": "Who?"}]
     with pytest.raises(ValueError, match=re.escape("batch_size must be an integer >= 1, got 0")):
-        answer_questions(None, questions, batch_size=0)
+        answer_questions(None, questions, AnswerConfig(batch_size=0))
     with pytest.raises(ValueError, match=re.escape(
             "top_k must be an integer >= 1 with context bm25 (the documents retrieved per "
             "question), got 0")):
-        answer_questions(None, questions, docs=[{"id": "a", "text": "t"}], context="bm25", top_k=0)
+        answer_questions(None, questions, AnswerConfig(context="bm25", top_k=0),
+                         docs=[{"id": "a", "text": "t"}])
 
 
 # ---- the command line: exit 2, one line, nothing written ---------------------------------------
@@ -328,7 +327,5 @@ def test_answer_refuses_bad_options_before_loading_a_model(tmp_path, capsys, fla
 
 
 def test_bm25_top_k_zero_is_fine_without_bm25():
-    from pdistill_jax.infer.answer import check_answer_options
-
-    check_answer_options(context="none", top_k=0)
-    check_answer_options(context="gold", top_k=0)
+    AnswerConfig(context="none", top_k=0)
+    AnswerConfig(context="gold", top_k=0)

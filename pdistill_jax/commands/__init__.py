@@ -7,7 +7,7 @@ help from the dataclass itself, so the help cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from pdistill_jax.weights.registry import DEFAULT_MODEL
 
@@ -39,6 +39,12 @@ def config_default(cls: type, name: str, show: Callable[[Any], str] = show_value
     """'(default: 10, from TrainConfig)': the help suffix of a flag left None so that the config's
     value applies."""
     return f"(default: {show(field_default(cls, name))}, from {cls.__name__})"
+
+
+def given_flags(args, names: Iterable[str]) -> dict[str, Any]:
+    """{name: value} of the flags among `names` that were given: a flag whose dest is its config
+    field's name and whose default is None (so that the config's value applies) when left out."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def add_model_argument(p, default_text: str | None = None) -> None:

@@ -1,9 +1,9 @@
+"""`pdistill answer`: answer test questions, closed-book or with documents in the prompt."""
 import dataclasses
 import sys
 from pathlib import Path
 
-from pdistill_jax.infer.answer import CONTEXTS, PROMPT_FORMATS
-from pdistill_jax.config import SamplingParams
+from pdistill_jax.config import CONTEXTS, PROMPT_FORMATS, AnswerConfig, SamplingParams
 from . import DOCS_HELP, add_model_argument, add_no_progress_argument
 
 
@@ -14,11 +14,11 @@ def add_arguments(p):
     p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers"?, "doc_id"?}')
     p.add_argument("--out", required=True, help="JSONL predictions, written atomically")
     p.add_argument("--docs", help=f"{DOCS_HELP}; needed by --context gold|bm25 (default: none)")
-    p.add_argument("--context", choices=CONTEXTS, default="none",
+    p.add_argument("--context", choices=CONTEXTS, default=AnswerConfig.context,
                    help="what goes in the prompt: none (closed-book), the question's gold document "
                         "(its doc_id), or the --top-k documents BM25 retrieves")
-    p.add_argument("--top-k", type=int, default=3, help="documents retrieved with --context bm25")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+    p.add_argument("--top-k", type=int, default=AnswerConfig.top_k, help="documents retrieved with --context bm25")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=AnswerConfig.prompt_format,
                    help="chat: the model's chat template; raw: the plain text without a template, "
                         "for base models (--system is then unused)")
     p.add_argument("--system", help="system message (default: the one the --adapter run was trained "
@@ -31,8 +31,10 @@ def add_arguments(p):
                    help="nucleus sampling (with --temperature > 0); 1 = off")
     p.add_argument("--sampling-top-k", type=int, default=SamplingParams.top_k,
                    help="sample among the k likeliest tokens (with --temperature > 0); 0 = off")
-    p.add_argument("--batch-size", type=int, default=16, help="questions answered at once")
-    p.add_argument("--seed", type=int, default=0, help="seed of answer sampling (with --temperature > 0)")
+    p.add_argument("--batch-size", type=int, default=AnswerConfig.batch_size,
+                   help="questions answered at once")
+    p.add_argument("--seed", type=int, default=AnswerConfig.seed,
+                   help="seed of answer sampling (with --temperature > 0)")
     add_no_progress_argument(p)
 
 
@@ -49,14 +51,16 @@ def load_docs(spec: str) -> list[dict]:
 def main(args):
     from tqdm import tqdm
 
-    from pdistill_jax.infer.answer import QUESTIONS_SCHEMA, answer_questions, check_answer_options, check_contexts
     from pdistill_jax.files import check_output_file, read_jsonl_lines, write_jsonl_atomic
+    from pdistill_jax.infer.answer import QUESTIONS_SCHEMA, answer_questions, check_contexts
+    from pdistill_jax.log import logger
     from pdistill_jax.weights.load import load_model
 
-    check_answer_options(context=args.context, top_k=args.top_k, prompt_format=args.prompt_format,
-                         batch_size=args.batch_size)
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.sampling_top_k,
-                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    options = AnswerConfig(context=args.context, top_k=args.top_k, prompt_format=args.prompt_format,
+                           batch_size=args.batch_size, seed=args.seed)
+    options = dataclasses.replace(options, sampling=SamplingParams(
+        temperature=args.temperature, top_k=args.sampling_top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens))
     questions_file = Path(args.questions)
     check_output_file(args.out, "--out", {"--questions": args.questions, "--docs": args.docs})
     numbered = read_jsonl_lines(questions_file, QUESTIONS_SCHEMA, flag="--questions")
@@ -77,10 +81,8 @@ def main(args):
         lm = load_model(args.model)
     with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr,
               disable=args.no_progress) as bar:
-        rows = answer_questions(lm, questions, docs=docs, context=args.context, top_k=args.top_k,
-                                prompt_format=args.prompt_format, system=system,
-                                sampling=sampling, batch_size=args.batch_size, seed=args.seed,
-                                use_lora=bool(args.adapter), progress=bar.update,
+        rows = answer_questions(lm, questions, dataclasses.replace(options, system=system),
+                                docs=docs, use_lora=bool(args.adapter), progress=bar.update,
                                 source=str(args.questions))
     write_jsonl_atomic(Path(args.out), rows)
-    print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    logger("answer").info(f"wrote {len(rows)} predictions to {args.out}")

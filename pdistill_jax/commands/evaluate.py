@@ -46,8 +46,9 @@ def output_folders(predictions: list[str], out: str | None) -> list[Path]:
 
 
 def main(args):
-    from pdistill_jax.infer.evaluate import evaluate, format_table, write_results
     from pdistill_jax.files import read_jsonl
+    from pdistill_jax.infer.evaluate import evaluate, format_table, write_results
+    from pdistill_jax.log import logger
 
     questions = read_jsonl(args.questions, flag="--questions")
     folders = output_folders(args.predictions, args.out)
@@ -72,7 +73,7 @@ def main(args):
     for (path, rows), folder in zip(predictions.items(), folders):
         summary, scored = evaluate(questions, rows, judge)
         write_results(folder, summary, scored)
-        print(f"wrote {folder}/results.json and per_question.jsonl", file=sys.stderr)
+        logger("evaluate").info(f"wrote {folder}/results.json and per_question.jsonl")
         summaries[path] = summary
     if args.json:
         shown = {path: {k: v for k, v in s.items() if k != "by_doc" or args.by_doc}

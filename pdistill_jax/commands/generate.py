@@ -3,18 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_default
+from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_default, given_flags
 
-# CLI flag -> GenerateConfig field; a flag left out keeps the value of --config (or the default).
-OVERRIDES = {
-    "questions_per_doc": "questions_per_doc",
-    "q_temperature": "q_temperature",
-    "a_temperature": "a_temperature",
-    "sft_temperature": "sft_temperature",
-    "seed": "seed",
-    "batch_size": "batch_size",
-    "system": "system",
-}
+# GenerateConfig fields with a flag; a flag left out keeps the value of --config (or the default).
+OVERRIDES = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
+             "batch_size", "system")
 
 
 def add_arguments(p) -> None:
@@ -53,8 +46,7 @@ def main(args) -> int:
     from pdistill_jax.config import GenerateConfig
 
     cfg = load_yaml(GenerateConfig, args.config) if args.config else GenerateConfig()
-    changes = {field: getattr(args, flag) for flag, field in OVERRIDES.items()
-               if getattr(args, flag) is not None}
+    changes = given_flags(args, OVERRIDES)
     cfg = dataclasses.replace(cfg, **changes)
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs {args.max_docs}: must be >= 1")

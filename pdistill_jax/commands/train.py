@@ -12,15 +12,12 @@ import json
 import sys
 
 from pdistill_jax.weights.registry import DEFAULT_MODEL
-from . import add_model_argument, add_no_progress_argument, config_default
+from . import add_model_argument, add_no_progress_argument, config_default, given_flags
 
-TRAIN_FLAGS = {  # flag dest -> TrainConfig field
-    "objective": "objective", "tau": "tau", "lr": "lr", "epochs": "epochs",
-    "batch_size": "batch_size", "grad_accum": "grad_accum", "seed": "seed",
-    "compute_dtype": "compute_dtype", "remat": "remat", "system": "system",
-    "max_seq_len": "max_seq_len", "save_every": "save_every", "mesh": "mesh",
-}
-LORA_FLAGS = {"rank": "rank", "alpha": "alpha", "targets": "targets"}
+# The TrainConfig and LoraConfig fields that have a flag of the same name.
+TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
+               "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh")
+LORA_FLAGS = ("rank", "alpha", "targets")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,10 +98,10 @@ def resolve_config(args: argparse.Namespace, run_config: dict | None):
     from pdistill_jax.config import TrainConfig, from_dict, read_yaml
     from pdistill_jax.model.sharding import parse_mesh
 
-    flags = {field: parse_mesh(getattr(args, dest)) if dest == "mesh" else getattr(args, dest)
-             for dest, field in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
-    lora_flags = {field: getattr(args, dest) for dest, field in LORA_FLAGS.items()
-                  if getattr(args, dest) is not None}
+    flags = given_flags(args, TRAIN_FLAGS)
+    if "mesh" in flags:
+        flags["mesh"] = parse_mesh(flags["mesh"])
+    lora_flags = given_flags(args, LORA_FLAGS)
     if "targets" in lora_flags:
         lora_flags["targets"] = tuple(t.strip() for t in lora_flags["targets"].split(",")
                                       if t.strip())

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from pdistill_jax.config import CONTEXTS, AnswerConfig
 from pdistill_jax.files import Field, Schema
-from pdistill_jax.weights.load import LoadedModel
 from pdistill_jax.infer.retrieval import BM25Index
 from pdistill_jax.model.sampler import generate
-from pdistill_jax.config import SamplingParams
+from pdistill_jax.weights.load import LoadedModel
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_token_ids, raw_prompt_ids
 
-CONTEXTS = ("none", "gold", "bm25")
-PROMPT_FORMATS = ("chat", "raw")
 QUESTIONS_SCHEMA = Schema('{"question", "answers"?, "doc_id"?, "id"?} objects, one a line',
                           {"question": Field(), "answers": Field((list,), required=False),
                            "doc_id": Field((str, int), required=False),
@@ -43,22 +41,6 @@ def check_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, conte
                 raise ValueError(f"{source}:{n}: doc_id {doc_id!r} is not in --docs")
 
 
-def check_answer_options(*, context: str = "none", top_k: int = 3, prompt_format: str = "chat",
-                         batch_size: int = 16) -> None:
-    """Refuses bad answering options in one line; `pdistill answer` calls it before loading a
-    model, `answer_questions` before any work."""
-    if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, "
-                         f"got {prompt_format!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if context == "bm25" and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 with context bm25 (the documents "
-                         f"retrieved per question), got {top_k!r}")
-
-
 def question_contexts(questions: Sequence[dict], docs: Sequence[dict] | None, context: str,
                       top_k: int = 3, source: str = "questions") -> list[str | None]:
     """The context text placed before each question (None for closed-book)."""
@@ -83,25 +65,22 @@ def build_prompt(tokenizer, question: str, context: str | None, prompt_format: s
     return chat_prompt_ids(tokenizer, user, system)
 
 
-def answer_questions(lm: LoadedModel, questions: Sequence[dict], *, docs: Sequence[dict] | None = None,
-                     context: str = "none", top_k: int = 3, prompt_format: str = "chat",
-                     system: str | None = None, sampling: SamplingParams = SamplingParams(),
-                     batch_size: int = 16, seed: int = 0, use_lora: bool = True,
+def answer_questions(lm: LoadedModel, questions: Sequence[dict], cfg: AnswerConfig = AnswerConfig(),
+                     *, docs: Sequence[dict] | None = None, use_lora: bool = True,
                      progress: Callable[[int], None] | None = None,
                      source: str = "questions") -> list[dict]:
-    """Prediction rows {"question", "prediction", "doc_id"?} in input order."""
-    check_answer_options(context=context, top_k=top_k, prompt_format=prompt_format,
-                         batch_size=batch_size)
+    """Prediction rows {"question", "prediction", "doc_id"?} in input order. `source` names the
+    questions in error messages."""
     for n, q in enumerate(questions, 1):
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise ValueError(f"{source}:{n}: missing or empty field \"question\"")
-    contexts = question_contexts(questions, docs, context, top_k, source)
-    prompts = [build_prompt(lm.tokenizer, q["question"], c, prompt_format, system)
+    contexts = question_contexts(questions, docs, cfg.context, cfg.top_k, source)
+    prompts = [build_prompt(lm.tokenizer, q["question"], c, cfg.prompt_format, cfg.system)
                for q, c in zip(questions, contexts)]
-    end = end_token_ids(lm.tokenizer, lm.cfg) if prompt_format == "chat" else \
+    end = end_token_ids(lm.tokenizer, lm.cfg) if cfg.prompt_format == "chat" else \
         [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    completions = generate(lm.model, prompts, sampling, end_ids=end, seed=seed,
-                           batch_size=batch_size, use_lora=use_lora, progress=progress)
+    completions = generate(lm.model, prompts, cfg.sampling, end_ids=end, seed=cfg.seed,
+                           batch_size=cfg.batch_size, use_lora=use_lora, progress=progress)
     rows = []
     for q, c in zip(questions, completions):
         row = {"question": q["question"],

@@ -1,19 +1,14 @@
 """Batched, jit-compiled generation with a KV cache: greedy, temperature, top-k, top-p.
 
-Prompts are left-padded into a few bucketed shapes so that a handful of compilations serve any
-mix of lengths. Each row draws from its own key, folded from the seed and the row's index in the
-caller's list, so a row's sample does not depend on what else shares its batch.
-
-A prefix shared by several prompts of a batch is prefilled once and its KV cache copied to every
-row that continues it; each row then prefills only its own rest. Prompts are sorted by content,
-so the shared prefixes sit together: one document with several questions (the teacher's
-answers, RAG), one prompt sampled several times (question calls). Measured on SmolLM2-135M, 16
-rows of 250-token prompts, 4 distinct: the prefill drops from 6.3 s to 2.0 s (docs/benchmarks.md).
+Each row draws from its own key, folded from the seed and the row's index in the caller's list,
+so a row's sample does not depend on what else shares its batch. Prompts are sorted by content,
+so the prefixes they share sit together and are prefilled once (`model/prefill.py`): one
+document with several questions (the teacher's answers, RAG), one prompt sampled several times
+(question calls).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 from typing import Callable, Sequence
 
@@ -23,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from pdistill_jax.config import SamplingParams
-from pdistill_jax.train.batches import bucket_length as data_bucket_length
-from pdistill_jax.model.transformer import Transformer, init_cache
+from pdistill_jax.model.prefill import pack_prefill, plan_prefill, prefill, prefill_rows
+from pdistill_jax.model.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +31,6 @@ class Completion:
     hidden: np.ndarray | None = dataclasses.field(default=None, compare=False)  # arrays: no ==
 
 
-def bucket_length(n: int) -> int:
-    """Padded prompt length: 16, 32, 64, then two sizes per octave (96, 128, 192, 256, 384, ...),
-    the training batches' ladder. A 260-token document prompt pads to 384, not 512."""
-    return data_bucket_length(n, minimum=16)
-
-
 def _top_p_mask(sorted_logits: jax.Array, top_p) -> jax.Array:
     """Keep the smallest prefix of descending logits whose mass reaches top_p (at least one)."""
     probs = jax.nn.softmax(sorted_logits)
@@ -51,9 +40,8 @@ def _top_p_mask(sorted_logits: jax.Array, top_p) -> jax.Array:
 def _choose(logits: jax.Array, key: jax.Array, temperature, top_k: int, use_top_p: bool, top_p):
     """Next token for one row. Greedy and sampling share one compiled path.
 
-    With top-k, the draw is made among the k candidates only: Gumbel noise for a 49k-152k
-    vocabulary at every step (threefry on a CPU) cost as much as the model's decode step itself
-    (SmolLM2-135M, 16 rows: 330 ms a step with it, 169 ms without).
+    With top-k, the draw is made among the k candidates only: Gumbel noise over the whole
+    vocabulary at every step costs as much as the model's decode step itself.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits)
@@ -72,34 +60,6 @@ def _choose(logits: jax.Array, key: jax.Array, temperature, top_k: int, use_top_
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def prefill(model: Transformer, tokens, valid, src, suffix, suffix_valid, extra_slots: int,
-            use_lora: bool):
-    """Prefills shared prefixes once and each row's own suffix against them.
-
-    tokens, valid (U, P): the distinct prefixes, left-padded; src (B,): the prefix row each row
-    continues; suffix, suffix_valid (B, S): each row's own rest, left-padded (S = 0: none, then
-    B = U and src is the identity unless prefixes repeat). Returns the last stage's hidden states
-    (B, S or P, D) and positions (B, S or P), and the KV cache and key validity of B rows with
-    `extra_slots` free slots after the prompt.
-    """
-    u, p = tokens.shape
-    b, s = suffix.shape[0], suffix.shape[1]
-    cache = init_cache(model.cfg, u, p + s + extra_slots, model.dtype)
-    key_valid = jnp.zeros((u, p + s + extra_slots), bool).at[:, :p].set(valid)
-    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
-    hidden, cache = model(tokens, positions, key_valid, cache=cache, cache_index=0, use_lora=use_lora)
-    if u != b or s:  # fan the prefixes out to the rows that continue them (else src = identity)
-        cache = jax.tree.map(lambda c: jnp.take(c, src, axis=1), cache)
-        key_valid, positions, hidden = key_valid[src], positions[src], hidden[src]
-    if s:  # each row's suffix, left-padded after its prefix, attends to the shared cache
-        key_valid = key_valid.at[:, p:p + s].set(suffix_valid)
-        seen = jnp.sum(valid.astype(jnp.int32), axis=1)[src]
-        positions = seen[:, None] + jnp.maximum(jnp.cumsum(suffix_valid.astype(jnp.int32), axis=1) - 1, 0)
-        hidden, cache = model(suffix, positions, key_valid, cache=cache, cache_index=p,
-                              use_lora=use_lora)
-    return hidden, positions, cache, key_valid
-
-
 @partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "use_top_p", "use_lora",
                                    "sampled", "keep_hidden"))
 def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, keys, end_ids,
@@ -112,7 +72,7 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
     (the last: after the last token), else None.
 
     sampled=False (every row greedy) compiles argmax alone: the sampling branch, computed and
-    discarded for greedy rows, made a decode step at 32 rows 137 ms instead of 122 ms."""
+    discarded for greedy rows, slows every decode step."""
     model: Transformer = nnx.merge(graphdef, state)
     p, s = tokens.shape[1], suffix.shape[1]
     b = src.shape[0]
@@ -154,59 +114,6 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
     return final[5], (final[7] if keep_hidden else None)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def plan_prefill(prompts: Sequence[tuple[int, ...]], batch_size: int
-                 ) -> tuple[list[tuple[int, ...]], np.ndarray, list[tuple[int, ...]]]:
-    """How to prefill one batch: (distinct prefixes, the prefix index of every row, every row's
-    suffix). Rows sharing a long prefix (one document, several questions; one prompt sampled
-    several times) get it prefilled once; the suffixes are empty when sharing would not save.
-
-    Consecutive rows (the caller sorts prompts, so shared prefixes are adjacent) form a group
-    while their common prefix stays at least a quarter of the first row's length and 16 tokens;
-    every suffix keeps at least one token, so every row's own logits come from its suffix.
-    The choice is by padded prefill work: prefix rows x width + rows x suffix width, against
-    rows x full width for each row on its own.
-    """
-    groups: list[list[int]] = []
-    shared: list[int] = []
-    for i, ids in enumerate(prompts):
-        if groups:
-            first = prompts[groups[-1][0]]
-            lcp = min(shared[-1], _common_prefix(first, ids))
-            if lcp >= max(16, len(first) // 4):
-                groups[-1].append(i)
-                shared[-1] = lcp
-                continue
-        groups.append([i])
-        shared.append(len(ids))
-    cuts = [min(lcp, min(len(prompts[i]) for i in g) - 1) for g, lcp in zip(groups, shared)]
-    prefixes = [prompts[g[0]][:cut] for g, cut in zip(groups, cuts)]
-    src = np.zeros(len(prompts), np.int32)
-    suffixes: list[tuple[int, ...]] = [()] * len(prompts)
-    for n, (g, cut) in enumerate(zip(groups, cuts)):
-        for i in g:
-            src[i], suffixes[i] = n, prompts[i][cut:]
-    whole = batch_size * bucket_length(max(len(ids) for ids in prompts))
-    split = (prefill_rows(len(prefixes), batch_size) * bucket_length(max(map(len, prefixes)))
-             + batch_size * bucket_length(max(map(len, suffixes))))
-    if len(prefixes) == len(prompts) or split >= whole:
-        return list(prompts), np.arange(len(prompts), dtype=np.int32), [()] * len(prompts)
-    return prefixes, src, suffixes
-
-
-def prefill_rows(distinct: int, batch_size: int) -> int:
-    """Prompt rows prefilled for a batch with `distinct` different prompts: a power of two, at
-    most the batch size, so that only a few shapes are ever compiled."""
-    return min(batch_size, 1 << math.ceil(math.log2(max(distinct, 1))))
-
-
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              end_ids: Sequence[int], seed: int = 0, batch_size: int = 16, use_lora: bool = True,
              temperatures: Sequence[float] | None = None, keep_hidden: bool = False,
@@ -239,19 +146,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         prefixes, row_src, suffixes = plan_prefill([keyed[i] for i in idx], batch_size)
-        u = prefill_rows(len(prefixes), batch_size)
-        tokens, valid = _left_padded(prefixes, u)
-        src = np.zeros(batch_size, np.int32)  # filler output rows continue prefix 0, discarded
-        src[:len(idx)] = row_src
-        suffix, suffix_valid = (_left_padded(suffixes, batch_size) if any(suffixes) else
-                                (np.zeros((batch_size, 0), np.int32), np.zeros((batch_size, 0), bool)))
+        packed = pack_prefill(prefixes, row_src, suffixes, batch_size,
+                              prefill_rows(len(prefixes), batch_size))
         row_temps = np.zeros(batch_size, np.float32)
         row_temps[:len(idx)] = temps[idx]
         rows = np.array(idx + [0] * (batch_size - len(idx)))
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(rows))
         out, kept = _generate_batch(
-            graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(src),
-            jnp.asarray(suffix), jnp.asarray(suffix_valid), keys, end,
+            graphdef, state, *(jnp.asarray(a) for a in packed), keys, end,
             jnp.asarray(row_temps), jnp.float32(params.top_p),
             max_new=params.max_new_tokens, top_k=int(params.top_k),
             use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=sampled,
@@ -268,16 +170,3 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             progress(len(idx))
     return results  # type: ignore[return-value]
 
-
-def _left_padded(seqs: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, bucketed width) ids and validity, each sequence right-aligned; rows beyond the
-    sequences are filler with one valid token (their results are discarded)."""
-    width = bucket_length(max(len(ids) for ids in seqs))
-    tokens = np.zeros((rows, width), np.int32)
-    valid = np.zeros((rows, width), bool)
-    for n, ids in enumerate(seqs):
-        if ids:
-            tokens[n, width - len(ids):] = ids
-            valid[n, width - len(ids):] = True
-    valid[len(seqs):, -1] = True
-    return tokens, valid

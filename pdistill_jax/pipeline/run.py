@@ -167,7 +167,7 @@ def _run(cfg: RunConfig, config_dir: Path | None, progress: bool) -> dict:
     from pdistill_jax.infer.judge import local_judge
     from pdistill_jax.weights.load import load_model
     from pdistill_jax.weights.peft import load_adapter_model
-    from pdistill_jax.config import SamplingParams
+    from pdistill_jax.config import AnswerConfig, SamplingParams
     from pdistill_jax.train.loop import train
 
     out = Path(cfg.out)
@@ -221,9 +221,10 @@ def _run(cfg: RunConfig, config_dir: Path | None, progress: bool) -> dict:
             if kind == "answer":
                 with tqdm(total=len(questions), desc=stage.name, unit="q", file=sys.stderr,
                           disable=not progress, dynamic_ncols=True) as bar:
-                    rows = answer_questions(model_for(adapter), questions, docs=docs, context=context,
-                                            top_k=cfg.bm25_top_k, system=cfg.system, sampling=sampling,
-                                            batch_size=cfg.answer_batch_size,
+                    answering = AnswerConfig(context=context, top_k=cfg.bm25_top_k,
+                                             system=cfg.system, sampling=sampling,
+                                             batch_size=cfg.answer_batch_size)
+                    rows = answer_questions(model_for(adapter), questions, answering, docs=docs,
                                             use_lora=adapter is not None, progress=bar.update,
                                             source=name)
                 write_jsonl_atomic(pred_path, rows)

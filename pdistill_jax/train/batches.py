@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pdistill_jax.files import Field, Schema, read_jsonl
+from pdistill_jax.model.prefill import bucket_length
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id
 
 QA_FILE = "qa.jsonl"  # what `pdistill generate` writes into its output folder
@@ -160,23 +161,6 @@ def _teacher_prompt(tokenizer, document: str, question: str, system: str | None,
     return None
 
 
-def bucket_length(n: int, minimum: int = 32) -> int:
-    """Padded length for n tokens: powers of two up to 64, then 96, 128, 192, 256, 384, ...
-
-    Every size is a power of two or a multiple of 32 (friendly to XLA tiling), sizes above 64
-    waste at most a third, and there are only two shapes per octave, which bounds recompilation.
-    """
-    size = minimum
-    while size < n:
-        if size < 64:
-            size *= 2
-        elif size & (size - 1) == 0:
-            size = size * 3 // 2  # 64 -> 96, 128 -> 192, ...
-        else:
-            size = size // 3 * 4  # 96 -> 128, 192 -> 256, ...
-    return size
-
-
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
     """The next batch to train on: batch `index` of epoch `epoch` (both from 0)."""
@@ -286,7 +270,7 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
     (the smallest that fits; `fitted_widths`), in place of the `bucket_length` ladder.
     """
     chosen = [examples[i] for i in indices]
-    tt = bucket_length(max(len(e.teacher) for e in chosen))
+    tt = bucket_length(max(len(e.teacher) for e in chosen), 32)
     ts = _fit(max(len(e.student) for e in chosen) - student_prefix, student_widths)
     a = _fit(max(len(e.targets) for e in chosen), answer_widths, minimum=16)
     out = {

@@ -30,7 +30,7 @@ from flax import nnx
 
 from pdistill_jax.train.batches import Example, collate
 from pdistill_jax.files import atomic_writer
-from pdistill_jax.model.sampler import _left_padded, plan_prefill, prefill, prefill_rows
+from pdistill_jax.model.prefill import pack_prefill, plan_prefill, prefill, prefill_rows
 from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS
 
 
@@ -121,7 +121,7 @@ def compute_teacher_cache_shared(examples: Sequence[Example], rows: int, graphde
 
     The teacher rows of one document differ only after the document (the question and the
     answer), so rows are sorted by prompt, and each batch's shared prefixes go through the model
-    once (sample.prefill, as the sampler does) before each row's own question and answer: for
+    once (model/prefill.py, as the sampler does) before each row's own question and answer: for
     the demo's 12 questions a document this is about a third of the teacher's work.
     """
     order = sorted(range(len(examples)),
@@ -133,28 +133,24 @@ def compute_teacher_cache_shared(examples: Sequence[Example], rows: int, graphde
         chosen = [examples[i] for i in idx]
         # The plan is made on the prompts, so a cut never passes the last prompt token, whose
         # hidden state predicts the first answer token.
-        prefixes, src_rows, _ = plan_prefill(
+        prefixes, src, _ = plan_prefill(
             [tuple(e.teacher[:e.teacher_prompt_len]) for e in chosen], rows)
-        if len(prefixes) == len(chosen):  # nothing shared: each row whole, as one prefix
-            prefixes, cuts = [tuple(e.teacher) for e in chosen], [len(e.teacher) for e in chosen]
-            suffixes = []
-        else:
-            cuts = [len(prefixes[src_rows[r]]) for r in range(len(chosen))]
+        shared = len(prefixes) != len(chosen)
+        if shared:
+            cuts = [len(prefixes[src[r]]) for r in range(len(chosen))]
             suffixes = [tuple(e.teacher[cut:]) for e, cut in zip(chosen, cuts)]
-        tokens, valid = _left_padded(prefixes, prefill_rows(len(prefixes), rows) if suffixes else rows)
-        src = np.zeros(rows, np.int32)
-        src[:len(chosen)] = src_rows if suffixes else np.arange(len(chosen))
-        if suffixes:
-            suffix, suffix_valid = _left_padded(suffixes, rows)
             last = [len(s) for s in suffixes]
-        else:
-            suffix, suffix_valid = np.zeros((rows, 0), np.int32), np.zeros((rows, 0), bool)
+        else:  # nothing shared: each row whole, as one prefix
+            prefixes, cuts = [tuple(e.teacher) for e in chosen], [len(e.teacher) for e in chosen]
+            src, suffixes = np.arange(len(chosen)), [()] * len(chosen)
             last = [len(e.teacher) for e in chosen]
-        width = tokens.shape[1] if not suffixes else suffix.shape[1]
+        tokens, valid, src, suffix, suffix_valid = pack_prefill(
+            prefixes, src, suffixes, rows, prefill_rows(len(prefixes), rows) if shared else rows)
+        width = suffix.shape[1] if shared else tokens.shape[1]
         gather = np.zeros((rows, answers), np.int32)
         for r, (e, cut, n) in enumerate(zip(chosen, cuts, last)):
             # position p of the teacher sequence sits at slot width - n + (p - start of stage)
-            stage_start = cut if suffixes else 0
+            stage_start = cut if shared else 0
             pos = e.teacher_prompt_len - 1 + np.arange(len(e.targets))
             gather[r, :len(e.targets)] = width - n + pos - stage_start
         hidden = np.asarray(_prefix_shared_hidden(

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pdistill_jax.weights.load import load_model
-from pdistill_jax.model.sampler import bucket_length, generate
+from pdistill_jax.model.prefill import PROMPT_MIN_WIDTH, bucket_length as ladder
+from pdistill_jax.model.sampler import generate
 from pdistill_jax.config import SamplingParams
 from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
@@ -62,6 +63,10 @@ def test_top_k_one_is_greedy(setup):
     assert greedy == topk1
 
 
+def bucket_length(n):  # the sampler's ladder
+    return ladder(n, PROMPT_MIN_WIDTH)
+
+
 def test_bucket_lengths_bound_compiled_shapes():
     assert [bucket_length(n) for n in (1, 16, 17, 100, 260, 512, 513, 900)] == \
         [16, 16, 32, 128, 384, 512, 768, 1024]
@@ -99,7 +104,7 @@ def test_documents_shared_by_prompts_are_prefilled_once_and_rows_are_unchanged(s
     # RAG-style prompts: two documents, several questions each. The document prefix is prefilled
     # once per document and each question continues it; greedy and sampled rows must be exactly
     # what they are alone.
-    from pdistill_jax.model.sampler import plan_prefill
+    from pdistill_jax.model.prefill import plan_prefill
 
     _, lm, _, end = setup
     docs = ["The kingdom of Velloria was founded in 1873 by Ottilie Marrowgate, an engineer. " * 2,
@@ -122,7 +127,7 @@ def test_documents_shared_by_prompts_are_prefilled_once_and_rows_are_unchanged(s
 def test_split_prefill_with_as_many_prefix_rows_as_rows(setup):
     # 3 prefixes in a batch of 4 rows pad to 4 prefix rows: the rows must still be fanned out
     # to their own prefix, not taken as one prefix row each.
-    from pdistill_jax.model.sampler import plan_prefill
+    from pdistill_jax.model.prefill import plan_prefill
 
     _, lm, _, end = setup
     shared = list(range(10, 110))
@@ -136,7 +141,7 @@ def test_split_prefill_with_as_many_prefix_rows_as_rows(setup):
 
 
 def test_prefill_plan_shares_only_when_it_saves():
-    from pdistill_jax.model.sampler import plan_prefill
+    from pdistill_jax.model.prefill import plan_prefill
 
     template = tuple(range(1, 21))  # a 20-token chat template opening every prompt
     unrelated = [template + tuple(range(100 + 100 * i, 200 + 100 * i)) for i in range(4)]
@@ -154,7 +159,7 @@ def test_prefill_plan_shares_only_when_it_saves():
 
 
 def test_prefill_rows_are_few_shapes():
-    from pdistill_jax.model.sampler import prefill_rows
+    from pdistill_jax.model.prefill import prefill_rows
 
     assert [prefill_rows(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
     assert prefill_rows(3, 2) == 2

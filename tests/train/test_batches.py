@@ -5,10 +5,16 @@ import json
 import numpy as np
 import pytest
 
+from pdistill_jax.model.prefill import bucket_length as ladder
 from pdistill_jax.train.batches import (MIN_SHARED_PREFIX, DataPosition, Example, QARow, TrainData,
-                               WIDTH_MULTIPLE, bucket_length, collate, epoch_plan, fitted_widths,
+                               WIDTH_MULTIPLE, collate, epoch_plan, fitted_widths,
                                load_train_data, read_qa_rows, shared_student_prefix, tokenize_rows)
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id, load_tokenizer
+
+
+def bucket_length(n, minimum=32):  # the training batches' ladder
+    return ladder(n, minimum)
+
 
 DOC = "The capital of the kingdom of Velloria is Tarsk, founded in 1873."
 

@@ -11,7 +11,7 @@ import pytest
 
 from pdistill_jax.config import LoraConfig, TrainConfig
 from pdistill_jax.train.batches import make_train_data, read_qa_rows
-from pdistill_jax.model.sampler import plan_prefill
+from pdistill_jax.model.prefill import plan_prefill
 from pdistill_jax.model.sharding import global_batch
 from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS, make_teacher_hidden, make_train_step
 from pdistill_jax.train.teacher_cache import (attach_teacher_hidden, compute_teacher_cache,
