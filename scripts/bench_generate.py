@@ -65,7 +65,7 @@ def run_torch(args, ours_dir: Path, manifest: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pdistill_jax.datagen.generate import teacher_message
+    from pdistill_jax.datagen.answers import teacher_message
     from pdistill_jax.datagen.questions import question_prompt
     from pdistill_jax.weights.registry import resolve_model
     from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer

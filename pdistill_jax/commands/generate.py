@@ -5,9 +5,10 @@ import dataclasses
 
 from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_default, given_flags
 
-# GenerateConfig fields with a flag; a flag left out keeps the value of --config (or the default).
-OVERRIDES = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
-             "batch_size", "system")
+# GenerateConfig fields that have a flag of the same name; a flag left out keeps the value of
+# --config (or the default).
+FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
+         "batch_size", "system")
 
 
 def add_arguments(p) -> None:
@@ -41,12 +42,11 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from pdistill_jax.config import load_yaml
+    from pdistill_jax.config import GenerateConfig, load_yaml
     from pdistill_jax.datagen.generate import generate_data
-    from pdistill_jax.config import GenerateConfig
 
     cfg = load_yaml(GenerateConfig, args.config) if args.config else GenerateConfig()
-    changes = given_flags(args, OVERRIDES)
+    changes = given_flags(args, FLAGS)
     cfg = dataclasses.replace(cfg, **changes)
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs {args.max_docs}: must be >= 1")

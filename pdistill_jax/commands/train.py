@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
     model, data = train_inputs(args, run_config)
     cfg = resolve_config(args, run_config)
     if cfg.system is None and run_config is None:
-        from pdistill_jax.datagen.generate import generation_system_message
+        from pdistill_jax.datagen.dataset import generation_system_message
 
         if (system := generation_system_message(data)) is not None:
             cfg = dataclasses.replace(cfg, system=system)

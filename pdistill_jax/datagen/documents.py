@@ -12,7 +12,7 @@ splitting long ones into chunks that fit the teacher's prompt.
 
 A bad row of a JSONL file (invalid JSON or UTF-8, a missing or empty field, a duplicate id) or a
 bad file in a folder (not UTF-8, empty) refuses the load with one line naming the file and row, as
-every command's reader does (`jsonl.read_jsonl`): the fix is in the user's own files. Rows of a
+every command's reader does (`files.read_jsonl`): the fix is in the user's own files. Rows of a
 Hugging Face dataset are not the user's to fix, so a bad one is skipped and becomes one line in
 `problems` (printed to stderr and counted in generate's manifest).
 
@@ -29,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import sys
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qsl
 
 from pdistill_jax.files import Field, Schema, read_jsonl
+from pdistill_jax.log import logger
 
+_log = logger()  # documents are read by several commands
 DEFAULT_N = 1000  # the paper evaluates on the first 1000 test questions of each dataset
 HF_PREFIX = "hf:"
 FOLDER_SUFFIXES = (".txt", ".md")
@@ -67,7 +68,7 @@ def load_documents(spec: str | Path) -> tuple[list[Document], list[dict] | None,
                 f"--docs {spec}: no such file or folder (give a .jsonl file, a folder of .txt/.md "
                 f"files, or hf:squadshifts/nyt, hf:hotpot_qa/distractor, hf:/saved/dataset)")
     for p in problems:
-        print(f"warning: {p}", file=sys.stderr)
+        _log.warning(p)
     return docs, tests, problems
 
 

@@ -24,7 +24,7 @@ Before any work, every stage's fingerprint is compared with its record:
   user may well want to keep; deleting them, or choosing a new --out, takes one command.
 
 Settings that do not change a stage's result are left out of its record, so changing them redoes
-nothing (`run.RESULTS_NEUTRAL`, kept short on purpose); an interrupted stage then continues under
+nothing (`experiment.RESULTS_NEUTRAL`, kept short on purpose); an interrupted stage then continues under
 the new value.
 """
 from __future__ import annotations

@@ -19,11 +19,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pdistill_jax.files import Field, Schema, read_jsonl
+from pdistill_jax.datagen.dataset import QARow, read_qa_rows
 from pdistill_jax.model.prefill import bucket_length
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id
 
-QA_FILE = "qa.jsonl"  # what `pdistill generate` writes into its output folder
 WINDOW_STEPS = 16  # rows are sorted by length within windows of this many steps' worth of rows
 # Student widths chosen from the data (`fitted_widths`): multiples of this, and a width is only
 # added when it saves more padded positions per row, over the run, than this many (a compile
@@ -34,52 +33,6 @@ WIDTH_COST = 256
 # A student prefix shorter than this is not shared: its own forward pass would cost more than
 # the padded tokens it saves.
 MIN_SHARED_PREFIX = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class QARow:
-    document: str
-    question: str
-    answer: str  # the teacher's sampled answer (prompt distillation)
-    sft_answer: str | None = None  # a low-temperature answer used as ground truth by `ce`
-    doc_id: str | int | None = None
-    # False when generation cut the answer at its token limit: `ce` then has no end-of-turn
-    # target for it (it would teach the student to stop mid-sentence).
-    answer_finished: bool = True
-    sft_finished: bool = True
-
-
-def resolve_data_file(path: str | Path) -> Path:
-    """A `pdistill generate` folder (its qa.jsonl) or a JSONL file itself."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / QA_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{path.parent} has no {QA_FILE}; pass the folder written "
-                                    "by `pdistill generate` or a JSONL file of Q&A rows")
-    elif not path.exists():
-        raise FileNotFoundError(f"training data {path} does not exist")
-    return path
-
-
-QA_SCHEMA = Schema(
-    '{"document", "question", "answer", "sft_answer"?, "doc_id"?} objects, one a line',
-    {"document": Field(), "question": Field(), "answer": Field(),
-     "sft_answer": Field(required=False), "doc_id": Field((str, int), required=False),
-     "answer_finished": Field((bool,), required=False),
-     "sft_finished": Field((bool,), required=False)})
-
-
-def read_qa_rows(path: str | Path) -> list[QARow]:
-    """Rows {"document", "question", "answer", "sft_answer"?, "doc_id"?}, checked field by field."""
-    file = resolve_data_file(path)
-    rows = [QARow(raw["document"], raw["question"], raw["answer"], raw.get("sft_answer"),
-                  raw.get("doc_id"), raw.get("answer_finished") is not False,
-                  raw.get("sft_finished") is not False)
-            for raw in read_jsonl(file, QA_SCHEMA, flag="--data")]
-    if not rows:
-        raise ValueError(f"{file} holds no rows")
-    return rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,11 +30,13 @@ from flax import nnx
 
 from pdistill_jax.train.checkpoint import RunCheckpoints
 from pdistill_jax.config import TrainConfig, from_dict, read_yaml, to_dict
-from pdistill_jax.train.batches import DataPosition, TrainData, make_train_data, read_qa_rows, resolve_data_file
+from pdistill_jax.train.batches import DataPosition, TrainData, make_train_data
+from pdistill_jax.datagen.dataset import read_qa_rows, resolve_data_file
 from pdistill_jax.files import read_jsonl, write_jsonl_atomic, write_text_atomic
-from pdistill_jax.train.teacher_cache import (TEACHER_STATES_DIR, attach_teacher_hidden, compute_teacher_cache,
-                            compute_teacher_cache_shared, load_teacher_states, model_fingerprint,
-                            teacher_cache_bytes, teacher_sequence_key)
+from pdistill_jax.train.teacher_cache import (attach_teacher_hidden, compute_teacher_cache,
+                                              compute_teacher_cache_shared, teacher_cache_bytes)
+from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, load_teacher_states,
+                                                 model_fingerprint, teacher_sequence_key)
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINT_DIR, ADAPTER_DIR = "checkpoints", "adapter"

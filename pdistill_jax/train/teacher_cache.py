@@ -9,19 +9,15 @@ the LM head applied in the step is the same function the step would apply anyway
 the one the uncached step computes (up to float rounding order).
 
 Generation computes the very same states while it samples the answers, so `pdistill generate`
-keeps them beside qa.jsonl (TEACHER_STATES_DIR), keyed by a hash of the model, the dtype and the
-whole teacher sequence. Training takes every row whose re-tokenised teacher sequence hashes the
+keeps them beside qa.jsonl (datagen/teacher_states.py), keyed by a hash of the model, the dtype
+and the whole teacher sequence. Training takes every row whose re-tokenised teacher sequence hashes the
 same and runs the teacher only for the rest (a different system prompt, a truncated document,
 an answer that re-tokenises differently, another model or dtype).
 """
 from __future__ import annotations
 
-import hashlib
-import sys
-import zipfile
 from functools import partial
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,52 +25,8 @@ import numpy as np
 from flax import nnx
 
 from pdistill_jax.train.batches import Example, collate
-from pdistill_jax.files import atomic_writer
 from pdistill_jax.model.prefill import pack_prefill, plan_prefill, prefill, prefill_rows
 from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS
-
-
-TEACHER_STATES_DIR = "teacher_states"  # beside qa.jsonl: the states generation kept
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """Names a checkpoint cheaply: its files' resolved paths, sizes and modification times (a
-    re-fetched or edited checkpoint gets a new name, so no stale state is ever matched)."""
-    path = Path(path).resolve()
-    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def teacher_sequence_key(fingerprint: str, dtype, ids: Sequence[int]) -> str:
-    """The key of one teacher sequence's states: (model, compute dtype, prompt + answer ids)."""
-    h = hashlib.sha256(f"{fingerprint}:{np.dtype(dtype).name}:".encode())
-    h.update(np.asarray(ids, "<i4").tobytes())
-    return h.hexdigest()
-
-
-def save_teacher_states(path: str | Path, states: dict[str, np.ndarray]) -> None:
-    """states (key -> (answer tokens + 1, D)) as one .npz, written atomically."""
-    with atomic_writer(path, "wb") as f:
-        np.savez(f, **states)
-
-
-def load_teacher_states(folder: str | Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
-    """The stored states of those keys found in folder's .npz files. They only save time, so an
-    unreadable file is reported and skipped (its rows are recomputed), never fatal."""
-    wanted, found = set(keys), {}
-    for file in sorted(Path(folder).glob("*.npz")):
-        try:
-            with np.load(file) as z:
-                for key in wanted.intersection(z.files).difference(found):
-                    found[key] = z[key]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            print(f"warning: {file}: unreadable ({e}); its teacher states are recomputed",
-                  file=sys.stderr)
-    return found
 
 
 def teacher_cache_bytes(examples: Sequence[Example], hidden_size: int, dtype) -> int:

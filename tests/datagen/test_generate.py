@@ -19,7 +19,11 @@ import pytest
 
 from pdistill_jax import cli
 from pdistill_jax.datagen.documents import Document
-from pdistill_jax.datagen.generate import answer_questions, ask_questions, derive_seed, generate_data, load_progress, teacher_message
+from pdistill_jax.datagen.answers import teacher_answers, teacher_message
+from pdistill_jax.datagen.dataset import load_progress
+from pdistill_jax.datagen.generate import generate_data
+from pdistill_jax.datagen.questions import ask_questions
+from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.config import GenerateConfig
 from pdistill_jax.files import read_committed_jsonl
 from pdistill_jax.datagen.questions import question_prompt
@@ -124,7 +128,7 @@ def test_answer_path_builds_rows_from_chosen_questions(tiny_llama):
     doc = Document("velloria", DOCS[0]["text"])
     items = [(doc, "When was Tarsk founded?"), (doc, "What is the capital of Velloria?")]
     cfg = GenerateConfig(max_answer_tokens=8, batch_size=4)
-    rows = answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=11)
+    rows = teacher_answers(lm, items, cfg, seed=11)
     assert [r["question"] for r in rows] == [q for _, q in items]
     for r in rows:
         assert r["doc_id"] == "velloria" and r["document"] == doc.text
@@ -143,12 +147,12 @@ def test_answer_path_builds_rows_from_chosen_questions(tiny_llama):
     texts = [lm.tokenizer.decode(c.tokens, skip_special_tokens=True).strip() for c in direct]
     assert texts[:2] == [r["answer"] for r in rows]
     assert texts[2:] == [r["sft_answer"] for r in rows]
-    assert answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=11) == rows  # reproducible
-    other = answer_questions(lm.model, lm.tokenizer, end, items, cfg, seed=12)
+    assert teacher_answers(lm, items, cfg, seed=11) == rows  # reproducible
+    other = teacher_answers(lm, items, cfg, seed=12)
     assert [r["answer"] for r in other] != [r["answer"] for r in rows]
     # One temperature for both: one answer per question, used as PD answer and SFT answer.
     one = dataclasses.replace(cfg, a_temperature=0.7, sft_temperature=0.7)
-    shared = answer_questions(lm.model, lm.tokenizer, end, items, one, seed=11)
+    shared = teacher_answers(lm, items, one, seed=11)
     direct = generate(lm.model, teacher_prompts,
                       SamplingParams(0.7, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
                       end_ids=end, seed=derive_seed(11, "answers"), batch_size=4)
@@ -159,15 +163,14 @@ def test_answer_path_builds_rows_from_chosen_questions(tiny_llama):
 
 def test_question_rounds_stop_at_quota_or_max_calls(tiny_llama):
     from pdistill_jax.weights.load import load_model
-    from pdistill_jax.weights.tokenizer import end_token_ids
 
     lm = load_model(tiny_llama)
     docs = [Document(d["id"], d["text"]) for d in DOCS[:2]]
     cfg = GenerateConfig(questions_per_doc=3, max_calls_per_doc=3, max_question_tokens=8,
                          batch_size=4)
     seen_stages = []
-    state = ask_questions(lm.model, lm.tokenizer, end_token_ids(lm.tokenizer, lm.cfg), docs, cfg,
-                          seed=0, on_batch=lambda stage, n, total: seen_stages.append(stage))
+    state = ask_questions(lm, docs, cfg, seed=0,
+                          on_batch=lambda stage, n, total: seen_stages.append(stage))
     assert set(state) == {"velloria", "fox"}
     for s in state.values():  # a random model writes garbage: quota reached or calls used up
         assert len(s.questions) == cfg.questions_per_doc or s.calls == cfg.max_calls_per_doc

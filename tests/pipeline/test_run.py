@@ -10,12 +10,14 @@ import yaml
 
 from pdistill_jax.infer import answer
 from pdistill_jax.weights import load
-from pdistill_jax import train as train_module
+from pdistill_jax.train import loop as train_module
 from pdistill_jax.cli import main
-from pdistill_jax.datagen.generate import generation_system_message
+from pdistill_jax.datagen.dataset import generation_system_message
 from pdistill_jax.config import GenerateConfig
 from pdistill_jax.config import TrainConfig
-from pdistill_jax.pipeline.run import CONDITIONS, build_stages, load_run_config, resolve_path, summarize, write_report
+from pdistill_jax.pipeline.experiment import CONDITIONS, build_stages
+from pdistill_jax.pipeline.report import summarize, write_report
+from pdistill_jax.pipeline.run import load_run_config, resolve_path
 from pdistill_jax.config import RunConfig
 from test_generate import DOCS, train_question_writer
 
@@ -189,13 +191,13 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 
 def _stages_run(err: str) -> set[str]:
-    lines = [line.removeprefix("[pdistill run] ") for line in err.splitlines()]
+    lines = [line.removeprefix("pdistill run: ") for line in err.splitlines()]
     return {line.rsplit(": ", 1)[0] for line in lines
             if line.endswith((": running", ": interrupted before, continuing it"))}
 
 
 def _stages_skipped(err: str) -> set[str]:
-    return {line.removeprefix("[pdistill run] ").rsplit(": ", 1)[0] for line in err.splitlines()
+    return {line.removeprefix("pdistill run: ").rsplit(": ", 1)[0] for line in err.splitlines()
             if line.endswith(": done already, skipped")}
 
 
@@ -362,14 +364,14 @@ def _results(**acc) -> dict:
 def test_acceptance_fails_every_check_when_nothing_scores(tmp_path):
     names = ("base_closed_book", "rag_gold", "sft_closed_book", "pd_closed_book", "pd_rag_gold")
     cover = {"n_questions": 3, "covered": 0, "by_doc": {}}
-    zero = summarize(_results(**dict.fromkeys(names, 0.0)), cover, tmp_path)
+    zero = summarize(_results(**dict.fromkeys(names, 0.0)), cover)
     assert len(zero["acceptance"]) == 5 and not any(zero["acceptance"].values())
     write_report(tmp_path, RunConfig(), zero, _results(**dict.fromkeys(names, 0.0)), cover)
     report = (tmp_path / "report.md").read_text()
     assert "PASS" not in report and "- FAIL: RAG(gold) > 0 (the model answers from the document)" in report
     working = _results(base_closed_book=0.0, rag_gold=0.5, sft_closed_book=0.2, pd_closed_book=0.45,
                        pd_rag_gold=0.6)
-    assert all(summarize(working, cover, tmp_path)["acceptance"].values())
+    assert all(summarize(working, cover)["acceptance"].values())
 
 
 def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_path):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from pdistill_jax.model.prefill import bucket_length as ladder
-from pdistill_jax.train.batches import (MIN_SHARED_PREFIX, DataPosition, Example, QARow, TrainData,
+from pdistill_jax.train.batches import (MIN_SHARED_PREFIX, DataPosition, Example, TrainData,
                                WIDTH_MULTIPLE, collate, epoch_plan, fitted_widths,
-                               load_train_data, read_qa_rows, shared_student_prefix, tokenize_rows)
+                               load_train_data, shared_student_prefix, tokenize_rows)
+from pdistill_jax.datagen.dataset import QARow, read_qa_rows
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id, load_tokenizer
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pdistill_jax.config import LoraConfig, TrainConfig
-from pdistill_jax.train.batches import make_train_data, read_qa_rows
+from pdistill_jax.train.batches import make_train_data
+from pdistill_jax.datagen.dataset import read_qa_rows
 from pdistill_jax.model.prefill import plan_prefill
 from pdistill_jax.model.sharding import global_batch
 from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS, make_teacher_hidden, make_train_step
@@ -98,11 +99,10 @@ def test_documents_prefilled_once_give_the_same_teacher_states(tiny_lora, tiny_l
 def _teacher_rows(tiny_llama):
     """The tiny model answering questions about one document, keeping the teacher's states."""
     from pdistill_jax.datagen.documents import Document
-    from pdistill_jax.datagen.generate import answer_questions
+    from pdistill_jax.datagen.answers import teacher_answers
     from pdistill_jax.config import GenerateConfig
     from pdistill_jax.weights.load import load_model
-    from pdistill_jax.train.teacher_cache import model_fingerprint, teacher_sequence_key
-    from pdistill_jax.weights.tokenizer import end_token_ids
+    from pdistill_jax.datagen.teacher_states import model_fingerprint, teacher_sequence_key
 
     lm = load_model(tiny_llama)
     doc = Document("velloria", "The capital of the kingdom of Velloria is Tarsk, founded in 1873.")
@@ -117,8 +117,7 @@ def _teacher_rows(tiny_llama):
         states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
         sampled.append(ids)
 
-    rows = answer_questions(lm.model, lm.tokenizer, end_token_ids(lm.tokenizer, lm.cfg),
-                            [(doc, q) for q in questions], cfg, seed=5, on_teacher_state=keep)
+    rows = teacher_answers(lm, [(doc, q) for q in questions], cfg, seed=5, on_teacher_state=keep)
     return lm, rows, states, sampled
 
 
@@ -162,7 +161,7 @@ def test_sampler_keeps_the_teachers_hidden_states_at_the_answer_positions(tiny_l
 
 def test_training_takes_the_teacher_states_generation_kept(tiny_llama, tmp_path, capsys):
     from pdistill_jax.train.batches import _encode
-    from pdistill_jax.train.teacher_cache import TEACHER_STATES_DIR, save_teacher_states
+    from pdistill_jax.datagen.teacher_states import TEACHER_STATES_DIR, save_teacher_states
     from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids
 
     lm, rows, states, sampled = _teacher_rows(tiny_llama)
@@ -197,8 +196,8 @@ def test_teacher_state_keys_name_the_checkpoint_the_dtype_and_the_ids(tmp_path):
 
     import jax.numpy as jnp
 
-    from pdistill_jax.train.teacher_cache import (load_teacher_states, model_fingerprint,
-                                            save_teacher_states, teacher_sequence_key)
+    from pdistill_jax.datagen.teacher_states import (load_teacher_states, model_fingerprint,
+                                                     save_teacher_states, teacher_sequence_key)
 
     ckpt = tmp_path / "model"
     ckpt.mkdir()

@@ -1,0 +1,93 @@
+"""manifest.json of a generation: model, prompts, settings, counts, parse yield, per-document
+statistics and timings, rewritten after every committed wave."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from pdistill_jax.config import GenerateConfig, to_dict
+from pdistill_jax.datagen.answers import teacher_message
+from pdistill_jax.datagen.dataset import MANIFEST_FILE
+from pdistill_jax.datagen.documents import Document
+from pdistill_jax.datagen.questions import QUESTION_INSTRUCTION, question_prompt
+from pdistill_jax.files import write_text_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationJob:
+    """What a generation was asked to do, as the manifest reports it."""
+
+    model_spec: str
+    model_path: Path  # the resolved weights
+    docs_spec: str
+    max_docs: int | None
+    cfg: GenerateConfig
+    sources: list[Document]  # the documents loaded
+    docs: list[Document]  # ... after chunking: what questions are asked about
+    tests: list[dict] | None  # test questions that came with the documents
+    problems: list[str]  # rows of the documents' source that were skipped
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a generation has made so far."""
+
+    rows: list[dict]  # qa rows committed
+    done: dict[str, dict]  # done.jsonl records by document id
+    timings: dict[str, float]  # this call's seconds: load_s, questions_s, answers_s
+    t_start: float  # time.perf_counter() when this call started
+
+
+def write_manifest(out: Path, job: GenerationJob, progress: Progress) -> dict:
+    """Writes `out`/manifest.json; returns it."""
+    cfg, docs, rows, done = job.cfg, job.docs, progress.rows, progress.done
+    per_doc = [done[d.id] for d in docs if d.id in done]
+    parsed = [n for r in per_doc for n in r["parsed_per_call"]]
+    new = [n for r in per_doc for n in r["new_per_call"]]
+    waves = {r["wave"]: r for r in per_doc}.values()
+    all_q = sum(r["wave_questions_s"] for r in waves)
+    all_a = sum(r["wave_answers_s"] for r in waves)
+    manifest = {
+        "model": str(job.model_spec), "model_path": str(job.model_path),
+        "docs": str(job.docs_spec), "max_docs": job.max_docs,
+        "config": to_dict(cfg),
+        "prompts": {
+            "system": cfg.system,
+            "question_user": question_prompt("{document}"),
+            "question_instruction": QUESTION_INSTRUCTION,
+            "answer_user": teacher_message("{document}", "{question}"),
+        },
+        "complete": len(per_doc) == len(docs),
+        "counts": {
+            "source_documents": len(job.sources), "documents": len(docs),
+            "documents_done": len(per_doc),
+            "documents_with_questions": sum(r["questions"] > 0 for r in per_doc),
+            "documents_short_of_quota": sum(r["gave_up"] for r in per_doc),
+            "question_calls": len(parsed), "questions_parsed": sum(parsed),
+            "questions": sum(r["questions"] for r in per_doc), "rows": len(rows),
+            "answers_truncated": sum(not r["answer_finished"] for r in rows),
+            "sft_answers_truncated": sum(not r["sft_finished"] for r in rows),
+            "test_questions": None if job.tests is None else len(job.tests),
+            "load_problems": len(job.problems),
+        },
+        "parse_yield": {
+            "parsed_per_call": sum(parsed) / len(parsed) if parsed else 0.0,
+            "new_per_call": sum(new) / len(new) if new else 0.0,
+            "calls_without_question": sum(n == 0 for n in parsed) / len(parsed) if parsed else 0.0,
+        },
+        "timings": {
+            "this_run": {**{k: round(v, 3) for k, v in progress.timings.items()},
+                         "total_s": round(time.perf_counter() - progress.t_start, 3)},
+            "all_runs": {"questions_s": round(all_q, 3), "answers_s": round(all_a, 3),
+                         "rows_per_minute": round(60 * len(rows) / (all_q + all_a), 2)
+                         if all_q + all_a > 0 else None},
+        },
+        "per_doc": [{k: r[k] for k in ("doc_id", "source_id", "questions", "calls",
+                                       "parsed_per_call", "new_per_call", "gave_up")}
+                    for r in per_doc],
+        "problems": job.problems,
+    }
+    write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest

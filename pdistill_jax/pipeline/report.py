@@ -1,0 +1,109 @@
+"""The report of `pdistill run`, rebuilt from the stages' results at the end of every run:
+coverage.json, summary.json (accuracies, acceptance checks, stage timings), report.md and
+results.png."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from pdistill_jax.config import RunConfig
+from pdistill_jax.files import read_jsonl, write_text_atomic
+from pdistill_jax.pipeline.experiment import CONDITIONS
+from pdistill_jax.pipeline.stages import Stage, read_record
+
+REPORT_FILES = ("report.md", "summary.json", "results.png", "coverage.json")
+
+
+def write_reports(out: Path, cfg: RunConfig, stages: Sequence[Stage],
+                  question_sets: dict[str, list[dict]]) -> dict:
+    """Every report file of the run in `out`, from its stages' outputs; returns the summary."""
+    from pdistill_jax.infer.evaluate import coverage
+
+    results = {}
+    for name in CONDITIONS:  # report order
+        if question_sets[CONDITIONS[name][2]]:
+            results[name] = json.loads((out / "eval" / name / "results.json").read_text())
+            if cfg.judge:
+                judged = out / "eval_judge" / name / "results.json"
+                results[name]["judge"] = json.loads(judged.read_text())
+    cover = coverage(question_sets["test"], read_jsonl(out / "data" / "qa.jsonl"))
+    write_text_atomic(out / "coverage.json", json.dumps(cover, indent=2) + "\n")
+    summary = summarize(results, cover)
+    # the time each stage took when it was made, so an unchanged rerun rewrites the same report
+    summary["timings_s"] = {s.name: (read_record(s) or {}).get("seconds") for s in stages}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(out, cfg, summary, results, cover)
+    return summary
+
+
+def summarize(results: dict, cover: dict) -> dict:
+    """Accuracies and the acceptance checks. Each check compares with RAG(gold), the model
+    answering with the document in its prompt: when that scores 0 the model answers nothing
+    (a broken model, template or run) and no comparison means anything, so every check fails,
+    the first one saying why."""
+    acc = {name: r["match_accuracy"] for name, r in results.items()}
+    checks = {}
+    if {"base_closed_book", "pd_closed_book", "sft_closed_book", "rag_gold", "pd_rag_gold"} <= set(acc):
+        rag = acc["rag_gold"]
+        checks = {
+            "RAG(gold) > 0 (the model answers from the document)": rag > 0,
+            "closed-book base <= 10%": acc["base_closed_book"] <= 0.10,
+            "PD closed-book >= 0.8 x RAG(gold)": acc["pd_closed_book"] >= 0.8 * rag,
+            "PD >= SFT + 10 points": acc["pd_closed_book"] >= acc["sft_closed_book"] + 0.10,
+            "PD+RAG(gold) >= RAG(gold)": acc["pd_rag_gold"] >= rag,
+        }
+        checks = {check: rag > 0 and ok for check, ok in checks.items()}
+    return {"match_accuracy": acc, "acceptance": checks,
+            "coverage": {k: v for k, v in cover.items() if k != "by_doc"}}
+
+
+def write_report(out: Path, cfg: RunConfig, summary: dict, results: dict, cover: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = summary["match_accuracy"]
+    names = [n for n in CONDITIONS if n in acc and not n.startswith("retention")]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    bars = ax.bar(range(len(names)), [100 * acc[n] for n in names],
+                  color=["#999999" if CONDITIONS[n][0] is None else
+                         "#d98c3a" if CONDITIONS[n][0] == "sft" else "#3a7dd9" for n in names])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax.set_ylabel("accuracy (%, normalized match)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{cfg.model}: {results[names[0]]['n']} held-out questions")
+    fig.tight_layout()
+    tmp = out / ".results.png.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out / "results.png")
+
+    lines = [f"# Prompt distillation report: {cfg.model}", "",
+             "Accuracy = normalized answer is a substring of the prediction (SQuAD normalization).", "",
+             "| condition | adapter | context | accuracy | token F1 | n |", "|---|---|---|---|---|---|"]
+    for name, (adapter, context, _) in CONDITIONS.items():
+        if name in results:
+            r = results[name]
+            judge = f" (judge {100 * r['judge']['judge_accuracy']:.1f}%)" if "judge" in r and \
+                r["judge"].get("judge_accuracy") is not None else ""
+            lines.append(f"| {name} | {adapter or 'none'} | {context} | {100 * r['match_accuracy']:.1f}%{judge}"
+                         f" | {r['f1']:.3f} | {r['n']} |")
+    lines += ["", "![results](results.png)", "", "## Acceptance", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {check}" for check, ok in summary["acceptance"].items()]
+    lines += ["", "## Coverage of test facts by the generated training answers", "",
+              "A test question is covered when one of its accepted answers appears in some generated "
+              "answer for its document: uncovered facts were never taught; covered but missed facts "
+              "were taught and not stored.", "", "| doc | test questions | covered | PD correct |",
+              "|---|---|---|---|"]
+    pd_rows = read_jsonl(out / "eval" / "pd_closed_book" / "per_question.jsonl") \
+        if (out / "eval" / "pd_closed_book" / "per_question.jsonl").exists() else []
+    pd_correct: dict[str, int] = {}
+    for row in pd_rows:
+        pd_correct[str(row.get("doc_id"))] = pd_correct.get(str(row.get("doc_id")), 0) + int(row["match"])
+    for doc, c in sorted(cover["by_doc"].items()):
+        lines.append(f"| {doc} | {c['n_questions']} | {c['covered']} | {pd_correct.get(doc, 0)} |")
+    lines += ["", f"Timings (s): {json.dumps(summary.get('timings_s', {}))}", ""]
+    write_text_atomic(out / "report.md", "\n".join(lines))
