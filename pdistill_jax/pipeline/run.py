@@ -166,7 +166,6 @@ def _run(cfg: RunConfig, config_dir: Path | None, progress: bool) -> dict:
     from pdistill_jax.datagen.generate import generate_data
     from pdistill_jax.infer.judge import local_judge
     from pdistill_jax.weights.load import load_model
-    from pdistill_jax.weights.peft import load_adapter_model
     from pdistill_jax.config import SamplingParams
     from pdistill_jax.train.loop import train
 
@@ -204,7 +203,7 @@ def _run(cfg: RunConfig, config_dir: Path | None, progress: bool) -> dict:
         if adapter not in loaded:
             loaded.clear()  # one model in memory at a time
             loaded[adapter] = (load_model(cfg.model) if adapter is None else
-                               load_adapter_model(cfg.model, out / f"train_{adapter}"))
+                               load_model(cfg.model, adapter=out / f"train_{adapter}"))
         return loaded[adapter]
 
     def work(stage: Stage) -> None:
