@@ -71,9 +71,9 @@ def main(args):
     check_contexts(questions, docs, args.context, str(questions_file), lines)
     system = args.system
     if args.adapter:
-        from pdistill_jax.weights.peft import load_adapter_model, training_system_message
+        from pdistill_jax.train.run_folder import training_system_message
 
-        lm = load_adapter_model(args.model, args.adapter)
+        lm = load_model(args.model, adapter=args.adapter)
         if system is None and (system := training_system_message(args.adapter)) is not None:
             print(f"system message: {system!r}, the one {args.adapter} was trained with "
                   "(--system to ask under another)", file=sys.stderr)

@@ -1,8 +1,9 @@
-import sys
+from pdistill_jax.log import logger
 
 from . import add_model_argument
 
 FORMATS = ("peft", "merged")
+_log = logger("export")
 
 
 def add_arguments(p):
@@ -20,15 +21,15 @@ def add_arguments(p):
 
 def main(args):
     from pdistill_jax.weights.merged import export_peft, save_merged
-    from pdistill_jax.weights.peft import training_system_message
+    from pdistill_jax.train.run_folder import training_system_message
 
     if args.format == "peft":
         out = export_peft(args.out, args.model, args.adapter)
     else:
         out = save_merged(args.out, args.model, args.adapter, dtype=args.dtype,
                           max_shard_size=args.max_shard_size)
-    print(f"wrote {args.format} export to {out}", file=sys.stderr)
+    _log.info(f"wrote {args.format} export to {out}")
     if (system := training_system_message(args.adapter)) is not None:
-        print(f"note: the adapter was trained with the system message {system!r}; ask it under "
-              "the same one (it is not part of the exported files)", file=sys.stderr)
+        _log.info(f"note: the adapter was trained with the system message {system!r}; ask it "
+                  "under the same one (it is not part of the exported files)")
     print(out)

@@ -80,13 +80,12 @@ class _Models:
 
     def answerer(self, adapter: str | None):
         from pdistill_jax.weights.load import load_model
-        from pdistill_jax.weights.peft import load_adapter_model
 
         cfg, out = self.cfg, self.out
         if adapter not in self.loaded:
             self.loaded.clear()
             self.loaded[adapter] = (load_model(cfg.model) if adapter is None else
-                                    load_adapter_model(cfg.model, out / f"train_{adapter}"))
+                                    load_model(cfg.model, adapter=out / f"train_{adapter}"))
         return self.loaded[adapter]
 
     def judge(self):

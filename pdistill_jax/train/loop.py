@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from flax import nnx
 
 from pdistill_jax.train.checkpoint import RunCheckpoints
 from pdistill_jax.config import TrainConfig, from_dict, read_yaml, to_dict
@@ -94,24 +93,16 @@ def _load_model(model_spec: str, cfg: TrainConfig, init_adapter: str | None):
     and its weights replace the fresh LoRA initialisation."""
     from pdistill_jax.weights.load import load_model
 
-    pure = None
-    if init_adapter is not None:
-        from pdistill_jax.weights.peft import load_peft_adapter, read_model_config
-        from pdistill_jax.weights.registry import resolve_model
-
-        lora, pure = load_peft_adapter(init_adapter, read_model_config(resolve_model(model_spec)))
-        if lora != cfg.lora:
-            _say(f"--init-adapter {init_adapter}: using its LoRA rank={lora.rank} "
-                 f"alpha={lora.alpha:g} targets={','.join(lora.targets)}")
-        cfg = dataclasses.replace(cfg, lora=lora)
     dtype = _compute_dtype(cfg)
     # bf16 runs store the frozen base in bf16 too (half the memory); LoRA always stays float32.
-    lm = load_model(model_spec, cfg.lora, seed=cfg.seed, dtype=dtype, param_dtype=dtype,
+    lm = load_model(model_spec, None if init_adapter is not None else cfg.lora,
+                    adapter=init_adapter, seed=cfg.seed, dtype=dtype, param_dtype=dtype,
                     remat=cfg.remat)
-    if pure is not None:
-        state = nnx.state(lm.model, nnx.LoRAParam)
-        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))
-        nnx.update(lm.model, state)
+    if init_adapter is not None:
+        if lm.lora != cfg.lora:
+            _say(f"--init-adapter {init_adapter}: using its LoRA rank={lm.lora.rank} "
+                 f"alpha={lm.lora.alpha:g} targets={','.join(lm.lora.targets)}")
+        cfg = dataclasses.replace(cfg, lora=lm.lora)
     return lm, cfg
 
 

@@ -1,6 +1,6 @@
 """Weights in from Hugging Face (safetensors) and GGUF files, mapped onto our parameter tree.
 
-The mapping is one regex table from Hugging Face names to our paths, with the expected shape of
+The mapping from Hugging Face names to our paths is `names.TENSORS`, with the expected shape of
 every tensor asserted. GGUF files are first renamed to Hugging Face names (and llama.cpp's q/k
 row permutation undone), so both formats share the same table.
 """
@@ -14,39 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pdistill_jax.config import ModelConfig
-
-# HF name -> (our path template, transpose?). {i} is the layer index.
-_HF_TO_OURS = [
-    (r"model\.embed_tokens\.weight", "embed", False),
-    (r"model\.norm\.weight", "norm.weight", False),
-    (r"lm_head\.weight", "lm_head.kernel", True),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.attn_norm.weight", False),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.mlp_norm.weight", False),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", "layers.attn.{1}.kernel", True),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.bias", "layers.attn.{1}.bias", False),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layers.mlp.{1}.kernel", True),
-]
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our path -> shape of every base weight (layer weights without the leading layer axis)."""
-    d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shapes = {
-        "embed": (v, d), "norm.weight": (d,),
-        "layers.attn_norm.weight": (d,), "layers.mlp_norm.weight": (d,),
-        "layers.attn.q.kernel": (d, qd), "layers.attn.k.kernel": (d, kd),
-        "layers.attn.v.kernel": (d, kd), "layers.attn.o.kernel": (qd, d),
-        "layers.mlp.gate.kernel": (d, f), "layers.mlp.up.kernel": (d, f),
-        "layers.mlp.down.kernel": (f, d),
-    }
-    if cfg.attention_bias:
-        shapes.update({"layers.attn.q.bias": (qd,), "layers.attn.k.bias": (kd,),
-                       "layers.attn.v.bias": (kd,)})
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.kernel"] = (d, v)
-    return shapes
+from pdistill_jax.weights.names import IGNORED_HF, expected_shapes, match_hf
 
 
 def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=np.float32,
@@ -56,30 +24,25 @@ def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dt
     flat: dict[str, np.ndarray] = {}
     per_layer: dict[str, list] = {k: [None] * cfg.num_layers for k in shapes if k.startswith("layers.")}
     for name, array in tensors:
-        if _IGNORED.match(name):
+        if IGNORED_HF.match(name):
             continue
-        for pattern, template, transpose in _HF_TO_OURS:
-            m = re.fullmatch(pattern, name)
-            if m:
-                break
-        else:
-            if cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
+        found = match_hf(name)
+        if found is None:
             raise ValueError(f"{source}: unexpected tensor {name!r} for a {cfg.model_type} model")
-        path = template.format(*m.groups())
+        tensor, layer = found
+        path = tensor.ours
         if path == "lm_head.kernel" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints still store the (identical) head
         if path not in shapes:
             raise ValueError(f"{source}: tensor {name!r} does not fit this config "
                              f"(attention_bias={cfg.attention_bias})")
         array = np.asarray(array)
-        want = shapes[path][::-1] if transpose else shapes[path]
+        want = shapes[path][::-1] if tensor.transpose else shapes[path]
         if array.shape != want:
             raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, "
                              f"expected {want} from the config")
-        array = (array.T if transpose else array).astype(dtype)
-        if path.startswith("layers."):
-            layer = int(m.group(1))
+        array = (array.T if tensor.transpose else array).astype(dtype)
+        if layer is not None:
             if layer >= cfg.num_layers:
                 raise ValueError(f"{source}: tensor {name!r} is beyond num_hidden_layers={cfg.num_layers}")
             per_layer[path][layer] = array
@@ -260,6 +223,14 @@ def load_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
     reader = open_gguf(path)
     cfg = read_gguf_config(reader, str(path))
     return cfg, hf_to_params(cfg, iter_gguf(reader, cfg, str(path)), dtype, str(path))
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The architecture of a resolved model path (HF directory or .gguf) without its weights."""
+    path = Path(path)
+    if path.is_dir():
+        return read_hf_config(path)
+    return read_gguf_config(open_gguf(path), str(path))
 
 
 def load_checkpoint(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:

@@ -1,4 +1,5 @@
-"""From a model spec to a ready Flax model: resolve, read weights, build, attach tokenizer."""
+"""From a model spec (and an adapter) to a ready Flax model: resolve, read weights, build, put
+the adapter's LoRA weights in place, attach the tokenizer. The one place a model is loaded."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import numpy as np
 from flax import nnx
 
 from pdistill_jax.config import LoraConfig, ModelConfig
-from pdistill_jax.weights.hf import load_checkpoint
 from pdistill_jax.model.transformer import Transformer
+from pdistill_jax.weights.hf import load_checkpoint, read_model_config
+from pdistill_jax.weights.peft import adapter_base_model, load_peft_adapter
 from pdistill_jax.weights.registry import resolve_model
 from pdistill_jax.weights.tokenizer import load_tokenizer
 
@@ -25,6 +27,7 @@ class LoadedModel:
     tokenizer: object
     path: Path  # resolved weights location (HF directory or .gguf file)
     spec: str  # what the user passed (registered name or path)
+    lora: LoraConfig | None = None  # the adapter's shape (the LoRA given, or the loaded adapter's)
 
 
 def build_model(cfg: ModelConfig, base_params: dict, lora: LoraConfig | None = None, *,
@@ -56,9 +59,9 @@ def reuse_loaded_checkpoints() -> Iterator[None]:
     """Inside this block each checkpoint and tokenizer is read from disk once and then reused.
 
     `pdistill run` loads the same base model for generation, two trainings and every answering
-    stage; reading and dequantizing SmolLM2-135M's GGUF and its tokenizer takes ~7 s each time.
-    Outside the block nothing is kept, so a library user's host memory holds no stray copy of a
-    large model's weights.
+    stage, and reading and dequantizing a GGUF and its tokenizer is slow. Outside the block
+    nothing is kept, so a library user's host memory holds no stray copy of a large model's
+    weights.
     """
     global _reused
     outer, _reused = _reused, ({} if _reused is None else _reused)
@@ -78,13 +81,30 @@ def _read(path: Path, what: str, read):
     return _reused[key]
 
 
-def load_model(spec: str | Path, lora: LoraConfig | None = None, *, seed: int = 0,
-               dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+def load_model(spec: str | Path | None, lora: LoraConfig | None = None, *, adapter=None,
+               seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                with_tokenizer: bool = True) -> LoadedModel:
+    """The model `spec` names, with a fresh LoRA of shape `lora`, or with `adapter`'s.
+
+    adapter: a PEFT folder or a training run folder; its LoRA config and (float32) weights take
+      the place of `lora`, which must then be None. `spec` None means the base model it names.
+    """
+    pure = None
+    if adapter is not None:
+        if lora is not None:
+            raise ValueError("load_model: pass lora or adapter, not both")
+        if spec is None:
+            spec = adapter_base_model(adapter)
+        # The adapter is checked against the architecture before the slow weight read.
+        lora, pure = load_peft_adapter(adapter, read_model_config(resolve_model(spec)))
     path = resolve_model(spec)
     # Reused numpy weights are safe to share: build_model only reads them into jax arrays.
     cfg, params = _read(path, "weights", lambda: load_checkpoint(path, np.float32))
     model = build_model(cfg, params, lora, seed=seed, dtype=dtype, param_dtype=param_dtype,
                         remat=remat)
+    if pure is not None:
+        state = nnx.state(model, nnx.LoRAParam)
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))
+        nnx.update(model, state)
     tok = _read(path, "tokenizer", lambda: load_tokenizer(path)) if with_tokenizer else None
-    return LoadedModel(cfg, model, tok, path, str(spec))
+    return LoadedModel(cfg, model, tok, path, str(spec), lora)

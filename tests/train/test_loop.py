@@ -51,7 +51,8 @@ def trained(tiny_llama, tmp_path_factory):
 
 
 def test_train_writes_adapter_metrics_and_config(trained, tiny_llama):
-    from pdistill_jax.weights.peft import load_peft_adapter, read_model_config
+    from pdistill_jax.weights.hf import read_model_config
+    from pdistill_jax.weights.peft import load_peft_adapter
 
     qa, run, first, _ = trained
     assert first["steps"] == 12 and not first["finished"] and first["total_steps"] == 24

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_models
 from pdistill_jax.config import ModelConfig
 from pdistill_jax.weights.hf import load_checkpoint, load_hf_checkpoint
 from pdistill_jax.weights.registry import resolve_model

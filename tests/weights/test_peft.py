@@ -18,9 +18,10 @@ from safetensors.numpy import load_file, save_file
 from pdistill_jax.config import LoraConfig
 from pdistill_jax.weights.load import load_model
 from pdistill_jax.model.transformer import causal_inputs
-from pdistill_jax.weights.peft import (HF_MODULE, load_adapter_model, load_peft_adapter,
-                                  lora_to_peft_tensors, read_model_config, resolve_adapter,
-                                  save_peft_adapter)
+from pdistill_jax.weights.hf import read_model_config
+from pdistill_jax.weights.names import HF_MODULE
+from pdistill_jax.weights.peft import (load_peft_adapter, lora_to_peft_tensors, resolve_adapter,
+                                       save_peft_adapter)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 TOKENS = [[1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 300, 11]]
@@ -103,7 +104,7 @@ def test_export_matches_peft_keys_and_logits(fixture, targets, request, tmp_path
     np.testing.assert_allclose(jax_logits(lm.model, use_lora=False), base, atol=1e-4, rtol=0)
 
     # And our own import gives back the identical student.
-    loaded = load_adapter_model(str(model_dir), out)
+    loaded = load_model(str(model_dir), adapter=out)
     np.testing.assert_array_equal(jax_logits(loaded.model), want)
     assert loaded.tokenizer is not None
 
@@ -140,7 +141,7 @@ def test_round_trip_of_peft_made_adapter_is_bitwise(fixture, targets, save_kw, r
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
 
     # Import semantics, not just bytes: our student equals peft's model on the same tokens.
-    student_lm = load_adapter_model(str(model_dir), tmp_path / "peft")
+    student_lm = load_model(str(model_dir), adapter=tmp_path / "peft")
     np.testing.assert_allclose(jax_logits(student_lm.model), torch_logits(made["model"].eval()),
                                atol=1e-4, rtol=0)
 

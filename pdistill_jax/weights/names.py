@@ -1,0 +1,117 @@
+"""The one table of our base weights: each one's path, Hugging Face name, shape and LoRA target.
+
+Hugging Face import (`hf.hf_to_params`), merged export (`merged.params_to_hf`) and PEFT adapter
+keys, `target_modules` and LoRA dimensions (`peft`) are all read off `TENSORS`. Our kernels are
+(in, out); Hugging Face stores linear weights as (out, in), hence the transpose flag. Paths under
+`layers.` hold every layer stacked on a leading axis; their Hugging Face names have `{i}`, the
+layer index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+from pdistill_jax.config import ModelConfig
+
+
+def _dims(cfg: ModelConfig) -> dict[str, int]:
+    """The sizes a shape is spelled in: D model width, F MLP width, V vocabulary, Q query and K
+    key/value projection widths."""
+    return {"D": cfg.hidden_size, "F": cfg.intermediate_size, "V": cfg.vocab_size,
+            "Q": cfg.num_heads * cfg.head_dim, "K": cfg.num_kv_heads * cfg.head_dim}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    ours: str  # our parameter path, dot-separated
+    hf: str  # Hugging Face tensor name; {i} is the layer index
+    dims: str  # our shape in `_dims` letters, e.g. "D Q" (without the layer axis)
+    transpose: bool = False  # Hugging Face stores it transposed: (out, in)
+    lora_target: str | None = None  # the LoRA target adapting this kernel
+    present: Callable[[ModelConfig], bool] = lambda cfg: True
+
+    @property
+    def per_layer(self) -> bool:
+        return self.ours.startswith("layers.")
+
+    def shape(self, cfg: ModelConfig) -> tuple[int, ...]:
+        sizes = _dims(cfg)
+        return tuple(sizes[d] for d in self.dims.split())
+
+    def hf_name(self, layer: int | None = None) -> str:
+        return self.hf.format(i=layer)
+
+    @property
+    def hf_module(self) -> str:
+        """The Hugging Face module path (name without `.weight`/`.bias`), e.g. `lm_head`."""
+        return self.hf.rsplit(".", 1)[0]
+
+
+def _attention_bias(cfg: ModelConfig) -> bool:
+    return cfg.attention_bias
+
+
+def _untied_head(cfg: ModelConfig) -> bool:
+    return not cfg.tie_word_embeddings
+
+
+_ATTN_DIMS = {"q": "D Q", "k": "D K", "v": "D K", "o": "Q D"}
+_MLP_DIMS = {"gate": "D F", "up": "D F", "down": "F D"}
+
+TENSORS: tuple[Tensor, ...] = (
+    Tensor("embed", "model.embed_tokens.weight", "V D"),
+    Tensor("norm.weight", "model.norm.weight", "D"),
+    Tensor("layers.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", "D"),
+    Tensor("layers.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "D"),
+    *(Tensor(f"layers.attn.{p}.kernel", f"model.layers.{{i}}.self_attn.{p}_proj.weight", dims,
+             transpose=True, lora_target=p) for p, dims in _ATTN_DIMS.items()),
+    *(Tensor(f"layers.mlp.{p}.kernel", f"model.layers.{{i}}.mlp.{p}_proj.weight", dims,
+             transpose=True, lora_target=p) for p, dims in _MLP_DIMS.items()),
+    *(Tensor(f"layers.attn.{p}.bias", f"model.layers.{{i}}.self_attn.{p}_proj.bias",
+             _ATTN_DIMS[p].split()[1], present=_attention_bias) for p in ("q", "k", "v")),
+    Tensor("lm_head.kernel", "lm_head.weight", "D V", transpose=True, lora_target="lm_head",
+           present=_untied_head),
+)
+BY_PATH = {t.ours: t for t in TENSORS}
+# Tensors that HF checkpoints may carry and that no model of ours uses.
+IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+_HF_PATTERNS = [(re.compile(re.escape(t.hf).replace(r"\{i\}", r"(\d+)")), t) for t in TENSORS]
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our path -> shape of every base weight of `cfg` (layer weights without the layer axis)."""
+    return {t.ours: t.shape(cfg) for t in TENSORS if t.present(cfg)}
+
+
+def match_hf(name: str) -> tuple[Tensor, int | None] | None:
+    """(table row, layer index or None) of a Hugging Face tensor name; None if it has no row."""
+    for pattern, tensor in _HF_PATTERNS:
+        m = pattern.fullmatch(name)
+        if m:
+            return tensor, (int(m.group(1)) if tensor.per_layer else None)
+    return None
+
+
+# ---------------------------------------------------------------- LoRA targets
+
+LORA_TENSORS = {t.lora_target: t for t in TENSORS if t.lora_target}
+# Our target -> Hugging Face module name (the last part of its path): PEFT's target_modules.
+HF_MODULE = {target: t.hf_module.split(".")[-1] for target, t in LORA_TENSORS.items()}
+# Per-layer target -> (block, projection): where its adapter sits in our LoRA tree.
+LAYER_PATH = {target: tuple(t.ours.split(".")[1:3])
+              for target, t in LORA_TENSORS.items() if t.per_layer}
+
+
+def hf_module_paths(cfg: ModelConfig, target: str) -> list[str]:
+    """Hugging Face module path(s) of one target, one per layer (just `lm_head` for the head)."""
+    t = LORA_TENSORS[target]
+    if not t.per_layer:
+        return [t.hf_module]
+    return [t.hf_module.format(i=i) for i in range(cfg.num_layers)]
+
+
+def target_dims(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of a target projection."""
+    d_in, d_out = LORA_TENSORS[target].shape(cfg)
+    return d_in, d_out
