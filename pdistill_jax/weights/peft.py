@@ -371,7 +371,7 @@ def training_system_message(adapter_path) -> str | None:
     """The system message a training run's adapter was trained with (its run folder's
     config.yaml), None for the chat template's default or a bare PEFT folder. The student learned
     its answers under that message, so it should be asked under the same one."""
-    from pdistill_jax.train.loop import read_run_config
+    from pdistill_jax.train.run_folder import read_run_config
 
     folder = resolve_adapter(adapter_path)
     run = folder.parent if folder.name == "adapter" else folder
