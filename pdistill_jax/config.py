@@ -334,6 +334,7 @@ class LoraConfig:
 # ---------------------------------------------------------------- training
 
 OBJECTIVES = ("kl", "reverse_kl", "jsd", "ce")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +369,7 @@ class TrainConfig:
     def __post_init__(self):
         coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
         check_choice(self, "objective", OBJECTIVES)
-        check_choice(self, "compute_dtype", ("float32", "bfloat16"))
+        check_choice(self, "compute_dtype", COMPUTE_DTYPES)
         for name in ("tau", "lr", "max_grad_norm"):
             check_range(self, name, 0, low_open=True)
         check_range(self, "jsd_beta", 0, 1)

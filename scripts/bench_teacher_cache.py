@@ -24,14 +24,14 @@ def main() -> None:
     from flax import nnx
 
     from pdistill_jax.config import LoraConfig
-    from pdistill_jax.train.batches import load_train_data
+    from pdistill_jax.train.batches import make_train_data, read_qa_rows
     from pdistill_jax.weights.load import load_model
     from pdistill_jax.model.sharding import global_batch, make_mesh
     from pdistill_jax.train.step import make_teacher_hidden
     from pdistill_jax.train.teacher_cache import compute_teacher_cache, compute_teacher_cache_shared
 
     lm = load_model(a.model, LoraConfig(rank=8, alpha=16))
-    data = load_train_data(a.data, lm.tokenizer, objective="kl", max_seq_len=1024, system=None,
+    data = make_train_data(read_qa_rows(a.data), lm.tokenizer, objective="kl", max_seq_len=1024, system=None,
                            rows_per_step=a.rows, seed=0)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     graphdef, lora, base = nnx.split(lm.model, nnx.LoRAParam, nnx.Param)

@@ -29,7 +29,7 @@ def main() -> None:
     import jax
 
     from pdistill_jax.config import LoraConfig, TrainConfig
-    from pdistill_jax.train.batches import DataPosition, collate, load_train_data
+    from pdistill_jax.train.batches import DataPosition, collate, make_train_data, read_qa_rows
     from pdistill_jax.weights.load import load_model
     from pdistill_jax.model.sharding import make_mesh
     from pdistill_jax.train.step import init_train_state, make_train_step
@@ -37,7 +37,7 @@ def main() -> None:
     cfg = TrainConfig(objective="ce", lora=LoraConfig(rank=a.rank, alpha=2.0 * a.rank), lr=1e-4,
                       batch_size=a.batch)
     lm = load_model(a.model, cfg.lora)
-    data = load_train_data(a.data, lm.tokenizer, objective="ce", max_seq_len=cfg.max_seq_len,
+    data = make_train_data(read_qa_rows(a.data), lm.tokenizer, objective="ce", max_seq_len=cfg.max_seq_len,
                            system=None, rows_per_step=a.batch, seed=0)
     layouts = {"whole_ladder": dataclasses.replace(data, order_by="student"),
                "prefix_fitted": dataclasses.replace(data, order_by="student",

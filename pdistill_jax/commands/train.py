@@ -11,9 +11,11 @@ import dataclasses
 import json
 import sys
 
+from pdistill_jax.log import logger
 from pdistill_jax.weights.registry import DEFAULT_MODEL
 from . import add_model_argument, add_no_progress_argument, config_default, given_flags
 
+_log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh")
@@ -21,7 +23,7 @@ LORA_FLAGS = ("rank", "alpha", "targets")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pdistill_jax.config import LoraConfig, TrainConfig
+    from pdistill_jax.config import COMPUTE_DTYPES, OBJECTIVES, LoraConfig, TrainConfig
 
     def default(name, cls=TrainConfig):
         return config_default(cls, name)
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML of TrainConfig fields, e.g. configs/train_default.yaml; "
                                     "flags override it (default: none, TrainConfig's defaults; "
                                     "with --resume, the run's config.yaml)")
-    p.add_argument("--objective", choices=("kl", "reverse_kl", "jsd", "ce"),
+    p.add_argument("--objective", choices=OBJECTIVES,
                    help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline "
                         f"{default('objective')}")
     p.add_argument("--tau", type=float, help=f"distillation temperature {default('tau')}")
@@ -56,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help="device mesh data=N,fsdp=N,tensor=N (one may be -1 = the rest) "
                                   + config_default(TrainConfig, "mesh", _show_mesh))
     p.add_argument("--seed", type=int, help=f"seed of LoRA initialisation and data order {default('seed')}")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
                    help=f"dtype of the forward and backward pass {default('compute_dtype')}")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the backward pass (less memory, more time) "
@@ -123,7 +125,8 @@ def resolve_config(args: argparse.Namespace, run_config: dict | None):
 
 
 def main(args: argparse.Namespace) -> int:
-    from pdistill_jax.train.loop import read_run_config, train
+    from pdistill_jax.train.loop import train
+    from pdistill_jax.train.run_folder import read_run_config
 
     run_config = read_run_config(args.out) if args.resume else None
     model, data = train_inputs(args, run_config)
@@ -133,8 +136,8 @@ def main(args: argparse.Namespace) -> int:
 
         if (system := generation_system_message(data)) is not None:
             cfg = dataclasses.replace(cfg, system=system)
-            print(f"system message: {system!r}, the one {data} was generated under "
-                  "(--system to train under another)", file=sys.stderr)
+            _log.info(f"system message: {system!r}, the one {data} was generated under "
+                      "(--system to train under another)")
     summary = train(model, data, args.out, cfg, resume=args.resume,
                     init_adapter=args.init_adapter, stop_after=args.stop_after,
                     progress=not args.no_progress)

@@ -76,22 +76,6 @@ def sequence_mean(per_token: jax.Array, mask: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1.0)
 
 
-def forward_kl(teacher_logits, student_logits, mask, tau: float) -> jax.Array:
-    return sequence_mean(forward_kl_per_token(teacher_logits, student_logits, tau), mask)
-
-
-def reverse_kl(teacher_logits, student_logits, mask, tau: float) -> jax.Array:
-    return sequence_mean(reverse_kl_per_token(teacher_logits, student_logits, tau), mask)
-
-
-def jsd(teacher_logits, student_logits, mask, tau: float, beta: float = 0.5) -> jax.Array:
-    return sequence_mean(jsd_per_token(teacher_logits, student_logits, tau, beta), mask)
-
-
-def cross_entropy(student_logits, targets, mask) -> jax.Array:
-    return sequence_mean(cross_entropy_per_token(student_logits, targets), mask)
-
-
 def chunked_token_losses(token_loss: Callable[..., jax.Array], inputs: tuple[jax.Array, ...],
                          chunk: int) -> jax.Array:
     """token_loss applied to `inputs` (each (B, A, ...)) `chunk` positions at a time -> (B, A).

@@ -80,7 +80,8 @@ def _spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh:
     return P(*names)
 
 
-def _is_variable(x) -> bool:
+def is_variable(x) -> bool:
+    """An nnx.Variable (Param, LoRAParam, ...): the leaves of a state tree that carry metadata."""
     return isinstance(x, nnx.Variable)
 
 
@@ -88,10 +89,10 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     """A tree like `state` (an nnx.State, or any pytree of Variables) holding a NamedSharding
     where each array is, derived from the Variables' `axes` metadata."""
     def one(v):
-        if _is_variable(v):
+        if is_variable(v):
             return v.replace(NamedSharding(mesh, _spec_for(v.shape, v.get_metadata().get("axes"), mesh)))
         return NamedSharding(mesh, P())  # plain arrays (counters, ...) are replicated
-    return jax.tree.map(one, state, is_leaf=_is_variable)
+    return jax.tree.map(one, state, is_leaf=is_variable)
 
 
 def shard_state(state: Any, mesh: Mesh) -> Any:
@@ -106,6 +107,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def data_shards(mesh: Mesh) -> int:
+    """How many parts the batch axis is split into (data x fsdp)."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
+def check_batch_splits(batch_size: int, mesh: Mesh) -> None:
+    """Refuses a batch size the batch axis cannot split into equal parts over the mesh."""
+    shards = data_shards(mesh)
+    if batch_size % shards:
+        raise ValueError(f"batch_size {batch_size} does not split over the mesh's data x fsdp "
+                         f"= {shards} devices; use a multiple of {shards} or a smaller --mesh "
+                         "(e.g. data=1,fsdp=1,tensor=1)")
 
 
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")

@@ -28,11 +28,15 @@ class KVCache(NamedTuple):
     """Keys and values of every layer: (layers, batch, kv_heads, slots, head_dim).
 
     Heads before slots: attention reads each (batch, kv head) as one contiguous (slots, head_dim)
-    matrix, so a decode step never transposes the cache (it did, a full copy per layer, when
-    slots came first)."""
+    matrix, so a decode step never transposes the cache."""
 
     k: jax.Array
     v: jax.Array
+
+
+def compute_dtype(name: str):
+    """The jnp dtype of a compute_dtype setting ("float32" | "bfloat16")."""
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
@@ -54,7 +58,7 @@ def _lora_delta_fwd(x, a, b):
 def _lora_delta_bwd(res, g):
     # dA = x^T (g B^T) and dB = h^T g contract over all tokens. Left to itself, XLA:CPU folds the
     # transposes into the dots and then transposes the *large* (tokens, out) gradient in a slow
-    # strided copy (measured: ~40% of the student's backward on SmolLM2-135M). Transposing the
+    # strided copy. Transposing the
     # small (tokens, r) operands explicitly, behind a barrier that stops the folding, avoids it.
     x, a, b, h = res
     dh = g @ b.T
@@ -161,8 +165,8 @@ class Attention(nnx.Module):
 
         Without a cache, `mask` (b, t, t) covers the new tokens. With one, `mask` is the pair
         (cache mask (b, t, s), new-token mask (b, t, t)): the cache is only read, and the caller
-        writes the returned keys/values into it once for all layers. Writing them in here made
-        every decode step copy the whole cache (SmolLM2-135M, 16 rows, 300 slots: ~70 of 167 ms).
+        writes the returned keys/values into it once for all layers (written in here, every
+        decode step would copy the whole cache).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -172,8 +176,8 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): the cache layout
         # Heads-major layout with the query heads sharing a kv head stacked along the query axis:
-        # one (g*t, d) x (d, s) matmul per (batch, kv head). On XLA:CPU this runs the attention
-        # forward ~2x faster than contracting the (b, t, k, g, d) layout directly.
+        # one (g*t, d) x (d, s) matmul per (batch, kv head), faster on XLA:CPU than contracting
+        # the (b, t, k, g, d) layout directly.
         kv, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, kv, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
         q = q.reshape(b, kv, groups * t, cfg.head_dim)

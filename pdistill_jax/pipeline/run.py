@@ -56,7 +56,7 @@ def _input_ids(cfg: RunConfig, docs: Path, questions: Path | None, retention: Pa
     sha256 of each file read (a question set without questions: None, no stages)."""
     from pdistill_jax.weights.registry import resolve_model
     from pdistill_jax.datagen.teacher_states import model_fingerprint
-    from pdistill_jax.train.loop import file_sha256
+    from pdistill_jax.train.run_folder import file_sha256
 
     ids = {"model.weights": model_fingerprint(resolve_model(cfg.model)),
            "documents.sha256": file_sha256(docs)}

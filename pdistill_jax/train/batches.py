@@ -14,20 +14,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from pdistill_jax.datagen.dataset import QARow, read_qa_rows
+from pdistill_jax.datagen.dataset import QARow
 from pdistill_jax.model.prefill import bucket_length
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id
 
 WINDOW_STEPS = 16  # rows are sorted by length within windows of this many steps' worth of rows
 # Student widths chosen from the data (`fitted_widths`): multiples of this, and a width is only
-# added when it saves more padded positions per row, over the run, than this many (a compile
-# costs about as much: SmolLM2-135M on this CPU, ~9 s to compile a step and ~36 ms a step for
-# each position of width).
+# added when it saves more padded positions per row, over the run, than this many (about what
+# one more compiled step shape costs).
 WIDTH_MULTIPLE = 8
 WIDTH_COST = 256
 # A student prefix shorter than this is not shared: its own forward pass would cost more than
@@ -152,8 +150,7 @@ def epoch_plan(lengths: np.ndarray, rows_per_step: int, seed: int, epoch: int,
 
 
 def shared_student_prefix(examples: Sequence[Example]) -> np.ndarray:
-    """The ids every student sequence starts with (a chat template's system preamble: 24 of the
-    demo's ~92 student tokens), at most up to each prompt's second-to-last token so that every row
+    """The ids every student sequence starts with (a chat template's system preamble), at most up to each prompt's second-to-last token so that every row
     keeps the token that predicts its first answer token. Empty when shorter than
     MIN_SHARED_PREFIX. The train step runs it once per batch instead of once per row."""
     if not examples:
@@ -172,9 +169,8 @@ def fitted_widths(needed: Sequence[int], multiple: int = WIDTH_MULTIPLE,
     of `multiple`, the largest fitting every batch) that minimises the positions every batch pads
     to plus `width_cost` per width (each width is one more compiled shape).
 
-    The batch plan is known before training, so the widths fit the data instead of a fixed ladder:
-    on the demo's student batches (shared prefix left out) 72/80/104 pad 12.5% fewer positions
-    than the ladder's 64/96/128, with as many shapes. Exact (dynamic programming over the
+    The batch plan is known before training, so the widths fit the data instead of a fixed
+    ladder, with fewer padded positions for as many shapes. Exact (dynamic programming over the
     distinct needs).
     """
     if not needed:
@@ -273,13 +269,10 @@ class TrainData:
     skipped: int = 0
     # Which sequence's length groups rows into batches: the one that dominates the step's compute.
     # "teacher" when the step runs the teacher (its sequence holds the document); "student" when
-    # it does not (ce, or the teacher's hidden states cached once per run). Measured on the demo:
-    # grouping PD's cached-teacher batches by student length cut padded student tokens by 12.6%.
+    # it does not (ce, or the teacher's hidden states cached once per run).
     order_by: str = "teacher"
     # Leave the prefix all student sequences share out of the batches (`shared_student_prefix`);
-    # the step must then be built with `student_prefix=data.student_prefix`. Measured on the demo,
-    # with the widths fitted to the run (`widths`): 26% fewer padded student positions, an epoch
-    # of SFT steps 19% faster (scripts/bench_train_batches.py).
+    # the step must then be built with `student_prefix=data.student_prefix`.
     share_student_prefix: bool = False
 
     def __post_init__(self):
@@ -304,8 +297,7 @@ class TrainData:
         grouped by student length (the step runs no teacher sequence); (None, None), the bucket
         ladder, otherwise. Student widths are fitted to the batches (`fitted_widths`); the answer
         positions get one width, the longest answer rounded up to WIDTH_MULTIPLE, since every
-        extra answer width would multiply the compiled shapes (demo: 56 where the ladder padded
-        the 48-token answers' 49 targets to 64). A pure function of the plan, so a resumed run
+        extra answer width would multiply the compiled shapes. A pure function of the plan, so a resumed run
         pads its batches as the uninterrupted run did."""
         if self.order_by != "student":
             return None, None
@@ -336,7 +328,3 @@ def make_train_data(rows: Sequence[QARow], tokenizer, *, objective: str, max_seq
     return TrainData(tokenized.examples, rows_per_step, seed, int(pad), tokenized.truncated,
                      tokenized.skipped)
 
-
-def load_train_data(path: str | Path, tokenizer, **kwargs) -> TrainData:
-    """read_qa_rows + make_train_data (keyword arguments as for make_train_data)."""
-    return make_train_data(read_qa_rows(path), tokenizer, **kwargs)

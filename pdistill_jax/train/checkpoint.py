@@ -26,6 +26,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pdistill_jax.log import logger
+
+_log = logger("train")
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
@@ -36,16 +39,11 @@ class Restored:
     meta: dict
 
 
-def _warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"pdistill: {message}", file=sys.stderr, flush=True)
-
-
 def _drop_closed_loop_callbacks() -> None:
     """When Orbax abandons a failed restore it closes its asyncio loop while TensorStore reads are
     still in flight; each read that then completes calls back into the closed loop and prints a
-    `RuntimeError: Event loop is closed` traceback through sys.unraisablehook (~300 lines for one
-    damaged step, some after the restore has returned). Exactly those are dropped, from the first
+    `RuntimeError: Event loop is closed` traceback through sys.unraisablehook (hundreds of lines
+    for one damaged step, some after the restore has returned). Exactly those are dropped, from the first
     restore on; every other unraisable exception still reaches the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "pdistill_drops_closed_loop", False):
@@ -92,13 +90,13 @@ def _assert_trainable_only(state: Any) -> None:
 class RunCheckpoints:
     """The checkpoints of one run, in `directory` (e.g. RUN/checkpoints)."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 2):
         self.directory = Path(directory).absolute()
         self._report_unfinished()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max(1, keep)),
             cleanup_tmp_directories=True,  # unfinished saves of a killed run
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=True,
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -109,7 +107,7 @@ class RunCheckpoints:
         if not self.directory.is_dir():
             return
         for path in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
-            _warn(f"ignoring unfinished checkpoint {path.name} (the run stopped while saving it)")
+            _log.warning(f"ignoring unfinished checkpoint {path.name} (the run stopped while saving it)")
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -142,16 +140,6 @@ class RunCheckpoints:
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 self._set_aside(step, e)
         return None
-
-    def saved_arrays(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """{tree path: (shape, dtype)} of the arrays stored in `step` (read from its metadata)."""
-        meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
-        tree = meta.item_metadata.tree
-        out = {}
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-                out[jax.tree_util.keystr(path)] = (tuple(leaf.shape), str(leaf.dtype))
-        return out
 
     def restore_latest(self, like_state: Any) -> Restored | None:
         """The newest step that restores cleanly, placed like `like_state` (a live train state:

@@ -20,8 +20,10 @@ from jax.sharding import Mesh
 
 from pdistill_jax.model import losses
 from pdistill_jax.config import TrainConfig
-from pdistill_jax.model.transformer import KVCache, Transformer, causal_inputs, init_cache
-from pdistill_jax.model.sharding import batch_sharding, replicated, shard_state, state_shardings
+from pdistill_jax.model.transformer import (KVCache, Transformer, causal_inputs, compute_dtype,
+                                            init_cache)
+from pdistill_jax.model.sharding import (batch_sharding, check_batch_splits, is_variable, replicated,
+                                         shard_state, state_shardings)
 
 STUDENT_KEYS = ("student_tokens", "student_valid", "targets", "target_mask", "student_pos")
 TEACHER_KEYS = ("teacher_tokens", "teacher_valid", "teacher_pos")
@@ -31,9 +33,7 @@ BATCH_KEYS = TEACHER_KEYS[:2] + STUDENT_KEYS[:4] + TEACHER_KEYS[2:] + STUDENT_KE
 TEACHER_HIDDEN = "teacher_hidden"
 # Elements of one (B, c, V) LM-head chunk of logits (128 MiB in float32): the loss runs over the
 # answer positions in as few chunks as stay within it. Chunked logits are recomputed in the
-# backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits
-# (measured: SmolLM2-135M, rank-32 LoRA, cached teacher, 8 rows x 48 answer positions: one chunk
-# 3.61 s a step, three chunks of 16 positions 3.77 s).
+# backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits.
 LOGITS_PER_CHUNK = 1 << 25
 
 
@@ -43,14 +43,10 @@ class TrainState(NamedTuple):
     step: jax.Array  # optimizer steps taken (int32 scalar)
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def lora_labels(params_state: Any) -> Any:
     """"lora" for every nnx.LoRAParam, "frozen" for every other Variable (a prefix tree of params)."""
     return jax.tree.map(lambda v: "lora" if isinstance(v, nnx.LoRAParam) else "frozen",
-                        params_state, is_leaf=_is_variable)
+                        params_state, is_leaf=is_variable)
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -85,7 +81,7 @@ def current_lr(opt_state: optax.OptState) -> jax.Array:
 def configure_model(model: Transformer, cfg: TrainConfig) -> None:
     """Sets the model's compute dtype and rematerialisation from cfg (both are static attributes
     read at trace time; the weights keep their storage dtype, LoRA stays float32)."""
-    dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    dtype = compute_dtype(cfg.compute_dtype)
     for _, module in nnx.iter_modules(model):
         if hasattr(module, "dtype"):
             module.dtype = dtype
@@ -225,18 +221,12 @@ def _step_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in STUDENT_KEYS + teacher}
 
 
-def _data_shards(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
     rows = batch["student_tokens"].shape[0]
     if rows != cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"training batch has {rows} rows; expected batch_size * grad_accum = "
                          f"{cfg.batch_size} * {cfg.grad_accum}")
-    if cfg.batch_size % _data_shards(mesh):
-        raise ValueError(f"batch_size {cfg.batch_size} does not split over data x fsdp = "
-                         f"{_data_shards(mesh)} devices; use a multiple of it or a smaller mesh")
+    check_batch_splits(cfg.batch_size, mesh)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -252,9 +242,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
     # The gradient is taken with respect to the merged (LoRA, base) tree and the optimizer's
     # set_to_zero branch freezes the base. Only the LoRA update is returned, so the base weight
-    # gradients are dead code and XLA removes them, across the accumulation scan too: measured on a
-    # 4-layer d=256 model, the compiled step has the same 76 dot ops and 3.53e9 flops as one that
-    # differentiates the LoRA leaves only (see docs/distributed.md, "What the step computes").
+    # gradients are dead code and XLA removes them, across the accumulation scan too (see
+    # docs/distributed.md, "What the step computes").
     grad_fn = jax.value_and_grad(lambda params, micro: loss_sums(params[0], params[1], micro),
                                  has_aux=True)
 
@@ -295,33 +284,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return jitted(state, base, batch)
 
     return train_step
-
-
-def make_eval_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh, *,
-                   loss_chunk: int | None = None, student_prefix: Sequence[int] = ()
-                   ) -> Callable[[nnx.State, nnx.State, dict], dict]:
-    """(lora, base, batch) -> {loss, sequences, answer_tokens}: the training loss, no update.
-
-    The batch may have any number of rows that is a multiple of data x fsdp (one compilation per
-    distinct shape). `student_prefix`: as for `make_loss_sums`.
-    """
-    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
-
-    def evaluate(lora, base, batch):
-        total, (count, tokens) = loss_sums(lora, base, batch)
-        return {"loss": total / jnp.maximum(count, 1.0), "sequences": count, "answer_tokens": tokens}
-
-    jitted = _jit_on_mesh(evaluate, mesh, replicated(mesh))
-
-    def eval_loss(lora, base, batch):
-        batch = _step_inputs(batch)
-        rows = batch["student_tokens"].shape[0]
-        if rows % _data_shards(mesh):
-            raise ValueError(f"evaluation batch of {rows} rows does not split over data x fsdp = "
-                             f"{_data_shards(mesh)} devices; pad it to a multiple")
-        return jitted(lora, base, batch)
-
-    return eval_loss
 
 
 def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:

@@ -2,9 +2,9 @@
 
 The teacher is the base model with the adapter off and never changes during training, so what it
 computes for a row is the same in every epoch. Running it once per row and keeping its final
-hidden states at the answer positions (answer tokens x hidden size per row: ~40 MB for the demo's
-276 rows on SmolLM2-135M) leaves each step only the student's forward and backward and the two LM
-heads. Hidden states rather than logits: they are ~85x smaller than 49k-vocabulary logits, and
+hidden states at the answer positions (answer tokens x hidden size per row) leaves each step
+only the student's forward and backward and the two LM heads. Hidden states rather than logits:
+they are far smaller than a large vocabulary's logits, and
 the LM head applied in the step is the same function the step would apply anyway, so the loss is
 the one the uncached step computes (up to float rounding order).
 
@@ -35,8 +35,7 @@ def teacher_cache_bytes(examples: Sequence[Example], hidden_size: int, dtype) ->
 
 def compute_teacher_cache(examples: Sequence[Example], rows: int,
                           hidden_fn: Callable[[dict], jax.Array],
-                          to_global: Callable[[dict], dict], pad_id: int = 0,
-                          progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+                          to_global: Callable[[dict], dict], pad_id: int = 0) -> list[np.ndarray]:
     """Per example, the teacher's hidden states at its answer positions, (answer tokens, D).
 
     hidden_fn maps a global teacher batch of `rows` rows to (rows, A, D) (step.make_teacher_hidden
@@ -55,8 +54,6 @@ def compute_teacher_cache(examples: Sequence[Example], rows: int,
         hidden = np.asarray(hidden)
         for r, i in enumerate(idx):
             cache[i] = hidden[r, :len(examples[i].targets)].copy()
-        if progress is not None:
-            progress(len(idx))
     return cache  # type: ignore[return-value]
 
 

@@ -41,14 +41,14 @@ def test_forward_kl_is_kl_teacher_to_student(case):
     t, s, mask, _ = case
     for tau in (1.0, 2.0):
         want = _np_reduce(_np_kl(_np_softmax(t.astype(np.float64), tau), _np_softmax(s.astype(np.float64), tau)), mask)
-        got = float(losses.forward_kl(t, s, mask, tau))
+        got = float(losses.sequence_mean(losses.forward_kl_per_token(t, s, tau), mask))
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_reverse_kl_is_kl_student_to_teacher(case):
     t, s, mask, _ = case
     want = _np_reduce(_np_kl(_np_softmax(s.astype(np.float64), 2.0), _np_softmax(t.astype(np.float64), 2.0)), mask)
-    np.testing.assert_allclose(float(losses.reverse_kl(t, s, mask, 2.0)), want, rtol=1e-5)
+    np.testing.assert_allclose(float(losses.sequence_mean(losses.reverse_kl_per_token(t, s, 2.0), mask)), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
@@ -57,14 +57,15 @@ def test_jsd_matches_reference(case, beta):
     p, q = _np_softmax(t.astype(np.float64), 2.0), _np_softmax(s.astype(np.float64), 2.0)
     m = beta * p + (1 - beta) * q
     want = _np_reduce(beta * _np_kl(p, m) + (1 - beta) * _np_kl(q, m), mask)
-    np.testing.assert_allclose(float(losses.jsd(t, s, mask, 2.0, beta)), want, rtol=1e-5)
+    np.testing.assert_allclose(float(losses.sequence_mean(losses.jsd_per_token(t, s, 2.0, beta), mask)), want, rtol=1e-5)
 
 
 def test_cross_entropy_matches_reference(case):
     _, s, mask, targets = case
     p = _np_softmax(s.astype(np.float64), 1.0)
     nll = -np.log(np.take_along_axis(p, targets[..., None], -1)[..., 0])
-    np.testing.assert_allclose(float(losses.cross_entropy(s, targets, mask)), _np_reduce(nll, mask),
+    np.testing.assert_allclose(float(losses.sequence_mean(
+        losses.cross_entropy_per_token(s, targets), mask)), _np_reduce(nll, mask),
                                rtol=1e-5)
 
 
@@ -77,9 +78,10 @@ def test_sequence_mean_weights_sequences_equally():
 
 def test_divergences_nonnegative_and_zero_when_equal(case):
     t, s, mask, _ = case
-    for fn in (losses.forward_kl, losses.reverse_kl, losses.jsd):
-        assert float(fn(t, s, mask, 2.0)) > 0
-        assert abs(float(fn(t, t, mask, 2.0))) < 1e-6
+    for per_token_fn in (losses.forward_kl_per_token, losses.reverse_kl_per_token,
+                         losses.jsd_per_token):
+        assert float(losses.sequence_mean(per_token_fn(t, s, 2.0), mask)) > 0
+        assert abs(float(losses.sequence_mean(per_token_fn(t, t, 2.0), mask))) < 1e-6
     per_token = losses.forward_kl_per_token(t, s, 1.0)
     assert float(jnp.min(per_token)) >= -1e-6
 
@@ -91,8 +93,8 @@ def test_forward_and_reverse_kl_differ_in_the_expected_direction():
     teacher = jnp.log(jnp.array([[[0.5, 0.5, 1e-6]]]))
     student = jnp.log(jnp.array([[[0.999, 1e-3, 1e-6]]]))
     mask = jnp.ones((1, 1), bool)
-    fwd = float(losses.forward_kl(teacher, student, mask, 1.0))
-    rev = float(losses.reverse_kl(teacher, student, mask, 1.0))
+    fwd = float(losses.sequence_mean(losses.forward_kl_per_token(teacher, student, 1.0), mask))
+    rev = float(losses.sequence_mean(losses.reverse_kl_per_token(teacher, student, 1.0), mask))
     p, q = np.array([0.5, 0.5, 1e-6]), np.array([0.999, 1e-3, 1e-6])
     p, q = p / p.sum(), q / q.sum()
     np.testing.assert_allclose(fwd, _np_kl(p, q), rtol=1e-4)
@@ -102,7 +104,8 @@ def test_forward_and_reverse_kl_differ_in_the_expected_direction():
 
 def test_loss_math_is_float32_for_bfloat16_logits(case):
     t, s, mask, _ = case
-    got = losses.forward_kl(t.astype(jnp.bfloat16), s.astype(jnp.bfloat16), mask, 2.0)
+    got = losses.sequence_mean(
+        losses.forward_kl_per_token(t.astype(jnp.bfloat16), s.astype(jnp.bfloat16), 2.0), mask)
     assert got.dtype == jnp.float32
 
 

@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from pdistill_jax.model.prefill import bucket_length as ladder
+from pdistill_jax.model.prefill import bucket_length as prefill_bucket_length
 from pdistill_jax.train.batches import (MIN_SHARED_PREFIX, DataPosition, Example, TrainData,
                                WIDTH_MULTIPLE, collate, epoch_plan, fitted_widths,
-                               load_train_data, shared_student_prefix, tokenize_rows)
+                               make_train_data, shared_student_prefix, tokenize_rows)
 from pdistill_jax.datagen.dataset import QARow, read_qa_rows
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id, load_tokenizer
 
 
 def bucket_length(n, minimum=32):  # the training batches' ladder
-    return ladder(n, minimum)
+    return prefill_bucket_length(n, minimum)
 
 
 DOC = "The capital of the kingdom of Velloria is Tarsk, founded in 1873."
@@ -292,8 +292,8 @@ def test_reads_generate_folder_and_reports_bad_rows(tmp_path, tok):
     _write(folder / "qa.jsonl", [good, {**good, "sft_answer": "Tarsk"}])
     rows = read_qa_rows(folder)
     assert [r.sft_answer for r in rows] == [None, "Tarsk"] and rows[0].doc_id == "d1"
-    data = load_train_data(folder, tok, objective="kl", max_seq_len=512, system="Be brief.",
-                           rows_per_step=2, seed=0)
+    data = make_train_data(read_qa_rows(folder), tok, objective="kl", max_seq_len=512,
+                           system="Be brief.", rows_per_step=2, seed=0)
     assert tok.decode(data.examples[0].student).startswith("<|im_start|>system\nBe brief.")
 
     cases = [

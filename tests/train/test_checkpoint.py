@@ -33,6 +33,16 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def saved_arrays(state_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tree path: (shape, dtype)} of the arrays stored in a checkpoint's state item."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+    return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype")}
+
+
 def lora_arrays(run: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -102,7 +112,7 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_res
     # The checkpoint holds the LoRA leaves, their Adam moments and counters -- no base weight.
     with RunCheckpoints(whole / "checkpoints") as ckpts:
         assert ckpts.steps() == [36, 40]  # keep_checkpoints=2
-        arrays = ckpts.saved_arrays(40)
+        arrays = saved_arrays(ckpts.directory / "40" / "state")
         meta = ckpts.read_meta(40)
     assert meta["data_position"] == {"epoch": 10, "index": 0} and meta["config"]["lr"] == 1e-2
     lora_bytes = sum(4 * np.prod(s) for k, (s, _) in arrays.items() if k.startswith("['lora']"))

@@ -123,6 +123,15 @@ def test_init_adapter_starts_from_the_trained_adapter(trained, tiny_llama, tmp_p
     assert config["init_adapter"] == str(run)
 
 
+def test_train_default_yaml_lists_every_field_at_its_default():
+    import dataclasses
+
+    raw = yaml.safe_load((ROOT / "configs" / "train_default.yaml").read_text())
+    assert list(raw) == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert list(raw["lora"]) == [f.name for f in dataclasses.fields(LoraConfig)]
+    assert load_yaml(TrainConfig, ROOT / "configs" / "train_default.yaml") == TrainConfig()
+
+
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert load_yaml(TrainConfig, ROOT / "configs" / "train_default.yaml") == TrainConfig()
     parser = argparse.ArgumentParser()
