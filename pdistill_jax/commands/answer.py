@@ -75,8 +75,8 @@ def main(args):
 
         lm = load_model(args.model, adapter=args.adapter)
         if system is None and (system := training_system_message(args.adapter)) is not None:
-            print(f"system message: {system!r}, the one {args.adapter} was trained with "
-                  "(--system to ask under another)", file=sys.stderr)
+            logger("answer").info(f"system message: {system!r}, the one {args.adapter} was "
+                                  "trained with (--system to ask under another)")
     else:
         lm = load_model(args.model)
     with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr,

@@ -141,7 +141,7 @@ def student_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()
     if not prefix:
         positions, key_valid = causal_inputs(tokens, valid)
         return model(tokens, positions, key_valid, use_lora=True)[0]
-    p, (b, t) = len(prefix), tokens.shape
+    p, b = len(prefix), tokens.shape[0]
     ids = jnp.asarray(prefix, jnp.int32)[None]
     _, kv = model(ids, jnp.arange(p)[None], jnp.ones((1, p), bool),
                   cache=init_cache(model.cfg, 1, p, model.dtype), cache_index=0, use_lora=True)
