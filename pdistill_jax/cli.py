@@ -56,7 +56,8 @@ def build_parser(load: Iterable[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_environment() -> None:
+    """What every pdistill process sets before it imports jax (the commands, the scripts)."""
     # Compiled XLA programs persist across runs (a train-step shape costs tens of seconds to
     # compile on a CPU): a resumed or repeated run with the same shapes skips compiling. Set
     # before the command imports jax; a user's own JAX_COMPILATION_CACHE_DIR wins.
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     # Without torch (a plain install) transformers warns that its models are unavailable; we use
     # only its tokenizers, so the warning would mislead.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    prepare_environment()
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser({chosen}).parse_args(argv)

@@ -2,8 +2,9 @@
 
 `ModelConfig` (the architecture), `LoraConfig` (the adapter), `TrainConfig` (one training run),
 `SamplingParams` (one sampler call), `AnswerConfig` (putting test questions to a model),
-`GenerateConfig` (`pdistill generate`) and `RunConfig` (`pdistill run`: all of the above for one
-experiment). Every knob of a run lives in one of them; a run folder stores the resolved config
+`GenerateConfig` (`pdistill generate`), `RunConfig` (`pdistill run`: all of the above for one
+experiment) and `StudyConfig` / `VariantConfig` / `RowsConfig` (a study of training variants,
+`scripts/study_injection.py`). Every knob of a run lives in one of them; a run folder stores the resolved config
 next to its results (big_vision style), so a result can always be reproduced.
 
 Each dataclass checks its own fields in `__post_init__` (so library callers get the same checks
@@ -27,6 +28,7 @@ import functools
 import json
 import math
 import numbers
+import re
 import types
 import typing
 from pathlib import Path
@@ -506,6 +508,66 @@ class RunConfig:
             raise ValueError(f"sft.objective={self.sft.objective!r}: the SFT baseline trains with ce")
 
 
+# ---------------------------------------------------------------- a study of training variants
+
+@dataclasses.dataclass(frozen=True)
+class RowsConfig:
+    """Which of the generated rows a study variant trains on (all of them by default)."""
+
+    max_per_doc: int | None = None  # the first N rows of each document (a data-scale sweep)
+    finished_only: bool = False  # only rows whose teacher answer ended before max_answer_tokens
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.max_per_doc is not None:
+            check_range(self, "max_per_doc", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """The settings every variant of a study shares (`scripts/study_injection.py`, its `base:`).
+    Answering defaults are configs/demo.yaml's, so a study's numbers compare with the demo's."""
+
+    model: str = "smollm2-135m-instruct"
+    data: str = "runs/demo/data"  # a `pdistill generate` output folder (a run's OUT/data)
+    documents: str = BUILTIN + "demo/documents.jsonl"  # the documents RAG(gold) reads
+    questions: str = BUILTIN + "demo/questions.jsonl"  # test questions with doc_id and answers
+    retention_questions: str | None = BUILTIN + "demo/general_knowledge.jsonl"
+    # None: the system message `data` was generated under (as `pdistill train` does)
+    system: str | None = None
+    max_new_tokens: int = 40
+    answer_batch_size: int = 32
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # each variant's defaults
+    rows: RowsConfig = dataclasses.field(default_factory=RowsConfig)
+
+    def __post_init__(self):
+        coerce_fields(self)
+        for name in ("max_new_tokens", "answer_batch_size"):
+            check_range(self, name, 1)
+        if self.train.system is not None:
+            raise _fail("train.system", "unset: set `system` once, in base", self.train.system)
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantConfig:
+    """One variant of a study: the base's train and rows settings with its own on top."""
+
+    name: str  # its folder in the study's output, and its row in the results table
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    rows: RowsConfig = dataclasses.field(default_factory=RowsConfig)
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if not VARIANT_NAME.fullmatch(self.name):
+            raise _fail("name", "letters, digits, '.', '_' or '-', starting with a letter or a "
+                        "digit (it names a folder)", self.name)
+        if self.train.system is not None:
+            raise _fail("train.system", "unset: set `system` once, in base", self.train.system)
+
+
 # ---------------------------------------------------------------- reading and writing configs
 
 T = TypeVar("T")
@@ -551,7 +613,8 @@ def _where(source: str | None, lines: dict[str, int] | None, key: str) -> str:
 
 
 def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
-    """A YAML file's top-level mapping, and the 1-based line of every key ({"pd.lora.rank": 7}).
+    """A YAML file's top-level mapping, and the 1-based line of every key ({"pd.lora.rank": 7});
+    the items of a list of mappings are numbered from 0 ({"variants.1.train.lr": 12}).
 
     The one reader of config files: a syntax error is one line naming file, line and column.
     """
@@ -597,6 +660,11 @@ def _key_lines(node, prefix: str, path: Path, lines: dict[str, int]) -> None:
         lines[name] = key.start_mark.line + 1
         if isinstance(value, yaml.MappingNode):
             _key_lines(value, name + ".", path, lines)
+        elif isinstance(value, yaml.SequenceNode):  # a list of mappings (a study's variants)
+            for i, item in enumerate(value.value):
+                if isinstance(item, yaml.MappingNode):
+                    lines[f"{name}.{i}"] = item.start_mark.line + 1
+                    _key_lines(item, f"{name}.{i}.", path, lines)
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

@@ -329,3 +329,35 @@ def test_answer_refuses_bad_options_before_loading_a_model(tmp_path, capsys, fla
 def test_bm25_top_k_zero_is_fine_without_bm25():
     AnswerConfig(context="none", top_k=0)
     AnswerConfig(context="gold", top_k=0)
+
+
+def test_read_yaml_numbers_the_mappings_of_a_list_and_keeps_the_other_lines(tmp_path):
+    from pdistill_jax.config import read_yaml
+
+    (tmp_path / "s.yaml").write_text("base:\n  train: {lr: 1}\nvariants:\n  - name: a\n"
+                                     "  - name: b\n    train:\n      lr: 2\n  - plain\n"
+                                     "mesh: [1, 1, 1]\n")
+    _, lines = read_yaml(tmp_path / "s.yaml")
+    assert lines == {"base": 1, "base.train": 2, "base.train.lr": 2, "variants": 3,
+                     "variants.0": 4, "variants.0.name": 4, "variants.1": 5, "variants.1.name": 5,
+                     "variants.1.train": 6, "variants.1.train.lr": 7, "mesh": 9}
+    (tmp_path / "d.yaml").write_text("variants:\n  - name: a\n    name: b\n")
+    with pytest.raises(ValueError, match=r"d\.yaml:3: duplicate key 'variants\.0\.name'"):
+        read_yaml(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    ("RowsConfig", {"max_per_doc": 0}, "max_per_doc must be >= 1, got 0"),
+    ("RowsConfig", {"finished_only": "yes"}, "finished_only must be true or false, got 'yes'"),
+    ("StudyConfig", {"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+    ("StudyConfig", {"answer_batch_size": 0}, "answer_batch_size must be >= 1, got 0"),
+    ("StudyConfig", {"train": TrainConfig(system="x")}, "train.system must be unset"),
+    ("VariantConfig", {"name": "_data"}, "name must be letters, digits"),
+    ("VariantConfig", {"name": "a", "train": TrainConfig(system="x")}, "train.system must be unset"),
+])
+def test_study_settings_are_checked(cls, kwargs, message):
+    import pdistill_jax.config as config
+
+    with pytest.raises(ValueError) as e:
+        getattr(config, cls)(**kwargs)
+    assert str(e.value).startswith(message)

@@ -5,7 +5,8 @@ The paper's headline metric is an LLM judge (reasoning, then
 checked with SQuAD-normalised answer-in-prediction matching. Both are here,
 plus ``coverage``: whether a test fact ever appeared in the generated training
 answers, which separates "the fact was never distilled" from "distillation
-failed to store it". Pure Python on purpose, so evaluating predictions needs no
+failed to store it", and ``exposures``: how many times training showed each test
+fact (rows that state it, times epochs). Pure Python on purpose, so evaluating predictions needs no
 accelerator stack.
 """
 
@@ -298,4 +299,35 @@ def coverage(questions: Sequence[dict], training_rows: Sequence[dict]) -> dict[s
         "n_questions": n_questions,
         "covered": n_covered,
         "fraction": n_covered / n_questions if n_questions else None,
+    }
+
+
+def exposures(questions: Sequence[dict], training_rows: Sequence[dict],
+              epochs: int = 1) -> dict[str, Any]:
+    """How many times training showed each test question's fact.
+
+    A question's count is the number of training rows of its document whose answer contains one
+    of its accepted answers (normalised, as in ``coverage``; a row counts once however many
+    answers it contains), times ``epochs``: every epoch shows every row once. Storing a fact takes
+    many exposures, so this says how far a recipe is from enough. Returns {"by_question": [count
+    per question, in order], "n_questions", "mean" (over questions), "covered" (questions with a
+    count > 0), "fraction"}; mean and fraction are None without questions.
+    """
+    answers_by_doc: dict[str, list[str]] = defaultdict(list)
+    for row in training_rows:
+        answers_by_doc[str(row["doc_id"])].append(normalize_answer(str(row["answer"])))
+    counts = []
+    for i, q in enumerate(questions, start=1):
+        if "doc_id" not in q:
+            raise ValueError(f"row {i}: exposures needs a doc_id on every question")
+        accepted = _nonempty_normalized(q["answers"])
+        taught = answers_by_doc.get(str(q["doc_id"]), [])
+        counts.append(epochs * sum(any(ans in text for ans in accepted) for text in taught))
+    covered = sum(c > 0 for c in counts)
+    return {
+        "by_question": counts,
+        "n_questions": len(counts),
+        "mean": sum(counts) / len(counts) if counts else None,
+        "covered": covered,
+        "fraction": covered / len(counts) if counts else None,
     }

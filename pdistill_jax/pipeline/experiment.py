@@ -16,6 +16,7 @@ nothing:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from pdistill_jax.config import RunConfig, to_dict
 from pdistill_jax.pipeline.stages import Stage
@@ -38,9 +39,10 @@ RESULTS_NEUTRAL = ("answer_batch_size", "generate.teacher_states_gb",
                    *(f"{kind}.{name}" for kind in ("pd", "sft") for name in TRAIN_NEUTRAL))
 
 
-def stage_fields(prefix: str, cfg) -> dict:
-    """A stage config's fields that decide results, flat ("pd.lora.rank": 32). `system` is left
-    out: it is the run's, recorded once per stage as `system`."""
+def stage_fields(prefix: str, cfg, neutral: Sequence[str] = RESULTS_NEUTRAL) -> dict:
+    """A stage config's fields that decide results, flat ("pd.lora.rank": 32): all but the
+    `neutral` ones (flat names, the prefix included). `system` is left out: it is the run's,
+    recorded once per stage as `system`."""
     flat = {}
 
     def walk(path: str, value) -> None:
@@ -51,7 +53,7 @@ def stage_fields(prefix: str, cfg) -> dict:
             flat[path] = value
 
     walk(prefix, {k: v for k, v in to_dict(cfg).items() if k != "system"})
-    return {k: v for k, v in flat.items() if k not in RESULTS_NEUTRAL}
+    return {k: v for k, v in flat.items() if k not in neutral}
 
 
 def answer_order() -> list[tuple[str, tuple]]:

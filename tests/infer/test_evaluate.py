@@ -9,6 +9,7 @@ import pytest
 
 from pdistill_jax.infer.evaluate import (
     coverage,
+    exposures,
     evaluate,
     judge_prompt,
     match,
@@ -212,6 +213,37 @@ def test_coverage_separates_untaught_facts() -> None:
 def test_coverage_requires_doc_id() -> None:
     with pytest.raises(ValueError, match="row 1"):
         coverage([{"question": "Q", "answers": ["x"]}], [])
+
+
+def test_exposures_count_the_rows_that_state_each_fact_times_epochs() -> None:
+    questions = [
+        {"question": "When?", "answers": ["1873"], "doc_id": "a"},
+        {"question": "Who?", "answers": ["Ann Bell", "A. Bell"], "doc_id": "a"},
+        {"question": "Where?", "answers": ["Oslo"], "doc_id": 7},  # an int id matches "7"
+        {"question": "What?", "answers": ["the"], "doc_id": "a"},  # normalises to nothing
+    ]
+    rows = [
+        {"doc_id": "a", "answer": "Built in 1873 by Ann Bell."},  # 1873 and Ann Bell: once each
+        {"doc_id": "a", "answer": "In 1,873."},  # "1,873" normalises to "1873"
+        {"doc_id": "a", "answer": "ANN BELL (a. bell) designed it."},  # two answers: one row
+        {"doc_id": "b", "answer": "1873 in Oslo"},  # another document teaches neither
+        {"doc_id": "7", "answer": "oslo!"},
+    ]
+    # by hand: 1873 in rows 1, 2 -> 2; Ann Bell in rows 1, 3 -> 2; Oslo in row 5 -> 1; "the" -> 0
+    result = exposures(questions, rows, epochs=3)
+    assert result["by_question"] == [6, 6, 3, 0]
+    assert result["n_questions"] == 4 and result["mean"] == 15 / 4
+    assert result["covered"] == 3 and result["fraction"] == 0.75
+    # covered means the same as coverage's
+    assert coverage(questions, rows)["covered"] == result["covered"]
+    assert exposures(questions, rows)["by_question"] == [2, 2, 1, 0]  # one epoch by default
+
+
+def test_exposures_of_nothing_and_without_doc_ids() -> None:
+    assert exposures([], [{"doc_id": "a", "answer": "x"}], 2) == {
+        "by_question": [], "n_questions": 0, "mean": None, "covered": 0, "fraction": None}
+    with pytest.raises(ValueError, match="row 1: exposures needs a doc_id"):
+        exposures([{"question": "Q", "answers": ["x"]}], [])
 
 
 def test_read_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:

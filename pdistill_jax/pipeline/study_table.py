@@ -1,0 +1,62 @@
+"""OUT/results.md of a study: one Markdown table of its rows (OUT/results.jsonl), rebuilt whole
+every run, with the base model's baselines for each question set the rows were measured on."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from pdistill_jax.files import write_text_atomic
+
+HEADER = ("name", "objective", "settings (vs base)", "docs", "rows", "steps", "epochs",
+          "exposures/fact", "train s", "answer s", "closed-book", "retention", "coverage")
+INTRO = """# Knowledge-injection study
+
+Each variant trains on the generated rows and answers the held-out test questions closed-book
+(greedy, normalized match) and the retention questions. train s: the wall time of the training
+call that finished it (a resumed training: its last part). exposures/fact: for each test question,
+the training rows of its document whose answer contains one of its accepted answers, times the
+epochs (mean over the test questions); coverage: the test questions with at least one such row.
+The base model answers once per question set: closed-book, and with the gold document in its
+prompt (RAG gold). docs: the first N documents only (`--docs N`), else all.
+"""
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _settings(changes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in changes.items()) or "(base)"
+
+
+def table_lines(rows: Sequence[dict]) -> list[str]:
+    """The table: the baselines of each question set (in the order rows first use it), then
+    one line per row in file order."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    seen = set()
+    for row in rows:
+        if row["baselines"] in seen:
+            continue
+        seen.add(row["baselines"])
+        docs = _number(row["docs"]) if row["docs"] is not None else "all"
+        for label, closed, retention in (("base model", row["base_closed_book"], row["base_retention"]),
+                                         ("RAG (gold)", row["rag_gold"], None)):
+            lines.append(f"| {label} | - | - | {docs} | - | - | - | - | - | - | "
+                         f"{_percent(closed)} | {_percent(retention)} | - |")
+    for row in rows:
+        docs = _number(row["docs"]) if row["docs"] is not None else "all"
+        lines.append("| " + " | ".join([
+            row["name"], row["objective"], _settings(row["changes"]), docs, str(row["rows"]),
+            str(row["steps"]), str(row["epochs"]), _number(row["exposures_per_fact"], 1),
+            _number(row["train_wall_s"]), _number(row["answer_wall_s"]),
+            _percent(row["closed_book"]), _percent(row["retention"]), _percent(row["coverage"]),
+        ]) + " |")
+    return lines
+
+
+def write_table(path: Path, rows: Sequence[dict]) -> None:
+    write_text_atomic(path, INTRO + "\n" + "\n".join(table_lines(rows)) + "\n")
