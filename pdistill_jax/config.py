@@ -367,6 +367,15 @@ class TrainConfig:
     # Host memory (GiB) the frozen teacher's hidden states at the answer positions may take to be
     # computed once per run instead of in every step (teacher_cache.py); 0 = never cache.
     teacher_cache_gb: float = 4.0
+    # Weight of the student's cross-entropy on the answer tokens the batches carry, added to a
+    # distillation objective (kl, reverse_kl, jsd): loss = distillation + ce_weight * CE; 0 = off.
+    ce_weight: float = 0.0
+    # Weight of the retention regulariser: forward KL(base || student) on the base model's own
+    # greedy answers to general prompts, added to the loss (train/retention.py); 0 = off.
+    retention_weight: float = 0.0
+    # The general prompts: a JSONL of {"question"} rows, or builtin:demo/general_knowledge.jsonl.
+    retention_prompts: str | None = None
+    retention_batch_size: int = 8  # retention prompts per micro-batch (retention_weight > 0)
 
     def __post_init__(self):
         coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
@@ -382,6 +391,15 @@ class TrainConfig:
             check_range(self, name, 1)
         check_range(self, "seed", 0)
         check_range(self, "teacher_cache_gb", 0, finite=False)
+        check_range(self, "ce_weight", 0)
+        if self.ce_weight and self.objective == "ce":
+            raise _fail("ce_weight", "0 with objective ce (the objective is cross-entropy "
+                        "already; ce_weight adds it to kl, reverse_kl or jsd)", self.ce_weight)
+        check_range(self, "retention_weight", 0)
+        check_range(self, "retention_batch_size", 1)
+        if self.retention_weight and not self.retention_prompts:
+            raise _fail("retention_prompts", "a JSONL of {\"question\"} rows (or builtin:demo/"
+                        "general_knowledge.jsonl) with retention_weight > 0", self.retention_prompts)
         if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
             raise _fail("mesh", "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1 "
                         "(= the remaining devices)", list(self.mesh))

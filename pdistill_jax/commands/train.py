@@ -18,7 +18,8 @@ from . import add_model_argument, add_no_progress_argument, config_default, give
 _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
-               "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh")
+               "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
+               "ce_weight", "retention_weight", "retention_prompts", "retention_batch_size")
 LORA_FLAGS = ("rank", "alpha", "targets")
 
 
@@ -41,6 +42,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline "
                         f"{default('objective')}")
     p.add_argument("--tau", type=float, help=f"distillation temperature {default('tau')}")
+    p.add_argument("--ce-weight", type=float,
+                   help="add this x the student's cross-entropy on the answer tokens to a "
+                        f"distillation objective {default('ce_weight')}")
+    p.add_argument("--retention-weight", type=float,
+                   help="add this x KL(base || student) on the base model's own answers to "
+                        f"--retention-prompts {default('retention_weight')}")
+    p.add_argument("--retention-prompts",
+                   help='JSONL of {"question"} rows, or builtin:demo/general_knowledge.jsonl '
+                        "(default: none)")
+    p.add_argument("--retention-batch-size", type=int,
+                   help=f"retention prompts per micro-batch {default('retention_batch_size')}")
     p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha/rank "
                                                "(default: 2 x rank, from LoraConfig)")

@@ -80,7 +80,8 @@ def chunked_token_losses(token_loss: Callable[..., jax.Array], inputs: tuple[jax
                          chunk: int) -> jax.Array:
     """token_loss applied to `inputs` (each (B, A, ...)) `chunk` positions at a time -> (B, A).
 
-    token_loss maps arrays (B, c, ...) to per-token losses (B, c); typically it applies the LM
+    token_loss maps arrays (B, c, ...) to per-token losses (B, c) (or (B, c, k): k losses per
+    token from one chunk of logits, giving (B, A, k)); typically it applies the LM
     head to gathered hidden states and compares teacher and student. Each chunk runs under
     `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing all of
     them: peak memory holds one chunk's (B, c, V) logits, not the whole (B, A, V).
@@ -96,5 +97,5 @@ def chunked_token_losses(token_loss: Callable[..., jax.Array], inputs: tuple[jax
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
     per_chunk = jax.lax.map(jax.checkpoint(lambda xs: token_loss(*xs)),
-                            tuple(split(x) for x in inputs))  # (n, B, chunk)
-    return jnp.moveaxis(per_chunk, 0, 1).reshape(b, n * chunk)[:, :a]
+                            tuple(split(x) for x in inputs))  # (n, B, chunk, ...)
+    return jnp.moveaxis(per_chunk, 0, 1).reshape(b, n * chunk, *per_chunk.shape[3:])[:, :a]

@@ -42,6 +42,10 @@ class Example:
     student: np.ndarray  # int32: student prompt + answer ids (sft ids for `ce`) + eot
     teacher_prompt_len: int
     student_prompt_len: int
+    # False when generation cut the answer at its token limit. The distillation objectives
+    # still end with the end-of-turn target (they match distributions there); a CE term
+    # (TrainConfig.ce_weight) leaves that position out, as the ce objective does.
+    answer_finished: bool = True
 
     @property
     def targets(self) -> np.ndarray:
@@ -82,7 +86,8 @@ def tokenize_rows(rows: Sequence[QARow], tokenizer, *, objective: str = "kl",
         examples.append(Example(
             teacher=np.asarray(teacher_prompt + answer + [eot], np.int32),
             student=np.asarray(student_prompt + student_answer + end, np.int32),
-            teacher_prompt_len=len(teacher_prompt), student_prompt_len=len(student_prompt)))
+            teacher_prompt_len=len(teacher_prompt), student_prompt_len=len(student_prompt),
+            answer_finished=bool(row.answer_finished)))
     return TokenizedData(examples, truncated, skipped)
 
 
@@ -203,7 +208,8 @@ def _fit(n: int, widths: Sequence[int] | None, minimum: int = 32) -> int:
 def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
             pad_id: int = 0, student_prefix: int = 0,
             student_widths: Sequence[int] | None = None,
-            answer_widths: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+            answer_widths: Sequence[int] | None = None,
+            ce_mask: bool = False) -> dict[str, np.ndarray]:
     """The batch dict of the shared format, right-padded, with `rows` rows.
 
     teacher_tokens/_valid (rows, Tt), student_tokens/_valid (rows, Ts), targets/target_mask
@@ -217,6 +223,9 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
     (`make_train_step(..., student_prefix=ids)`) runs it once for all rows.
     student_widths, answer_widths: the widths to pad student sequences and answer positions to
     (the smallest that fits; `fitted_widths`), in place of the `bucket_length` ladder.
+    ce_mask: also "ce_mask" (rows, A), the positions a CE term on the answer reads
+    (TrainConfig.ce_weight): target_mask without the end-of-turn target of an answer that
+    generation cut at its token limit (`Example.answer_finished`).
     """
     chosen = [examples[i] for i in indices]
     tt = bucket_length(max(len(e.teacher) for e in chosen), 32)
@@ -232,6 +241,8 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
         "teacher_pos": np.zeros((rows, a), np.int32),
         "student_pos": np.zeros((rows, a), np.int32),
     }
+    if ce_mask:
+        out["ce_mask"] = np.zeros((rows, a), bool)
     for r, e in enumerate(chosen):
         n = len(e.targets)
         out["teacher_tokens"][r, :len(e.teacher)] = e.teacher
@@ -241,6 +252,8 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
         out["student_valid"][r, :len(own)] = True
         out["targets"][r, :n] = e.targets
         out["target_mask"][r, :n] = True
+        if ce_mask:
+            out["ce_mask"][r, :n - (not e.answer_finished)] = True
         out["student_pos"][r, :n] = e.student_prompt_len - student_prefix - 1 + np.arange(n)
         # For `ce` the teacher may hold a different (unused) answer: clip into its sequence.
         out["teacher_pos"][r, :n] = np.minimum(e.teacher_prompt_len - 1 + np.arange(n),
@@ -274,6 +287,8 @@ class TrainData:
     # Leave the prefix all student sequences share out of the batches (`shared_student_prefix`);
     # the step must then be built with `student_prefix=data.student_prefix`.
     share_student_prefix: bool = False
+    # Batches also carry "ce_mask" (collate), for a step with TrainConfig.ce_weight > 0.
+    ce_mask: bool = False
 
     def __post_init__(self):
         if not self.examples:
@@ -317,7 +332,8 @@ class TrainData:
             for index in range(first, len(plan)):
                 yield DataPosition(epoch, index), plan[index], \
                     collate(self.examples, plan[index], self.rows_per_step, self.pad_id,
-                            len(self.student_prefix), student_widths, answer_widths)
+                            len(self.student_prefix), student_widths, answer_widths,
+                            self.ce_mask)
 
 
 def make_train_data(rows: Sequence[QARow], tokenizer, *, objective: str, max_seq_len: int,

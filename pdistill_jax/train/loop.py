@@ -29,8 +29,8 @@ from pdistill_jax.datagen.dataset import QARow, read_qa_rows, resolve_data_file
 from pdistill_jax.train.batches import DataPosition, TrainData, make_train_data
 from pdistill_jax.train.checkpoint import RunCheckpoints
 from pdistill_jax.train.metrics import MetricsLog, NonFiniteLoss, trim_metrics
-from pdistill_jax.train.run_folder import (ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE,
-                                           check_out_dir, file_sha256, remove_unstarted_run,
+from pdistill_jax.train.run_folder import (ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE,
+                                           RETENTION_FILE, SUMMARY_FILE, check_out_dir, file_sha256, remove_unstarted_run,
                                            write_run_config)
 from pdistill_jax.train.teacher_cache import (attach_teacher_hidden, compute_teacher_cache,
                                               compute_teacher_cache_shared, teacher_cache_bytes)
@@ -72,6 +72,7 @@ class Run:
     graphdef: nnx.GraphDef
     base: nnx.State
     step_fn: Any
+    retention: Any = None  # RetentionBatches with retention_weight > 0
 
 
 @dataclasses.dataclass
@@ -227,7 +228,9 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     cache_teacher = cfg.objective != "ce" and _teacher_cache_fits(data, lm.cfg.hidden_size, cfg)
     runs_teacher = cfg.objective != "ce" and not cache_teacher
     data = dataclasses.replace(data, order_by=data.order_by if runs_teacher else "student",
-                               share_student_prefix=True)
+                               share_student_prefix=True, ce_mask=cfg.ce_weight > 0)
+    # Made before the base moves into the train state: the model still samples here.
+    retention = _retention_batches(inputs, cfg, lm) if cfg.retention_weight else None
     spe = data.steps_per_epoch
     total_steps = spe * cfg.epochs
     _log.info(f"{len(data.examples)} training rows from {inputs.data_file} ({data.truncated} with "
@@ -241,7 +244,32 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     lm.model = None  # the base now lives (sharded) in `base`; drop the unsharded copy
     step_fn = make_train_step(graphdef, optimizer, cfg, mesh, student_prefix=data.student_prefix)
     return Run(inputs, cfg, init_adapter, lm.cfg, lm.path, data, cache_teacher, total_steps, mesh,
-               graphdef, base, step_fn), state
+               graphdef, base, step_fn, retention), state
+
+
+def _retention_batches(inputs: RunInputs, cfg: TrainConfig, lm):
+    """The retention rows: the base model's greedy answers to the retention prompts, from
+    RUN/retention.jsonl when an earlier session of the run made them, else generated now."""
+    from pdistill_jax.train.retention import (RetentionBatches, base_answers, load_or_make_answers,
+                                              read_prompts, retention_examples)
+    from pdistill_jax.weights.tokenizer import end_token_ids
+
+    questions = read_prompts(cfg.retention_prompts)
+    start = time.perf_counter()
+    inputs.out.mkdir(parents=True, exist_ok=True)
+    # The model was loaded with the adapter (B = 0 or an initial adapter's): its answers are
+    # taken with the adapter off, from the base model the regulariser keeps the student near.
+    rows, made = load_or_make_answers(
+        inputs.out / RETENTION_FILE, questions,
+        lambda: base_answers(lm.model, lm.tokenizer, questions, cfg.system,
+                             end_token_ids(lm.tokenizer, lm.cfg)),
+        write=jax.process_index() == 0)
+    _log.info(f"retention: {len(rows)} prompts from {cfg.retention_prompts}, the base model's "
+              + (f"answers generated in {time.perf_counter() - start:.0f} s" if made else
+                 f"answers read from {inputs.out / RETENTION_FILE}"))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    return RetentionBatches(retention_examples(rows, lm.tokenizer, cfg.system),
+                            cfg.retention_batch_size * cfg.grad_accum, cfg.seed, int(pad))
 
 
 def _restore(run: Run, checkpoints: RunCheckpoints, state) -> Start:
@@ -342,6 +370,8 @@ def _run_steps(run: Run, start: Start, teacher: TeacherCache, checkpoints: RunCh
         for pos, indices, batch in run.data.batches(start.position, cfg.epochs):
             if teacher.hidden is not None:
                 batch = attach_teacher_hidden(batch, indices, teacher.hidden)
+            if run.retention is not None:
+                batch = {**batch, **run.retention.batch(pos.global_step(spe))}
             done.state, metrics = run.step_fn(done.state, run.base,
                                               global_batch(_local_rows(batch), run.mesh))
             done.step += 1

@@ -12,6 +12,10 @@ import numpy as np
 from pdistill_jax.files import write_jsonl_atomic
 
 
+# loss = distill_loss + ce_weight * ce_loss + retention_weight * retention_loss (train/step.py)
+LOSS_PARTS = ("distill_loss", "ce_loss", "retention_loss")
+
+
 class NonFiniteLoss(RuntimeError):
     """A step's loss, gradient or weights are inf or NaN; train() turns it into a one-line error."""
 
@@ -44,6 +48,9 @@ class MetricsLog:
         rate = sum(e for _, e, _ in self.pending) / window
         elapsed = self.elapsed0 + now - self.session_start
         rows = [{"step": step, "epoch": round(step / self.spe, 4), "loss": float(v["loss"]),
+                 # the loss's parts, only in a step that has them (TrainConfig.ce_weight,
+                 # retention_weight): without them the rows are what they always were
+                 **{k: float(v[k]) for k in LOSS_PARTS if k in v},
                  "grad_norm": float(v["grad_norm"]), "lr": float(v["lr"]),
                  "answer_tokens": int(v["answer_tokens"]), "examples_per_s": round(rate, 3),
                  "elapsed": round(elapsed, 3)}

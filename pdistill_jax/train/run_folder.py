@@ -6,6 +6,8 @@
   checkpoints/    Orbax checkpoints of the trainable state (see checkpoint.py)
   adapter/        the final adapter as a PEFT folder (`pdistill answer --adapter RUN`, peft, vLLM)
   summary.json    counts, losses and timings of the run
+  retention.jsonl with retention_weight > 0: the base model's answers to the retention prompts
+                  (made before the first step, reused on resume; see retention.py)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pdistill_jax.weights.peft import resolve_adapter
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINT_DIR, ADAPTER_DIR = "checkpoints", "adapter"
+RETENTION_FILE = "retention.jsonl"
 
 
 def file_sha256(path: Path) -> str:
@@ -67,7 +70,7 @@ def remove_unstarted_run(out: Path, fresh: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
         return
     shutil.rmtree(directory, ignore_errors=True)
-    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
+    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RETENTION_FILE):
         (out / name).unlink(missing_ok=True)
 
 

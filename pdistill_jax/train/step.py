@@ -7,6 +7,10 @@ gathered at the answer positions *before* the LM head, the loss chunked over ans
 the LoRA gradients, and one AdamW update. One copy of the base weights serves both roles and is
 never an output of the step, so it is never copied; only the TrainState (LoRA + optimizer state
 + step) is donated and returned.
+
+Two optional terms, each a trace-time branch (off: the computation is the plain objective's):
+TrainConfig.ce_weight adds the student's CE on the answer tokens, and retention_weight the
+KL(base || student) on general prompts the batch brings as RETENTION_KEYS (retention.py).
 """
 from __future__ import annotations
 
@@ -31,6 +35,11 @@ BATCH_KEYS = TEACHER_KEYS[:2] + STUDENT_KEYS[:4] + TEACHER_KEYS[2:] + STUDENT_KE
 # Instead of TEACHER_KEYS a batch may carry the teacher's final hidden states at the answer
 # positions, (B, A, D), computed once per run by `make_teacher_hidden` (see teacher_cache.py).
 TEACHER_HIDDEN = "teacher_hidden"
+# With ce_weight > 0: the answer positions the cross-entropy term reads (`collate(ce_mask=True)`).
+CE_MASK = "ce_mask"
+# With retention_weight > 0: a batch of retention rows (train/retention.py), one sequence each
+# (prompt without a document + the base model's own answer), read by both base and student.
+RETENTION_KEYS = ("retention_tokens", "retention_valid", "retention_mask", "retention_pos")
 # Elements of one (B, c, V) LM-head chunk of logits (128 MiB in float32): the loss runs over the
 # answer positions in as few chunks as stay within it. Chunked logits are recomputed in the
 # backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits.
@@ -161,44 +170,107 @@ def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_P
     return -(-positions // n)
 
 
+def retention_sums(model: Transformer, batch: dict, tau: float, loss_chunk: int | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(sum over retention rows of their mean forward KL(base || student), rows with answers).
+
+    Each retention row is one sequence (general prompt + the base model's own answer + end),
+    run with the adapter off (the base: the teacher, no gradient) and on (the student); the KL
+    is over its answer positions at temperature `tau`. Zero while the adapter's B is zero.
+    """
+    tokens, valid = batch["retention_tokens"], batch["retention_valid"]
+    positions, key_valid = causal_inputs(tokens, valid)
+    h_b = _gather(model(tokens, positions, key_valid, use_lora=False)[0], batch["retention_pos"])
+    h_s = _gather(model(tokens, positions, key_valid, use_lora=True)[0], batch["retention_pos"])
+    mask = batch["retention_mask"]
+    chunk = loss_chunk or loss_chunk_for(*mask.shape, model.cfg.vocab_size)
+    per_token = losses.chunked_token_losses(
+        lambda hb, hs: losses.forward_kl_per_token(jax.lax.stop_gradient(model.logits(hb, False)),
+                                                   model.logits(hs, True), tau),
+        (jax.lax.stop_gradient(h_b), h_s), chunk)
+    return losses.sequence_sums(per_token, mask)
+
+
 def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | None = None,
                    student_prefix: Sequence[int] = ()
-                   ) -> Callable[[nnx.State, nnx.State, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+                   ) -> Callable[..., tuple[jax.Array, tuple]]:
     """(lora, base, batch) -> (sum of per-sequence mean losses, (sequences with answers, answer tokens)).
 
     Sums rather than means so that micro-batches add up to exactly the full-batch loss.
     `loss_chunk` answer positions go through the LM head at a time (None: `loss_chunk_for`).
     `student_prefix`: the ids the batches' student sequences share and leave out
     (`TrainData.student_prefix`; empty when they carry whole sequences).
+
+    With cfg.ce_weight or cfg.retention_weight (`has_parts`) the aux gains a third entry, the
+    sums of the loss's parts ({"distill_loss", "ce_loss"} and/or {"retention_loss",
+    "retention_rows"}), and the function takes a 4th argument, `retention_scale` (see
+    `make_train_step`): the retention sum enters the total as retention_weight *
+    retention_scale * sum. Both are trace-time branches: with them off the computation is
+    exactly the plain objective's.
     """
-    objective, tau, beta = cfg.objective, cfg.tau, cfg.jsd_beta
+    objective, tau, alpha, weight = cfg.objective, cfg.tau, cfg.ce_weight, cfg.retention_weight
     prefix = tuple(int(i) for i in student_prefix)
 
-    def loss_sums(lora, base, batch):
+    def loss_sums(lora, base, batch, retention_scale=None):
         model: Transformer = nnx.merge(graphdef, lora, base)
         chunk = loss_chunk or loss_chunk_for(*batch["targets"].shape, model.cfg.vocab_size)
         h_s = _gather(student_hidden(model, batch, prefix), batch["student_pos"])
-        if objective == "ce":
+        mask = batch["target_mask"]
+        parts = {}
+        if objective == "ce":  # config.py refuses ce_weight > 0 here
             per_token = losses.chunked_token_losses(
                 lambda h, t: losses.cross_entropy_per_token(model.logits(h, True), t),
                 (h_s, batch["targets"]), chunk)
         else:
             h_t = batch[TEACHER_HIDDEN] if TEACHER_HIDDEN in batch else teacher_hidden(model, batch)
             h_t = jax.lax.stop_gradient(h_t.astype(model.dtype))
-            token_loss = {
-                "kl": losses.forward_kl_per_token,
-                "reverse_kl": losses.reverse_kl_per_token,
-                "jsd": lambda t, s, tau_: losses.jsd_per_token(t, s, tau_, beta),
-            }[objective]
-            per_token = losses.chunked_token_losses(
-                lambda ht, hs: token_loss(jax.lax.stop_gradient(model.logits(ht, False)),
-                                          model.logits(hs, True), tau),
-                (h_t, h_s), chunk)
-        mask = batch["target_mask"]
+            token_loss = _distill_token_loss(cfg)
+            if alpha:
+                def both(ht, hs, t):  # one chunk of student logits serves both terms
+                    student = model.logits(hs, True)
+                    return jnp.stack([
+                        token_loss(jax.lax.stop_gradient(model.logits(ht, False)), student, tau),
+                        losses.cross_entropy_per_token(student, t)], axis=-1)
+
+                per_token = losses.chunked_token_losses(both, (h_t, h_s, batch["targets"]), chunk)
+                # Each row's CE is its mean over its own CE positions (CE_MASK: the answer ids,
+                # and the end token only when the answer finished), as for the ce objective,
+                # and shares the distillation term's sequence count.
+                ce, _ = losses.sequence_sums(per_token[..., 1], batch[CE_MASK])
+                per_token = per_token[..., 0]
+            else:
+                per_token = losses.chunked_token_losses(
+                    lambda ht, hs: token_loss(jax.lax.stop_gradient(model.logits(ht, False)),
+                                              model.logits(hs, True), tau),
+                    (h_t, h_s), chunk)
         total, count = losses.sequence_sums(per_token, mask)
-        return total, (count, jnp.sum(mask.astype(jnp.float32)))
+        aux = (count, jnp.sum(mask.astype(jnp.float32)))
+        if alpha:
+            parts.update(distill_loss=total, ce_loss=ce)
+            total = total + alpha * ce
+        elif weight and objective != "ce":
+            parts.update(distill_loss=total)
+        if weight:
+            retention, rows = retention_sums(model, batch, tau, loss_chunk)
+            parts.update(retention_loss=retention, retention_rows=rows)
+            total = total + weight * retention_scale * retention
+        return total, (aux + (parts,) if has_parts(cfg) else aux)
 
     return loss_sums
+
+
+def has_parts(cfg: TrainConfig) -> bool:
+    """Whether the loss has terms beyond the objective (then the step logs each part)."""
+    return bool(cfg.ce_weight or cfg.retention_weight)
+
+
+def _distill_token_loss(cfg: TrainConfig) -> Callable[[jax.Array, jax.Array, float], jax.Array]:
+    beta = cfg.jsd_beta
+    return {
+        "kl": losses.forward_kl_per_token,
+        "reverse_kl": losses.reverse_kl_per_token,
+        "jsd": lambda t, s, tau_: losses.jsd_per_token(t, s, tau_, beta),
+    }[cfg.objective]
 
 
 def _micro_batches(batch: dict, grad_accum: int) -> dict:
@@ -210,15 +282,17 @@ def _micro_batches(batch: dict, grad_accum: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _step_inputs(batch: dict) -> dict:
+def _step_inputs(batch: dict, cfg: TrainConfig) -> dict:
     """The arrays the step reads: the student keys and either the teacher's tokens or its cached
-    hidden states (then the teacher tokens are not sent to the devices at all)."""
+    hidden states (then the teacher tokens are not sent to the devices at all), plus the CE
+    mask and the retention rows when cfg turns those terms on."""
     teacher = (TEACHER_HIDDEN,) if TEACHER_HIDDEN in batch else TEACHER_KEYS
-    missing = [k for k in STUDENT_KEYS + teacher if k not in batch]
+    extra = ((CE_MASK,) if cfg.ce_weight else ()) + (RETENTION_KEYS if cfg.retention_weight else ())
+    missing = [k for k in STUDENT_KEYS + teacher + extra if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing}; expected the keys {list(BATCH_KEYS)} (or "
+        raise ValueError(f"batch lacks {missing}; expected the keys {list(BATCH_KEYS + extra)} (or "
                          f"{TEACHER_HIDDEN!r} in place of {list(TEACHER_KEYS)})")
-    return {k: batch[k] for k in STUDENT_KEYS + teacher}
+    return {k: batch[k] for k in STUDENT_KEYS + teacher + extra}
 
 
 def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
@@ -227,6 +301,12 @@ def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
         raise ValueError(f"training batch has {rows} rows; expected batch_size * grad_accum = "
                          f"{cfg.batch_size} * {cfg.grad_accum}")
     check_batch_splits(cfg.batch_size, mesh)
+    if cfg.retention_weight:
+        rows = batch["retention_tokens"].shape[0]
+        if rows != cfg.retention_batch_size * cfg.grad_accum:
+            raise ValueError(f"retention batch has {rows} rows; expected retention_batch_size * "
+                             f"grad_accum = {cfg.retention_batch_size} * {cfg.grad_accum}")
+        check_batch_splits(cfg.retention_batch_size, mesh)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -240,27 +320,50 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     `lax.scan` and applied in one update. `student_prefix`: as for `make_loss_sums`.
     """
     loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
+    parts_on = has_parts(cfg)
+    # Retention rows are a fixed number per step (retention_batch_size * grad_accum, each with
+    # an answer); the main rows' count varies (an epoch's last batch is partial) and divides the
+    # summed gradient. Scaling the retention sums by main count / retention rows, read from the
+    # mask before the forward pass, makes the loss exactly main mean + retention_weight *
+    # retention mean, however it is accumulated.
+    retention_rows = float(cfg.retention_batch_size * cfg.grad_accum)
     # The gradient is taken with respect to the merged (LoRA, base) tree and the optimizer's
     # set_to_zero branch freezes the base. Only the LoRA update is returned, so the base weight
     # gradients are dead code and XLA removes them, across the accumulation scan too (see
     # docs/distributed.md, "What the step computes").
-    grad_fn = jax.value_and_grad(lambda params, micro: loss_sums(params[0], params[1], micro),
-                                 has_aux=True)
+    if parts_on:
+        grad_fn = jax.value_and_grad(
+            lambda params, micro, scale: loss_sums(params[0], params[1], micro, scale), has_aux=True)
+    else:
+        grad_fn = jax.value_and_grad(lambda params, micro: loss_sums(params[0], params[1], micro),
+                                     has_aux=True)
 
-    def micro_step(params, micro):
-        (total, (count, tokens)), grads = grad_fn(params, micro)
-        return grads, total, count, tokens
+    def micro_step(params, micro, *scale):
+        (total, aux), grads = grad_fn(params, micro, *scale)
+        return (grads, total) + tuple(aux)
 
     def step(state: TrainState, base: nnx.State, batch: dict):
         params = (state.lora, base)
+        scale = ()
+        if cfg.retention_weight:
+            sequences = jnp.sum(jnp.any(batch["target_mask"], axis=-1).astype(jnp.float32))
+            scale = (jnp.maximum(sequences, 1.0) / retention_rows,)
+        elif parts_on:
+            scale = (None,)
         if cfg.grad_accum == 1:
-            grads, total, count, tokens = micro_step(params, batch)
+            grads, total, count, tokens, *parts = micro_step(params, batch, *scale)
         else:
             def body(acc, micro):
-                return jax.tree.map(jnp.add, acc, micro_step(params, micro)), None
+                return jax.tree.map(jnp.add, acc, micro_step(params, micro, *scale)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params),) + (jnp.zeros((), jnp.float32),) * 3
-            (grads, total, count, tokens), _ = jax.lax.scan(
+            if parts_on:  # the carry's shapes, parts included, from one micro-batch's
+                first = {k: jax.ShapeDtypeStruct((v.shape[0] // cfg.grad_accum,) + v.shape[1:],
+                                                 v.dtype) for k, v in batch.items()}
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     jax.eval_shape(micro_step, params, first, *scale))
+            else:
+                zeros = (jax.tree.map(jnp.zeros_like, params),) + (jnp.zeros((), jnp.float32),) * 3
+            (grads, total, count, tokens, *parts), _ = jax.lax.scan(
                 body, zeros, _micro_batches(batch, cfg.grad_accum))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -268,13 +371,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         lora = optax.apply_updates(state.lora, updates[0])  # updates[1] (base) is zero and unused
         metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads[0]),
                    "lr": current_lr(opt_state), "answer_tokens": tokens}
+        if parts_on:
+            metrics.update(_part_metrics(parts[0], denom))
         return TrainState(lora, opt_state, state.step + 1), metrics
 
     jitted = None
 
     def train_step(state: TrainState, base: nnx.State, batch: dict):
         nonlocal jitted
-        batch = _step_inputs(batch)
+        batch = _step_inputs(batch, cfg)
         _check_batch(batch, cfg, mesh)
         if jitted is None:  # shardings come from the state's metadata, known at the first call
             state_sh = train_state_shardings(state, mesh)
@@ -284,6 +389,16 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return jitted(state, base, batch)
 
     return train_step
+
+
+def _part_metrics(parts: dict, sequences: jax.Array) -> dict:
+    """The loss's parts as means: distillation and CE over the step's sequences (loss =
+    distill_loss + ce_weight * ce_loss + retention_weight * retention_loss), retention over
+    its own rows."""
+    out = {name: parts[name] / sequences for name in ("distill_loss", "ce_loss") if name in parts}
+    if "retention_loss" in parts:
+        out["retention_loss"] = parts["retention_loss"] / jnp.maximum(parts["retention_rows"], 1.0)
+    return out
 
 
 def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:

@@ -1,0 +1,127 @@
+"""The retention regulariser's data: general prompts, the base model's own answers, batches.
+
+The term (TrainConfig.retention_weight) is the authors' KL-to-base on general prompts: the
+prompt goes to the base model (adapter off) and to the student (adapter on), and the loss adds
+forward KL(base || student) over the answer positions (`step.retention_sums`). The answer the
+positions belong to is the base model's own greedy answer to the prompt, generated once before
+the first step (`base_answers`, RETENTION_ANSWER_TOKENS at most) and kept in RUN/retention.jsonl (run_folder.RETENTION_FILE),
+so a resumed run reads the answers it started with instead of generating them again. A
+retention row is then a PD row whose teacher prompt is the student prompt: one sequence, chat
+prompt (no document) + answer ids + end-of-turn, read by both.
+
+Every step takes the next retention_batch_size * grad_accum rows of an endless stream: the
+rows in an order drawn from (seed, pass), pass after pass. A pure function of (seed, step), so
+a resumed run sees the rows the uninterrupted run saw.
+"""
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pdistill_jax.config import BUILTIN
+from pdistill_jax.files import Field, Schema, read_jsonl, write_jsonl_atomic
+from pdistill_jax.train.batches import WIDTH_MULTIPLE, Example, collate
+from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_of_turn_id
+
+RETENTION_ANSWER_TOKENS = 32  # the base's answers: enough for a general-knowledge reply
+PROMPTS_SCHEMA = Schema('{"question"} objects, one a line (other fields are ignored)',
+                        {"question": Field()})
+ANSWERS_SCHEMA = Schema('{"question", "answer", "answer_ids", "finished"} objects, one a line',
+                        {"question": Field(), "answer": Field(blank_ok=True),
+                         "answer_ids": Field((list,)), "finished": Field((bool,))})
+_STREAM = 0x72657421  # keeps the retention order's random stream apart from the epochs'
+
+
+def prompts_path(spec: str) -> Path:
+    """A retention_prompts value as a path: builtin:NAME is a file of the package's assets."""
+    if spec.startswith(BUILTIN):
+        return Path(str(resources.files("pdistill_jax") / "assets" / spec[len(BUILTIN):]))
+    return Path(spec).expanduser()
+
+
+def read_prompts(spec: str) -> list[str]:
+    path = prompts_path(spec)
+    if not path.is_file():
+        raise ValueError(f"retention_prompts: {spec} is not a file")
+    questions = [row["question"] for row in read_jsonl(path, PROMPTS_SCHEMA)]
+    if not questions:
+        raise ValueError(f"retention_prompts: {spec} holds no questions")
+    return questions
+
+
+def base_answers(model, tokenizer, questions: Sequence[str], system: str | None, end_ids,
+                 batch_size: int = 16) -> list[dict]:
+    """The base model's (adapter off) greedy answer to each question under `system`."""
+    from pdistill_jax.config import SamplingParams
+    from pdistill_jax.model.sampler import generate
+
+    prompts = [chat_prompt_ids(tokenizer, q, system) for q in questions]
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=RETENTION_ANSWER_TOKENS),
+                    end_ids=end_ids, batch_size=batch_size, use_lora=False)
+    return [{"question": q, "answer": tokenizer.decode(c.tokens), "answer_ids": list(c.tokens),
+             "finished": c.finished} for q, c in zip(questions, outs)]
+
+
+def load_or_make_answers(path: Path, questions: Sequence[str], make, write: bool = True
+                         ) -> tuple[list[dict], bool]:
+    """(rows, made): the answers kept in `path` when they answer exactly `questions`, else
+    make() written there (by process 0 only: `write`)."""
+    if path.exists():
+        rows = read_jsonl(path, ANSWERS_SCHEMA)
+        if [r["question"] for r in rows] != list(questions):
+            raise ValueError(f"{path} answers other retention prompts than retention_prompts "
+                             "holds now; train into a new --out")
+        return rows, False
+    rows = make()
+    if write:
+        write_jsonl_atomic(path, rows)
+    return rows, True
+
+
+def retention_examples(rows: Sequence[dict], tokenizer, system: str | None) -> list[Example]:
+    """One Example per answer row, teacher sequence == student sequence (no document)."""
+    eot = end_of_turn_id(tokenizer)
+    out = []
+    for row in rows:
+        prompt = chat_prompt_ids(tokenizer, row["question"], system)
+        seq = np.asarray(prompt + [int(i) for i in row["answer_ids"]] + [eot], np.int32)
+        out.append(Example(teacher=seq, student=seq, teacher_prompt_len=len(prompt),
+                           student_prompt_len=len(prompt), answer_finished=bool(row["finished"])))
+    return out
+
+
+@dataclasses.dataclass
+class RetentionBatches:
+    """The retention rows of every step: `rows_per_step` of them, at one padded width (one
+    compiled shape for the whole run)."""
+
+    examples: list[Example]
+    rows_per_step: int  # retention_batch_size * grad_accum
+    seed: int
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not self.examples:
+            raise ValueError("no retention rows")
+        round_up = lambda n: -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # noqa: E731
+        self.width = round_up(max(len(e.student) for e in self.examples))
+        self.answer_width = round_up(max(len(e.targets) for e in self.examples))
+
+    def indices(self, step: int) -> np.ndarray:
+        """Row indices for global step `step` (from 0)."""
+        n = len(self.examples)
+        ks = np.arange(step * self.rows_per_step, (step + 1) * self.rows_per_step)
+        order = {p: np.random.default_rng([self.seed, _STREAM, p]).permutation(n)
+                 for p in np.unique(ks // n)}
+        return np.asarray([order[k // n][k % n] for k in ks])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The retention keys of step `step`'s batch (step.RETENTION_KEYS)."""
+        b = collate(self.examples, self.indices(step), self.rows_per_step, self.pad_id,
+                    student_widths=[self.width], answer_widths=[self.answer_width])
+        return {"retention_tokens": b["student_tokens"], "retention_valid": b["student_valid"],
+                "retention_mask": b["target_mask"], "retention_pos": b["student_pos"]}

@@ -1,0 +1,180 @@
+"""The step's extra loss terms on the tiny Llama: KL + alpha * CE, the retention KL-to-base."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pdistill_jax.config import FieldError, LoraConfig, TrainConfig
+from pdistill_jax.model import losses
+from pdistill_jax.train.batches import Example
+from pdistill_jax.train.retention import RetentionBatches
+from pdistill_jax.train.step import make_train_step, student_hidden, teacher_hidden
+from pdistill_jax.weights.load import load_model
+from test_step import random_batch, run_steps, setup, train_config
+
+ALPHA, WEIGHT = 0.3, 0.5
+BASE_KEYS = {"loss", "grad_norm", "lr", "answer_tokens"}
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_llama):
+    """The tiny Llama with test_step's rank-8 adapter (train_config's), loaded once."""
+    return load_model(tiny_llama, LoraConfig(rank=8, alpha=16), with_tokenizer=False)
+
+
+def with_ce_mask(batch: dict) -> dict:
+    """The batch with a ce_mask; row 0 stands for an answer cut at its token limit (its last
+    target, the end token, is left out of the CE)."""
+    out = dict(batch, ce_mask=batch["target_mask"].copy())
+    out["ce_mask"][0, batch["target_mask"][0].sum() - 1] = False
+    return out
+
+
+def hand_losses(graphdef, base, lora, batch, tau):
+    """(mean forward KL, CE sum over rows of their mean over ce_mask, rows) from the per-token
+    functions, on full logits (no chunks, no shared prefix)."""
+    model = nnx.merge(graphdef, lora, base)
+    h_t = teacher_hidden(model, batch)
+    h_s = take(student_hidden(model, batch), batch["student_pos"])
+    student = model.logits(h_s, True)
+    kl = losses.forward_kl_per_token(model.logits(h_t, False), student, tau)
+    ce = losses.cross_entropy_per_token(student, batch["targets"])
+    ce_sum, _ = losses.sequence_sums(ce, batch["ce_mask"])
+    kl_sum, rows = losses.sequence_sums(kl, batch["target_mask"])
+    return float(kl_sum / rows), float(ce_sum / rows)
+
+
+def take(hidden, positions):
+    return np.take_along_axis(np.asarray(hidden), np.asarray(positions)[..., None], axis=1)
+
+
+def test_ce_weight_adds_alpha_times_the_answer_cross_entropy(tiny_lora):
+    cfg = train_config(ce_weight=ALPHA)
+    loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+    batch = with_ce_mask(random_batch(11, loaded.cfg.vocab_size, 4))
+    lora = jax.tree.map(np.array, state.lora)
+    kl, ce = hand_losses(graphdef, base, lora, batch, cfg.tau)
+    _, (m,) = run_steps(make_train_step(graphdef, opt, cfg, mesh), state, base, batch, 1)
+    assert m["loss"] == pytest.approx(kl + ALPHA * ce, abs=1e-5)
+    assert (m["distill_loss"], m["ce_loss"]) == (pytest.approx(kl, abs=1e-5), pytest.approx(ce, abs=1e-5))
+    assert ce > 1.0  # a random model: the CE term is far from zero and moved the loss
+
+    # ce_weight = 0: the plain objective's loss and metrics, the ce_mask ignored
+    cfg0 = train_config()
+    _, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg0)
+    _, (m0,) = run_steps(make_train_step(graphdef, opt, cfg0, mesh), state, base, batch, 1)
+    assert set(m0) == BASE_KEYS
+    assert m0["loss"] == pytest.approx(kl, abs=1e-6)
+
+
+def test_ce_weight_accumulates_exactly(tiny_lora):
+    batch = with_ce_mask(random_batch(12, tiny_lora.cfg.vocab_size, 4))
+    batch["target_mask"][3] = False  # a filler row, as collate pads an epoch's last batch
+    batch["ce_mask"][3] = False
+    hists, loras = [], []
+    for bs, ga in ((4, 1), (2, 2)):
+        cfg = train_config(ce_weight=ALPHA, batch_size=bs, grad_accum=ga, lr=1e-4)  # see test_step
+        _, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        state, hist = run_steps(make_train_step(graphdef, opt, cfg, mesh), state, base, batch, 3)
+        hists.append(hist)
+        loras.append(jax.tree.leaves(jax.tree.map(np.array, state.lora)))
+    for a, b in zip(*hists):
+        for k in ("loss", "ce_loss", "grad_norm"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
+    for a, b in zip(*loras):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def retention_rows(vocab: int, n: int = 6, seed: int = 3) -> list[Example]:
+    """Examples whose teacher sequence is the student sequence (prompt + answer + end)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        prompt = list(rng.integers(3, vocab, rng.integers(3, 9)))
+        seq = np.asarray(prompt + list(rng.integers(3, vocab, rng.integers(2, 6))) + [2], np.int32)
+        out.append(Example(seq, seq, len(prompt), len(prompt)))
+    return out
+
+
+def test_retention_is_zero_at_step_0_then_grows_and_adds_weight_times_it(tiny_lora):
+    cfg = train_config(retention_weight=WEIGHT, retention_prompts="unused here",
+                       retention_batch_size=4)
+    loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+    ret = RetentionBatches(retention_rows(loaded.cfg.vocab_size), 4, seed=0)
+    batch = random_batch(13, loaded.cfg.vocab_size, 4)
+    step = make_train_step(graphdef, opt, cfg, mesh)
+    hist = []
+    for i in range(6):
+        state, m = step(state, base, {**batch, **ret.batch(i)})
+        hist.append({k: float(v) for k, v in m.items()})
+    assert set(hist[0]) == BASE_KEYS | {"distill_loss", "retention_loss"}
+    assert hist[0]["retention_loss"] == pytest.approx(0.0, abs=1e-7)  # B = 0: student == base
+    assert hist[0]["loss"] == pytest.approx(hist[0]["distill_loss"], abs=1e-7)
+    assert hist[-1]["retention_loss"] > 1e-4
+    for m in hist:
+        assert m["loss"] == pytest.approx(m["distill_loss"] + WEIGHT * m["retention_loss"], abs=1e-6)
+
+
+def perturbed(lora):
+    """The adapter with small random weights everywhere (B too), the same on every call."""
+    leaves, tree = jax.tree.flatten(lora)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+
+
+def test_retention_is_a_mean_over_its_rows_however_accumulated(tiny_lora):
+    """Main batch with a filler row (3 sequences), retention rows a fixed 4 a step: one batch of 4
+    or two micro-batches of 2 give the same losses and weights (the scale main/retention rows)."""
+    batch = random_batch(14, tiny_lora.cfg.vocab_size, 4)
+    batch["target_mask"][1] = False
+    hists, loras = [], []
+    for bs, ga in ((4, 1), (2, 2)):
+        cfg = train_config(retention_weight=WEIGHT, retention_prompts="x", batch_size=bs,
+                           grad_accum=ga, retention_batch_size=4 // ga, lr=1e-4)
+        loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        state = state._replace(lora=perturbed(state.lora))  # student != base: retention pulls
+        ret = RetentionBatches(retention_rows(loaded.cfg.vocab_size), 4, seed=0)
+        step = make_train_step(graphdef, opt, cfg, mesh)
+        hist = []
+        for i in range(4):
+            state, m = step(state, base, {**batch, **ret.batch(i)})
+            hist.append({k: float(v) for k, v in m.items()})
+        hists.append(hist)
+        loras.append(jax.tree.leaves(jax.tree.map(np.array, state.lora)))
+    assert hists[0][0]["retention_loss"] > 1e-3
+    for a, b in zip(*hists):
+        for k in ("loss", "retention_loss", "distill_loss", "grad_norm"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(*loras):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_retention_rows_cycle_deterministically_from_seed_and_step():
+    rows = retention_rows(50, n=5)
+    ret, again = RetentionBatches(rows, 4, seed=7), RetentionBatches(rows, 4, seed=7)
+    stream = np.concatenate([ret.indices(s) for s in range(5)])  # 20 rows = 4 passes
+    for p in range(4):
+        assert sorted(stream[5 * p:5 * p + 5]) == list(range(5))  # every row once a pass
+    assert [list(again.indices(s)) for s in (3, 1)] == [list(ret.indices(s)) for s in (3, 1)]
+    assert list(RetentionBatches(rows, 4, seed=8).indices(0)) != list(ret.indices(0)) or \
+        list(RetentionBatches(rows, 4, seed=8).indices(1)) != list(ret.indices(1))
+    b = ret.batch(2)
+    assert b["retention_tokens"].shape == (4, ret.width) and ret.width % 8 == 0
+    assert b["retention_mask"].sum() == sum(len(rows[i].targets) for i in ret.indices(2))
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(ce_weight=-0.1), "ce_weight must be >= 0"),
+    (dict(ce_weight=float("nan")), "ce_weight must be a finite number"),
+    (dict(objective="ce", ce_weight=0.5), "ce_weight must be 0 with objective ce"),
+    (dict(retention_weight=-1.0, retention_prompts="x"), "retention_weight must be >= 0"),
+    (dict(retention_weight=0.5), "retention_prompts must be a JSONL"),
+    (dict(retention_batch_size=0), "retention_batch_size must be >= 1"),
+])
+def test_bad_values_are_one_line_naming_the_field(kw, field):
+    with pytest.raises(FieldError) as e:
+        TrainConfig(**kw)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)
