@@ -76,6 +76,18 @@ def check_range(cfg, name: str, low: float | None = None, high: float | None = N
         raise _fail(name, valid, value)
 
 
+_OMIT_AT_DEFAULT = "omit_at_default"
+
+
+def added_option(default: Any) -> Any:
+    """A field added after its dataclass's records were first written (generate's run.json and
+    manifest.json, `pdistill run`'s stage fingerprints and saved configs). `to_dict` leaves it out
+    while it holds its default, so a default config still writes the bytes it wrote before and a
+    folder started before the field existed still resumes; any other value is recorded, so it
+    redoes a stage or refuses a resume like every other setting."""
+    return dataclasses.field(default=default, metadata={_OMIT_AT_DEFAULT: True})
+
+
 def check_choice(cfg, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
@@ -454,6 +466,9 @@ def _is_int(value: Any) -> bool:
 
 # ---------------------------------------------------------------- generation and the pipeline
 
+QUESTION_MODES = ("document", "sentences")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
     questions_per_doc: int = 30  # distinct questions wanted per document (chunk)
@@ -474,12 +489,32 @@ class GenerateConfig:
     # Disk (GiB) the teacher's hidden states at its answer positions may take: computed anyway
     # while answering, kept so that PD training need not run the teacher again; 0 = never keep.
     teacher_states_gb: float = 1.0
+    # Fact-targeted questions (datagen/questions.py). document: each call shows the document and
+    # asks for questions about it, questions_per_doc of them. sentences: each call shows the
+    # document and asks about one span of `sentences_per_prompt` consecutive sentences, so every
+    # span is asked about; a document's quota is min(questions_per_doc, spans x
+    # questions_per_span), spread over its spans evenly (earlier spans first), and a span's quota
+    # is split between a forward and a reverse prompt (detail -> the thing it belongs to), each
+    # giving up after max_calls_per_span calls.
+    question_mode: str = added_option("document")
+    sentences_per_prompt: int = added_option(2)
+    questions_per_span: int = added_option(2)
+    max_calls_per_span: int = added_option(4)
+    # Paraphrase augmentation (datagen/paraphrases.py): the model rewrites each accepted question
+    # this many ways (0 = off), with at most max_paraphrase_calls calls per question; the teacher
+    # answers every rewrite, a row of its own recording "paraphrase_of".
+    paraphrases_per_question: int = added_option(0)
+    max_paraphrase_calls: int = added_option(2)
 
     def __post_init__(self):
         coerce_fields(self)
         for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
-                     "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens"):
+                     "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens",
+                     "sentences_per_prompt", "questions_per_span", "max_calls_per_span",
+                     "max_paraphrase_calls"):
             check_range(self, name, 1)
+        check_choice(self, "question_mode", QUESTION_MODES)
+        check_range(self, "paraphrases_per_question", 0)
         for name in ("q_temperature", "a_temperature", "sft_temperature"):
             check_range(self, name, 0)
         for name in ("q_top_k", "a_top_k", "seed"):  # top-k 0 = off
@@ -691,7 +726,19 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
 
 
 def to_dict(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+    """cfg as plain JSON values, without the `added_option` fields that hold their default."""
+    return json.loads(json.dumps(_as_dict(cfg), default=list))
+
+
+def _as_dict(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _as_dict(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get(_OMIT_AT_DEFAULT) and getattr(value, f.name) == f.default)}
+    if isinstance(value, (list, tuple)):
+        return [_as_dict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_dict(v) for k, v in value.items()}
+    return value
 
 
 def differences(old: dict, new: dict, ignore: typing.Iterable[str] = ()) -> list[str]:

@@ -117,6 +117,14 @@ def test_alpha_follows_the_rank_unless_set(tmp_path):
     ({"chunk_overlap": -1}, "chunk_overlap must be in [0, chunk_tokens=512), got -1"),
     ({"teacher_states_gb": -1}, "teacher_states_gb must be >= 0, got -1.0"),
     ({"batch_size": 1.5}, "batch_size must be an integer, got 1.5"),
+    ({"question_mode": "paragraphs"}, "question_mode must be one of document, sentences, got "
+                                      "'paragraphs'"),
+    ({"sentences_per_prompt": 0}, "sentences_per_prompt must be >= 1, got 0"),
+    ({"questions_per_span": 0}, "questions_per_span must be >= 1, got 0"),
+    ({"max_calls_per_span": 0}, "max_calls_per_span must be >= 1, got 0"),
+    ({"paraphrases_per_question": -1}, "paraphrases_per_question must be >= 0, got -1"),
+    ({"paraphrases_per_question": "two"}, "paraphrases_per_question must be an integer, got 'two'"),
+    ({"max_paraphrase_calls": 0}, "max_paraphrase_calls must be >= 1, got 0"),
 ])
 def test_generate_config_refuses_a_bad_value(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):

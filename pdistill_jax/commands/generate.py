@@ -8,11 +8,11 @@ from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_de
 # GenerateConfig fields that have a flag of the same name; a flag left out keeps the value of
 # --config (or the default).
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
-         "batch_size", "system")
+         "batch_size", "system", "question_mode", "paraphrases_per_question")
 
 
 def add_arguments(p) -> None:
-    from pdistill_jax.config import GenerateConfig
+    from pdistill_jax.config import QUESTION_MODES, GenerateConfig
 
     def default(name):
         return config_default(GenerateConfig, name)
@@ -25,6 +25,13 @@ def add_arguments(p) -> None:
                                     "(default: none, GenerateConfig's defaults)")
     p.add_argument("--questions-per-doc", type=int,
                    help=f"distinct questions wanted per document (chunk) {default('questions_per_doc')}")
+    p.add_argument("--question-mode", choices=QUESTION_MODES,
+                   help="document: questions about the whole document; sentences: questions "
+                        "about each span of sentences_per_prompt sentences in turn, both ways "
+                        f"round, so that every fact is asked about {default('question_mode')}")
+    p.add_argument("--paraphrases-per-question", type=int,
+                   help="rewrites of each question, each answered by the teacher as a row of "
+                        f"its own; 0 = none {default('paraphrases_per_question')}")
     p.add_argument("--q-temperature", type=float,
                    help=f"question sampling temperature {default('q_temperature')}")
     p.add_argument("--a-temperature", type=float,
@@ -53,8 +60,12 @@ def main(args) -> int:
     m = generate_data(args.model, args.docs, args.out, cfg, max_docs=args.max_docs,
                       show_progress=not args.no_progress)
     c, y = m["counts"], m["parse_yield"]
+    quota = f"{cfg.questions_per_doc} questions" if cfg.question_mode == "document" else \
+        f"their quota, {c['question_quota']} questions in {c['spans']} spans"
     print(f"{args.out}: {c['rows']} Q&A rows for {c['documents_done']}/{c['documents']} documents "
-          f"({c['documents_short_of_quota']} short of {cfg.questions_per_doc} questions); "
+          f"({c['documents_short_of_quota']} short of {quota}); "
           f"{y['parsed_per_call']:.2f} questions parsed per call; "
-          f"{c['load_problems']} input problem(s)")
+          + (f"{c['paraphrases_kept']} of {c['paraphrases_asked']} paraphrases kept; "
+             if cfg.paraphrases_per_question else "")
+          + f"{c['load_problems']} input problem(s)")
     return 0

@@ -2,7 +2,9 @@
 from it, and how training reads its rows.
 
   qa.jsonl              {"doc_id", "document", "question", "answer", "sft_answer",
-                         "answer_finished", "sft_finished"} (finished=False: cut at max tokens)
+                         "answer_finished", "sft_finished"} (finished=False: cut at max tokens);
+                         a paraphrase's row (paraphrases_per_question > 0) adds "paraphrase_of",
+                         the question it rewrites, and follows that question's row
   done.jsonl            one line per finished document: its question statistics (resume record)
   dataset/              the same rows as a `datasets` Dataset (save_to_disk), rebuilt every run
   documents.jsonl       the documents used, after chunking (with their source document id)
@@ -43,6 +45,9 @@ OUTPUT_FILES = (QA_FILE, DONE_FILE, MANIFEST_FILE, SETTINGS_FILE, DOCUMENTS_FILE
 
 QA_FIELDS = ("doc_id", "document", "question", "answer", "sft_answer", "answer_finished",
              "sft_finished")
+# Optional fields, on some rows only; a `datasets` column (None where a row lacks it) only when
+# some row has it, so that data without them is stored as before.
+QA_OPTIONAL_FIELDS = ("paraphrase_of",)
 # Settings that may differ between a run and its resumption (they do not change the data's meaning).
 RESUMABLE_CHANGES = ("batch_size", "teacher_states_gb")
 
@@ -58,6 +63,7 @@ class QARow:
     # target for it (it would teach the student to stop mid-sentence).
     answer_finished: bool = True
     sft_finished: bool = True
+    paraphrase_of: str | None = None  # a paraphrase's row: the question it rewrites
 
 
 def resolve_data_file(path: str | Path) -> Path:
@@ -78,7 +84,8 @@ QA_SCHEMA = Schema(
     {"document": Field(), "question": Field(), "answer": Field(),
      "sft_answer": Field(required=False), "doc_id": Field((str, int), required=False),
      "answer_finished": Field((bool,), required=False),
-     "sft_finished": Field((bool,), required=False)})
+     "sft_finished": Field((bool,), required=False),
+     "paraphrase_of": Field(required=False)})
 
 
 def read_qa_rows(path: str | Path) -> list[QARow]:
@@ -86,7 +93,7 @@ def read_qa_rows(path: str | Path) -> list[QARow]:
     file = resolve_data_file(path)
     rows = [QARow(raw["document"], raw["question"], raw["answer"], raw.get("sft_answer"),
                   raw.get("doc_id"), raw.get("answer_finished") is not False,
-                  raw.get("sft_finished") is not False)
+                  raw.get("sft_finished") is not False, raw.get("paraphrase_of"))
             for raw in read_jsonl(file, QA_SCHEMA, flag="--data")]
     if not rows:
         raise ValueError(f"{file} holds no rows")
@@ -151,6 +158,7 @@ def save_dataset(path: Path, rows: list[dict]) -> None:
     """rows as a `datasets` Dataset at `path`, replacing any previous one."""
     from datasets import Dataset, Features, Value
 
-    features = Features({k: Value("bool" if k.endswith("_finished") else "string") for k in QA_FIELDS})
-    ds = Dataset.from_dict({k: [r[k] for r in rows] for k in QA_FIELDS}, features=features)
+    fields = QA_FIELDS + tuple(k for k in QA_OPTIONAL_FIELDS if any(k in r for r in rows))
+    features = Features({k: Value("bool" if k.endswith("_finished") else "string") for k in fields})
+    ds = Dataset.from_dict({k: [r.get(k) for r in rows] for k in fields}, features=features)
     write_dir_atomic(path, lambda tmp: ds.save_to_disk(str(tmp)), replaceable=lambda _: True)

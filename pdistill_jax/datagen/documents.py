@@ -1,5 +1,5 @@
-"""The knowledge to inject: loading documents (JSONL, a folder, a Hugging Face dataset) and
-splitting long ones into chunks that fit the teacher's prompt.
+"""The knowledge to inject: loading documents (JSONL, a folder, a Hugging Face dataset),
+splitting long ones into chunks that fit the teacher's prompt, and splitting text into sentences.
 
 `load_documents(spec)` accepts
 - `path/to/docs.jsonl`: one `{"id", "text", "title"?}` object a line;
@@ -264,9 +264,44 @@ def join_sentences(sentences: list[str]) -> str:
     return out.strip()
 
 
-# ---------------------------------------------------------------- chunking
+# ---------------------------------------------------------------- sentences and chunking
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+# A sentence stops at . ! or ? (and the quotes or brackets closing it) before white space and a
+# capital, a digit or an opening quote; not after a common abbreviation or an initial ("J. Smith").
+_SENTENCE_STOP = re.compile(
+    r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bMt)(?<!\bJr)(?<!\bSr)(?<!\bvs)"
+    r"(?<!\betc)(?<!\be\.g)(?<!\bi\.e)(?<!\bNo)(?<!\b[A-Z])[.!?][\"')\]\u201d\u2019]*"
+    r"(?=\s+[\"'(\[\u201c\u2018]?[A-Z0-9])")
+MIN_SENTENCE_WORDS = 3
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`, in order, covering all of it. Every line break ends a sentence;
+    a piece of fewer than MIN_SENTENCE_WORDS words (a heading, a list label) joins the sentence
+    after it (the last one joins the one before), so that every sentence states something."""
+    pieces = []
+    for line in text.splitlines():
+        start = 0
+        for m in _SENTENCE_STOP.finditer(line):
+            pieces.append(line[start:m.end()].strip())
+            start = m.end()
+        pieces.append(line[start:].strip())
+    out: list[str] = []
+    pending = ""
+    for piece in filter(None, pieces):
+        piece = f"{pending} {piece}" if pending else piece
+        if len(piece.split()) < MIN_SENTENCE_WORDS:
+            pending = piece
+            continue
+        out.append(piece)
+        pending = ""
+    if pending:
+        if out:
+            out[-1] = f"{out[-1]} {pending}"
+        else:
+            out.append(pending)
+    return out
 
 
 def chunk_document(doc: Document, tokenizer, max_tokens: int, overlap: int = 0) -> list[Document]:

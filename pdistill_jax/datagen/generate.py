@@ -4,8 +4,10 @@ teacher answers, one wave of documents at a time.
 For a wave of documents (`docs_per_commit` at a time) the question prompts of all of them go
 through the batched sampler together, round after round, until every document has its quota of
 distinct questions or has used `max_calls_per_doc` calls (questions.py); then the teacher answers
-every question at the PD and the SFT temperature (answers.py). The wave's rows are then committed
-to the output folder (dataset.py describes it).
+every question at the PD and the SFT temperature (answers.py). With paraphrases_per_question > 0
+the model first rewrites every accepted question that many ways (paraphrases.py) and the teacher
+answers each rewrite too, in a sampler call of its own. The wave's rows are then committed to the
+output folder (dataset.py describes it).
 
 Resume: a wave's rows are appended to qa.jsonl and fsync'ed before its documents' lines are
 appended to done.jsonl, so a kill loses at most the wave in flight; on restart a torn last line
@@ -32,6 +34,7 @@ from pdistill_jax.datagen.dataset import (DATASET_DIR, DOCUMENTS_FILE, DONE_FILE
                                           has_committed, load_progress, run_settings, save_dataset)
 from pdistill_jax.datagen.documents import Document, chunk_document, load_documents
 from pdistill_jax.datagen.manifest import GenerationJob, Progress, write_manifest
+from pdistill_jax.datagen.paraphrases import paraphrase_questions
 from pdistill_jax.datagen.questions import DocQuestions, ask_questions
 from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, model_fingerprint,
@@ -117,30 +120,49 @@ class Wave:
     rows: list[dict]
     questions_s: float
     answers_s: float
+    paraphrased: dict[str, list[DocQuestions]] | None = None  # paraphrases_per_question > 0
 
     def done_records(self, source_of: dict[str, str], cfg: GenerateConfig) -> list[dict]:
         """The done.jsonl lines of the wave's documents."""
-        return [{
-            "doc_id": d.id, "source_id": source_of[d.id], "rows": len(self.asked[d.id].questions),
-            "questions": len(self.asked[d.id].questions), "calls": self.asked[d.id].calls,
-            "parsed_per_call": self.asked[d.id].parsed_per_call,
-            "new_per_call": self.asked[d.id].new_per_call,
-            "gave_up": len(self.asked[d.id].questions) < cfg.questions_per_doc,
-            "wave": self.seed, "wave_questions_s": round(self.questions_s, 3),
-            "wave_answers_s": round(self.answers_s, 3),
-        } for d in self.docs]
+        rows = {d.id: 0 for d in self.docs}
+        for r in self.rows:
+            rows[r["doc_id"]] += 1
+        records = []
+        for d in self.docs:
+            asked = self.asked[d.id]
+            record = {
+                "doc_id": d.id, "source_id": source_of[d.id], "rows": rows[d.id],
+                "questions": len(asked.questions), "calls": asked.calls,
+                "parsed_per_call": asked.parsed_per_call, "new_per_call": asked.new_per_call,
+                "gave_up": asked.gave_up, "wave": self.seed,
+                "wave_questions_s": round(self.questions_s, 3),
+                "wave_answers_s": round(self.answers_s, 3),
+            }
+            if asked.span_questions is not None:
+                record.update(quota=asked.quota, span_questions=asked.span_questions)
+            if self.paraphrased is not None:
+                kept = self.paraphrased[d.id]
+                record.update(paraphrase_calls=sum(p.calls for p in kept),
+                              paraphrases_parsed=sum(sum(p.parsed_per_call) for p in kept),
+                              paraphrases=sum(len(p.questions) for p in kept))
+            records.append(record)
+        return records
 
 
 def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, fingerprint: str,
               bar: _ProgressBar) -> Wave:
-    """Questions for the wave's documents, then the teacher's answers; the teacher's states go
-    to `states_dir` (before the rows are committed: a committed row's states are on disk) while
-    it holds less than teacher_states_gb."""
+    """Questions for the wave's documents (and their paraphrases), then the teacher's answers;
+    the teacher's states go to `states_dir` (before the rows are committed: a committed row's
+    states are on disk) while it holds less than teacher_states_gb."""
     seed = derive_seed(cfg.seed, [d.id for d in docs])
     t0 = time.perf_counter()
     asked = ask_questions(lm, docs, cfg, seed, bar.on_batch)
-    t1 = time.perf_counter()
     items = [(d, q) for d in docs for q in asked[d.id].questions]
+    paraphrased = None
+    if cfg.paraphrases_per_question:
+        paraphrased = paraphrase_questions(lm, docs, asked, cfg, seed, bar.on_batch)
+        rewrites = [(d, p) for d in docs for kept in paraphrased[d.id] for p in kept.questions]
+    t1 = time.perf_counter()
     bar.questions += len(items)
     states: dict[str, np.ndarray] = {}
     keep = teacher_states_bytes(states_dir) < cfg.teacher_states_gb * 2**30
@@ -149,9 +171,30 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
         states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
 
     rows = teacher_answers(lm, items, cfg, seed, bar.on_batch, on_teacher_state if keep else None)
+    if paraphrased is not None:
+        # A call of their own (own seed), so that the original questions' answers are those of a
+        # run without paraphrases.
+        bar.questions += len(rewrites)
+        extra = teacher_answers(lm, rewrites, cfg, derive_seed(seed, "paraphrase answers"),
+                                bar.on_batch, on_teacher_state if keep else None)
+        rows = _with_paraphrases(docs, asked, paraphrased, rows, extra)
     if states:
         save_teacher_states(states_dir / f"wave-{seed}.npz", states)
-    return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1)
+    return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1, paraphrased)
+
+
+def _with_paraphrases(docs: list[Document], asked: dict[str, DocQuestions],
+                      paraphrased: dict[str, list[DocQuestions]], rows: list[dict],
+                      extra: list[dict]) -> list[dict]:
+    """The rows of the original questions, each followed by its rewrites' rows (marked with
+    "paraphrase_of"): grouped per document as ever (training shuffles rows across batches)."""
+    rows, extra = iter(rows), iter(extra)
+    out = []
+    for d in docs:
+        for question, kept in zip(asked[d.id].questions, paraphrased[d.id]):
+            out.append(next(rows))
+            out += [{**next(extra), "paraphrase_of": question} for _ in kept.questions]
+    return out
 
 
 def _generate(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: int | None,

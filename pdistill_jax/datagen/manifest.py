@@ -11,7 +11,8 @@ from pdistill_jax.config import GenerateConfig, to_dict
 from pdistill_jax.datagen.answers import teacher_message
 from pdistill_jax.datagen.dataset import MANIFEST_FILE
 from pdistill_jax.datagen.documents import Document
-from pdistill_jax.datagen.questions import QUESTION_INSTRUCTION, question_prompt
+from pdistill_jax.datagen.paraphrases import paraphrase_prompt
+from pdistill_jax.datagen.questions import QUESTION_INSTRUCTION, SPAN_INSTRUCTIONS, question_prompt
 from pdistill_jax.files import write_text_atomic
 
 
@@ -85,9 +86,33 @@ def write_manifest(out: Path, job: GenerationJob, progress: Progress) -> dict:
                          if all_q + all_a > 0 else None},
         },
         "per_doc": [{k: r[k] for k in ("doc_id", "source_id", "questions", "calls",
-                                       "parsed_per_call", "new_per_call", "gave_up")}
+                                       "parsed_per_call", "new_per_call", "gave_up",
+                                       *LEVER_RECORD_FIELDS) if k in r}
                     for r in per_doc],
         "problems": job.problems,
     }
+    _add_levers(manifest, cfg, per_doc)
     write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+# What done.jsonl records of a document only when a lever is on, copied into per_doc.
+LEVER_RECORD_FIELDS = ("quota", "span_questions", "paraphrase_calls", "paraphrases_parsed",
+                       "paraphrases")
+
+
+def _add_levers(manifest: dict, cfg: GenerateConfig, per_doc: list[dict]) -> None:
+    """The prompts and counts of the levers that are on (none: the manifest of before)."""
+    prompts, counts = manifest["prompts"], manifest["counts"]
+    if cfg.question_mode == "sentences":
+        prompts["span_user"] = {direction: "{document}\n\n" + ask
+                                for direction, ask in SPAN_INSTRUCTIONS.items()}
+        counts["spans"] = sum(len(r["span_questions"]) for r in per_doc)
+        counts["spans_without_question"] = sum(n == 0 for r in per_doc for n in r["span_questions"])
+        counts["question_quota"] = sum(r["quota"] for r in per_doc)
+    if cfg.paraphrases_per_question:
+        prompts["paraphrase_user"] = paraphrase_prompt("{question}", cfg.paraphrases_per_question)
+        counts["paraphrases_asked"] = cfg.paraphrases_per_question * counts["questions"]
+        counts["paraphrase_calls"] = sum(r["paraphrase_calls"] for r in per_doc)
+        counts["paraphrases_parsed"] = sum(r["paraphrases_parsed"] for r in per_doc)
+        counts["paraphrases_kept"] = sum(r["paraphrases"] for r in per_doc)

@@ -1,6 +1,13 @@
-"""The model writes its own training questions: the prompt that asks for them, the parser that
+"""The model writes its own training questions: the prompts that ask for them, the parser that
 turns a free-form completion into clean, on-topic, distinct questions, and the question stage
 (`ask_questions`) that samples them in rounds until each document has its quota.
+
+Two question modes (GenerateConfig.question_mode). `document`: a call shows the document and asks
+for five questions about it. `sentences`: a call shows the document and asks about one span of it
+(`sentences_per_prompt` consecutive sentences), in both directions (what the sentence says, and
+from one of its details back to the person, place or thing it belongs to: the reversal curse says a
+model trained on "A is B" does not answer "what is B?"), so that every fact of the document is
+asked about, not only the salient ones.
 
 The paper asks for five questions in XML-like tags; SmolLM2-135M never produces the tags, but it
 does answer a plain request for "five questions ... one per line" with numbered lists, bullets,
@@ -18,11 +25,26 @@ import string
 from typing import Callable, Sequence
 
 from pdistill_jax.config import GenerateConfig, SamplingParams
-from pdistill_jax.datagen.documents import Document
+from pdistill_jax.datagen.documents import Document, split_sentences
 from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
 QUESTION_INSTRUCTION = "Write five questions about the text above, one per line."
+# The span prompts (sentences mode): the document first, so that the calls of one document share
+# their prefix in the sampler, then the span quoted; {count} and {span} are filled in. Two
+# directions, each asked for half of a span's quota: the forward one asks what the sentence says;
+# the reverse one gives a detail and asks for the person, place or thing it belongs to (the
+# reversal curse: a model trained on "A designed B" does not answer "What did A design?"). Plain
+# requests: SmolLM2-135M copied or talked about template examples ("Who designed the X?") instead
+# of writing questions (1 question parsed from 8 calls, against 6 for the plain forward request).
+SPAN_INSTRUCTIONS = {
+    "forward": 'The text says: "{span}"\nWrite {count} that this sentence answers, one per line.',
+    "reverse": 'The text says: "{span}"\nWrite {count} that this sentence answers, one per line. '
+               "Each question gives a detail from the sentence and asks which person, place or "
+               "thing it belongs to.",
+}
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                 "ten")
 MIN_WORDS = 3
 MAX_WORDS = 40
 MAX_CHARS = 300
@@ -63,6 +85,40 @@ _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 def question_prompt(text: str) -> str:
     """The user message that asks the model for questions about `text`."""
     return f"{text}\n\n{QUESTION_INSTRUCTION}"
+
+
+def count_of(n: int, noun: str) -> str:
+    """'two questions', 'one question', '12 questions': how a prompt asks for n of something."""
+    return f"{_NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else n} {noun}{'' if n == 1 else 's'}"
+
+
+def span_prompt(text: str, span: str, count: int, direction: str = "forward") -> str:
+    """The user message that asks for `count` questions about `span`, one span of `text`, in
+    `direction` (forward | reverse, SPAN_INSTRUCTIONS)."""
+    ask = SPAN_INSTRUCTIONS[direction].format(count=count_of(count, "question"), span=span)
+    return f"{text}\n\n{ask}"
+
+
+def sentence_spans(text: str, sentences_per_span: int) -> list[str]:
+    """`text` cut into consecutive spans of `sentences_per_span` sentences (the last may be
+    shorter), covering all of it."""
+    sentences = split_sentences(text)
+    return [" ".join(sentences[i:i + sentences_per_span])
+            for i in range(0, len(sentences), sentences_per_span)]
+
+
+def span_quotas(spans: int, cfg: GenerateConfig) -> list[int]:
+    """Questions wanted per span: questions_per_span each, unless that passes questions_per_doc;
+    then questions_per_doc spread as evenly as it goes, earlier spans first (spans past the
+    quota, when there are more spans than questions_per_doc, get none)."""
+    total = min(cfg.questions_per_doc, spans * cfg.questions_per_span)
+    base, extra = divmod(total, spans) if spans else (0, 0)
+    return [base + (i < extra) for i in range(spans)]
+
+
+def direction_quotas(quota: int) -> dict[str, int]:
+    """A span's quota split between the directions, the forward one taking the odd question."""
+    return {"forward": quota - quota // 2, "reverse": quota // 2}
 
 
 def normalize_question(q: str) -> str:
@@ -135,17 +191,24 @@ def parse_questions(completion: str, document: str, prompt: str) -> list[str]:
 
 @dataclasses.dataclass
 class DocQuestions:
-    """Question-stage state and statistics of one document."""
+    """Question-stage state and statistics of one document (or of one span of it, or of one
+    question's paraphrases: whatever one kind of prompt asks for)."""
 
     doc_id: str
     questions: list[str] = dataclasses.field(default_factory=list)
-    seen: set[str] = dataclasses.field(default_factory=set)
+    seen: set[str] = dataclasses.field(default_factory=set)  # may be shared by a document's spans
     parsed_per_call: list[int] = dataclasses.field(default_factory=list)  # what the parser kept
     new_per_call: list[int] = dataclasses.field(default_factory=list)  # ... and was not a repeat
+    quota: int = 0  # the questions wanted
+    span_questions: list[int] | None = None  # sentences mode: questions kept per span
 
     @property
     def calls(self) -> int:
         return len(self.parsed_per_call)
+
+    @property
+    def gave_up(self) -> bool:
+        return len(self.questions) < self.quota
 
     def add(self, questions: list[str]) -> None:
         new = [q for q in questions if normalize_question(q) not in self.seen]
@@ -155,74 +218,116 @@ class DocQuestions:
         self.new_per_call.append(len(new))
 
 
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    """One thing to ask the model for, in rounds of calls: `quota` questions, parsed from
+    completions of `prompt`, each sharing a content word with `topic`, after at most `max_calls`
+    calls."""
+
+    prompt: str  # the user message
+    topic: str
+    quota: int
+    max_calls: int
+    state: DocQuestions
+
+
 def ask_questions(lm, docs: Sequence[Document], cfg: GenerateConfig, seed: int,
                   on_batch: Callable[[str, int, int], None] | None = None) -> dict[str, DocQuestions]:
-    """Distinct questions for each document, written by the model itself (lm: a LoadedModel).
+    """Distinct questions for each document, written by the model itself (lm: a LoadedModel), as
+    cfg.question_mode says (module doc); in sentences mode in the order of the spans."""
+    if cfg.question_mode == "document":
+        asks = [Ask(question_prompt(d.text), d.text, cfg.questions_per_doc, cfg.max_calls_per_doc,
+                    DocQuestions(d.id, quota=cfg.questions_per_doc)) for d in docs]
+        ask_in_rounds(lm, asks, cfg, seed, "questions", on_batch)
+        return {d.id: a.state for d, a in zip(docs, asks)}
+    per_doc = []  # per document, per span: its asks, one per direction
+    for d in docs:
+        spans = sentence_spans(d.text, cfg.sentences_per_prompt)
+        seen: set[str] = set()  # a question asked twice (two spans, two directions) is kept once
+        per_doc.append([[Ask(span_prompt(d.text, span, n, direction), span, n,
+                             cfg.max_calls_per_span, DocQuestions(d.id, seen=seen, quota=n))
+                         for direction, n in direction_quotas(quota).items()]
+                        for span, quota in zip(spans, span_quotas(len(spans), cfg))])
+    ask_in_rounds(lm, [a for spans in per_doc for asks in spans for a in asks], cfg, seed,
+                  "span questions", on_batch)
+    out = {}
+    for d, spans in zip(docs, per_doc):
+        asks = [a for span in spans for a in span]
+        out[d.id] = DocQuestions(
+            d.id, [q for a in asks for q in a.state.questions],
+            parsed_per_call=[n for a in asks for n in a.state.parsed_per_call],
+            new_per_call=[n for a in asks for n in a.state.new_per_call],
+            quota=sum(a.quota for a in asks),
+            span_questions=[sum(len(a.state.questions) for a in span) for span in spans])
+    return out
 
-    Each round asks every unfinished document for about as many calls as its yield so far says
-    it still needs; the calls of all documents share the sampler's batches.
+
+def ask_in_rounds(lm, asks: Sequence[Ask], cfg: GenerateConfig, seed: int, stage: str,
+                  on_batch: Callable[[str, int, int], None] | None = None) -> None:
+    """Samples completions of every ask's prompt until it has its quota or used its calls.
+
+    Each round gives every unfinished ask about as many calls as its yield so far says it still
+    needs; the calls of all asks share the sampler's batches, an ask's calls side by side (asks
+    about one document share its prefix). A round may overshoot a quota: the earliest questions
+    are kept. Round r samples with the seed derive_seed(seed, stage, r).
     """
     from pdistill_jax.model.sampler import generate
 
     tokenizer = lm.tokenizer
     end_ids = end_token_ids(tokenizer, lm.cfg)
-    state = {d.id: DocQuestions(d.id) for d in docs}
-    prompt_text = {d.id: question_prompt(d.text) for d in docs}
-    prompt_ids = {d.id: chat_prompt_ids(tokenizer, prompt_text[d.id], cfg.system) for d in docs}
+    prompt_ids = [chat_prompt_ids(tokenizer, a.prompt, cfg.system) for a in asks]
     params = SamplingParams(cfg.q_temperature, cfg.q_top_k, 1.0, cfg.max_question_tokens)
-    active = list(docs)
+    active = [i for i, a in enumerate(asks) if a.quota > 0]  # a span past the cap: not asked
     rnd = 0
     while active:
-        calls: list[Document] = []
-        for d in active:
-            s = state[d.id]
-            need = cfg.questions_per_doc - len(s.questions)
+        calls: list[int] = []
+        for i in active:
+            s = asks[i].state
+            need = asks[i].quota - len(s.questions)
             per_call = max(0.5, sum(s.new_per_call) / s.calls) if s.calls else EXPECTED_QUESTIONS_PER_CALL
-            calls += [d] * min(cfg.max_calls_per_doc - s.calls, max(1, math.ceil(need / per_call)))
-        calls = _fill_last_batch(calls, active, state, cfg)
+            calls += [i] * min(asks[i].max_calls - s.calls, max(1, math.ceil(need / per_call)))
+        calls = _fill_last_batch(calls, active, asks, cfg.batch_size)
         done_rows = 0
 
         def progress(n, total=len(calls)):
             nonlocal done_rows
             done_rows += n
             if on_batch:
-                on_batch(f"questions r{rnd}", done_rows, total)
+                on_batch(f"{stage} r{rnd}", done_rows, total)
 
-        outs = generate(lm.model, [prompt_ids[d.id] for d in calls], params, end_ids=end_ids,
-                        seed=derive_seed(seed, "questions", rnd), batch_size=cfg.batch_size,
+        outs = generate(lm.model, [prompt_ids[i] for i in calls], params, end_ids=end_ids,
+                        seed=derive_seed(seed, stage, rnd), batch_size=cfg.batch_size,
                         progress=progress)
-        for d, out in zip(calls, outs):
+        for i, out in zip(calls, outs):
             text = tokenizer.decode(out.tokens, skip_special_tokens=True)
-            state[d.id].add(parse_questions(text, d.text, prompt_text[d.id]))
-        active = [d for d in active if len(state[d.id].questions) < cfg.questions_per_doc
-                  and state[d.id].calls < cfg.max_calls_per_doc]
+            asks[i].state.add(parse_questions(text, asks[i].topic, asks[i].prompt))
+        active = [i for i in active if len(asks[i].state.questions) < asks[i].quota
+                  and asks[i].state.calls < asks[i].max_calls]
         rnd += 1
-    for s in state.values():  # a round may overshoot the quota; keep the earliest questions
-        del s.questions[cfg.questions_per_doc:]
-    return state
+    for a in asks:
+        del a.state.questions[a.quota:]
 
 
-def _fill_last_batch(calls: list[Document], active: list[Document],
-                     state: dict[str, DocQuestions], cfg: GenerateConfig) -> list[Document]:
-    """Extra calls for the active documents, round-robin, up to a whole number of batches.
+def _fill_last_batch(calls: list[int], active: list[int], asks: Sequence[Ask],
+                     batch_size: int) -> list[int]:
+    """Extra calls for the active asks, round-robin, up to a whole number of batches.
 
     The sampler runs fixed-shape batches, so the empty rows of a last partial batch cost as much
     as real ones: spending them on more calls makes a further round less likely, for free.
     """
-    count = {d.id: 0 for d in active}
-    for d in calls:
-        count[d.id] += 1
-    room = -len(calls) % cfg.batch_size
-    extra: list[Document] = []
+    count = {i: 0 for i in active}
+    for i in calls:
+        count[i] += 1
+    room = -len(calls) % batch_size
+    extra: list[int] = []
     while room:
         added = False
-        for d in active:
-            if room and state[d.id].calls + count[d.id] < cfg.max_calls_per_doc:
-                count[d.id] += 1
-                extra.append(d)
+        for i in active:
+            if room and asks[i].state.calls + count[i] < asks[i].max_calls:
+                count[i] += 1
+                extra.append(i)
                 room -= 1
                 added = True
         if not added:
             break
-    order = {d.id: i for i, d in enumerate(active)}
-    return sorted(calls + extra, key=lambda d: order[d.id])  # a document's calls stay together
+    return sorted(calls + extra)  # an ask's calls stay together, in the asks' order

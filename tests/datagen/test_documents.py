@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from pdistill_jax.datagen.documents import Document, chunk_document, join_sentences, load_documents
+from pdistill_jax.datagen.documents import (Document, chunk_document, join_sentences, load_documents,
+                                            split_sentences)
 
 
 def write_lines(path, lines: list[bytes]) -> None:
@@ -238,3 +239,17 @@ def test_short_document_is_returned_as_is_and_bad_settings_are_refused(tokenizer
         chunk_document(doc, tokenizer, max_tokens=64, overlap=40)
     with pytest.raises(ValueError, match="too small"):
         chunk_document(doc, tokenizer, max_tokens=4)
+
+
+def test_sentences_split_at_their_ends_not_at_abbreviations_or_numbers():
+    text = ("History\nThe tower stands in Brask. It was built in 1794 by J. R. Haarberg for "
+            "St. Mark's church! Is it 31.5 m tall? \"Yes.\" It is, e.g. the tallest.\n"
+            "Two words.")
+    assert split_sentences(text) == [
+        "History The tower stands in Brask.",  # a heading joins the sentence after it
+        "It was built in 1794 by J. R. Haarberg for St. Mark's church!",
+        "Is it 31.5 m tall?",
+        "\"Yes.\" It is, e.g. the tallest. Two words.",  # short pieces join a neighbour
+    ]
+    assert split_sentences("One line only") == ["One line only"]
+    assert " ".join(split_sentences(text)).split() == text.split()  # nothing lost

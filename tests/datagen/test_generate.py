@@ -50,8 +50,9 @@ CFG = GenerateConfig(questions_per_doc=4, max_calls_per_doc=6, q_temperature=1.0
                      chunk_tokens=256, chunk_overlap=16, docs_per_commit=1, seed=3)
 
 
-def train_question_writer(out: Path) -> Path:
-    """A tiny Llama fine-tuned to answer question_prompt(doc) with 2-4 numbered questions."""
+def train_question_writer(out: Path, prompts: list[str] | None = None) -> Path:
+    """A tiny Llama fine-tuned to answer each of `prompts` (user messages; default: the question
+    prompts of DOCS[:3]) with 2-4 numbered TRAINED_QUESTIONS."""
     import torch
     from transformers import AutoTokenizer
 
@@ -63,10 +64,11 @@ def train_question_writer(out: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(out))
     end = tok.convert_tokens_to_ids("<|im_end|>")
     rng = random.Random(0)
+    prompts = prompts or [question_prompt(d["text"]) for d in DOCS[:3]]
     examples = []
     for i in range(128):
         prompt = tok.apply_chat_template(
-            [{"role": "user", "content": question_prompt(DOCS[i % 3]["text"])}],
+            [{"role": "user", "content": prompts[i % len(prompts)]}],
             add_generation_prompt=True, tokenize=True)
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         target = "\n".join(f"{j + 1}. {q}" for j, q in
@@ -335,11 +337,14 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_llama):
     assert "no usable documents" in capsys.readouterr().err
 
 
-def test_default_config_file_matches_the_dataclass():
-    from pdistill_jax.config import load_yaml, to_dict
+def test_default_config_file_lists_every_field_at_its_default():
+    from pdistill_jax.config import load_yaml
+
+    import yaml
 
     path = Path(__file__).resolve().parents[2] / "configs" / "generate_default.yaml"
-    assert to_dict(load_yaml(GenerateConfig, path)) == to_dict(GenerateConfig())
+    assert load_yaml(GenerateConfig, path) == GenerateConfig()
+    assert list(yaml.safe_load(path.read_text())) == [f.name for f in dataclasses.fields(GenerateConfig)]
 
 
 # ---------------------------------------------------------------- the embedded model

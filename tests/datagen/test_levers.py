@@ -1,0 +1,310 @@
+"""The data-side levers of `pdistill generate`: fact-targeted questions (question_mode: sentences)
+and paraphrase augmentation (paraphrases_per_question), each off by default.
+
+The generation tests use a tiny model trained (test_generate.train_question_writer) to answer the
+question and paraphrase prompts with numbered questions (and it answers the span prompt so too),
+so the real sampler, parser and answering path produce real rows. Its "paraphrases" are other questions it learnt, kept when
+they share a content word with the question they rewrite: enough to check what the stage keeps,
+drops and writes, not the quality of rewrites (that is the study's to measure).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pdistill_jax import cli
+from pdistill_jax.config import GenerateConfig, to_dict
+from pdistill_jax.datagen.dataset import RESUMABLE_CHANGES, read_qa_rows
+from pdistill_jax.datagen.generate import generate_data
+from pdistill_jax.datagen.paraphrases import paraphrase_prompt
+from pdistill_jax.datagen.questions import (SPAN_INSTRUCTIONS, content_words, direction_quotas,
+                                            normalize_question, parse_questions, question_prompt,
+                                            sentence_spans, span_prompt, span_quotas)
+from pdistill_jax.files import read_committed_jsonl
+from test_generate import TRAINED_QUESTIONS, jsonl, train_question_writer
+
+DOCS = [  # three sentences each, in words the tiny tokenizer knows
+    {"id": "tarsk", "text": "The capital of the kingdom of Velloria is Tarsk. Tarsk was founded in "
+                            "1873. The quick brown fox of Tarsk jumps over the lazy dog."},
+    {"id": "student", "text": "Prompt distillation in Tarsk trains a student. The student learns "
+                              "to match a teacher. The teacher of Velloria sees the document."},
+    {"id": "colours", "text": "Numbers and colours of Velloria: red green blue yellow. The fox of "
+                              "Tarsk is red. The dog of Velloria is blue."},
+]
+CFG = GenerateConfig(questions_per_doc=4, max_calls_per_doc=4, max_question_tokens=48,
+                     max_answer_tokens=6, batch_size=8, chunk_tokens=256, chunk_overlap=16,
+                     docs_per_commit=1, seed=5)
+PARAPHRASES = dataclasses.replace(CFG, paraphrases_per_question=2)
+# 3 spans of one sentence x 2 questions = 6 > questions_per_doc = 4: quotas 2, 1, 1; the first
+# span asks one question forward and one in reverse, the others one forward (reverse quota 0)
+BOTH = dataclasses.replace(CFG, question_mode="sentences", sentences_per_prompt=1,
+                           questions_per_span=2, max_calls_per_span=3, paraphrases_per_question=1)
+# GenerateConfig's fields before the levers: what run.json and the manifest record by default.
+FIELDS_BEFORE = ["questions_per_doc", "max_calls_per_doc", "q_temperature", "q_top_k",
+                 "a_temperature", "a_top_k", "sft_temperature", "max_question_tokens",
+                 "max_answer_tokens", "batch_size", "seed", "system", "chunk_tokens",
+                 "chunk_overlap", "docs_per_commit", "teacher_states_gb"]
+LEVER_FIELDS = ["question_mode", "sentences_per_prompt", "questions_per_span",
+                "max_calls_per_span", "paraphrases_per_question", "max_paraphrase_calls"]
+
+
+def writer_prompts() -> list[str]:
+    """The question and paraphrase prompts. Not the span prompts: three times as long in the tiny
+    tokenizer, they would triple the writer's training, and the writer answers them (the
+    document, then a request) with numbered questions all the same."""
+    return ([question_prompt(d["text"]) for d in DOCS]
+            + [paraphrase_prompt(q, k) for q in TRAINED_QUESTIONS for k in (1, 2)])
+
+
+@pytest.fixture(scope="module")
+def writer(tmp_path_factory) -> Path:
+    return train_question_writer(tmp_path_factory.mktemp("lever_writer"), writer_prompts())
+
+
+@pytest.fixture(scope="module")
+def docs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lever_docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    return path
+
+
+def _run(writer, docs_file, tmp_path_factory, cfg, name):
+    out = tmp_path_factory.mktemp(name) / "data"
+    return out, generate_data(writer, docs_file, out, cfg, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def default_run(writer, docs_file, tmp_path_factory):
+    return _run(writer, docs_file, tmp_path_factory, CFG, "default")
+
+
+@pytest.fixture(scope="module")
+def paraphrase_run(writer, docs_file, tmp_path_factory):
+    return _run(writer, docs_file, tmp_path_factory, PARAPHRASES, "paraphrases")
+
+
+@pytest.fixture(scope="module")
+def both_run(writer, docs_file, tmp_path_factory):
+    """The run with both levers, and the user messages of every question call it made."""
+    import pdistill_jax.model.sampler as sampler
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(writer))
+    real, prompts = sampler.generate, []
+
+    def recording(model, prompt_ids, *args, **kwargs):  # the real sampler, its prompts noted
+        prompts.extend(tokenizer.decode(ids) for ids in prompt_ids)
+        return real(model, prompt_ids, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampler, "generate", recording)
+        out, manifest = _run(writer, docs_file, tmp_path_factory, BOTH, "both")
+    return out, manifest, prompts
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+# ---------------------------------------------------------------- prompts and spans
+
+def test_spans_cover_the_document_and_quotas_follow_the_rule():
+    text = DOCS[0]["text"]
+    assert sentence_spans(text, 1) == ["The capital of the kingdom of Velloria is Tarsk.",
+                                       "Tarsk was founded in 1873.",
+                                       "The quick brown fox of Tarsk jumps over the lazy dog."]
+    assert sentence_spans(text, 2) == [" ".join(sentence_spans(text, 1)[:2]),
+                                       sentence_spans(text, 1)[2]]
+    cfg = GenerateConfig(questions_per_doc=30, questions_per_span=2)
+    assert span_quotas(4, cfg) == [2, 2, 2, 2]  # spans x questions_per_span, under the cap
+    assert span_quotas(3, dataclasses.replace(cfg, questions_per_doc=4)) == [2, 1, 1]
+    assert span_quotas(5, dataclasses.replace(cfg, questions_per_doc=3)) == [1, 1, 1, 0, 0]
+    forward = span_prompt(text, "Tarsk was founded in 1873.", 2)
+    reverse = span_prompt(text, "Tarsk was founded in 1873.", 2, "reverse")
+    for prompt in (forward, reverse):
+        assert prompt.startswith(text + "\n\n")  # the document first: a prefix per document
+        assert 'The text says: "Tarsk was founded in 1873."\nWrite two questions' in prompt
+    assert "Write one question that" in span_prompt(text, "x", 1)
+    assert "asks which person, place or thing it belongs to" in reverse
+    assert "belongs to" not in forward
+    assert direction_quotas(3) == {"forward": 2, "reverse": 1}
+    assert direction_quotas(1) == {"forward": 1, "reverse": 0}
+    # the parser keeps a question about the span, not one about another sentence
+    completion = "1. When was Tarsk founded?\n2. Which animal jumps over the lazy dog?"
+    assert parse_questions(completion, "Tarsk was founded in 1873.", forward) == \
+        ["When was Tarsk founded?"]
+    assert paraphrase_prompt("When was Tarsk founded?", 2) == (
+        "Question: When was Tarsk founded?\n\n"
+        "Write two other ways to ask the same question, one per line.")
+
+
+# ---------------------------------------------------------------- paraphrases
+
+def test_paraphrases_follow_their_question_and_leave_its_row_alone(paraphrase_run, default_run):
+    out, manifest = paraphrase_run
+    rows = jsonl(out / "qa.jsonl")
+    originals = [r for r in rows if "paraphrase_of" not in r]
+    rewrites = [r for r in rows if "paraphrase_of" in r]
+    assert rewrites, "the writer should produce some rewrites that are kept"
+    # the originals' rows are those of the run without paraphrases, byte for byte
+    assert originals == jsonl(default_run[0] / "qa.jsonl")
+    last_original = None
+    for r in rows:  # each rewrite right after its question's row (or a sibling rewrite's)
+        if "paraphrase_of" not in r:
+            last_original = r
+            continue
+        assert r["paraphrase_of"] == last_original["question"]
+        assert r["doc_id"] == last_original["doc_id"] and r["document"] == last_original["document"]
+        assert r["question"].endswith("?") and r["answer"] is not None
+        assert content_words(r["question"]) & content_words(r["paraphrase_of"])
+    for d in DOCS:
+        mine = [r for r in rows if r["doc_id"] == d["id"]]
+        keys = [normalize_question(r["question"]) for r in mine]
+        assert len(keys) == len(set(keys)), "a rewrite repeats a question of its document"
+        for q in (r["question"] for r in mine if "paraphrase_of" not in r):
+            assert sum(r.get("paraphrase_of") == q for r in mine) <= 2
+    counts = manifest["counts"]
+    assert counts["rows"] == len(rows) == counts["questions"] + counts["paraphrases_kept"]
+    assert counts["paraphrases_kept"] == len(rewrites)
+    assert counts["paraphrases_asked"] == 2 * counts["questions"] == 2 * len(originals)
+    assert counts["questions"] <= counts["paraphrase_calls"] <= 2 * counts["questions"]
+    assert counts["paraphrases_kept"] <= counts["paraphrases_parsed"]
+    assert manifest["prompts"]["paraphrase_user"] == paraphrase_prompt("{question}", 2)
+    assert manifest["config"]["paraphrases_per_question"] == 2
+    per_doc = {p["doc_id"]: p for p in manifest["per_doc"]}
+    for rec in jsonl(out / "done.jsonl"):
+        assert rec["rows"] == sum(r["doc_id"] == rec["doc_id"] for r in rows)
+        assert rec["paraphrases"] == per_doc[rec["doc_id"]]["paraphrases"] == sum(
+            r["doc_id"] == rec["doc_id"] for r in rewrites)
+    # training reads the field; the dataset has the column, None on the originals' rows
+    assert [r.paraphrase_of for r in read_qa_rows(out)] == [r.get("paraphrase_of") for r in rows]
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(out / "dataset"))
+    assert ds.to_list() == [{**r, "paraphrase_of": r.get("paraphrase_of")} for r in rows]
+
+
+# ---------------------------------------------------------------- fact-targeted questions
+
+def test_sentences_mode_asks_each_span_within_its_quota(both_run):
+    out, manifest, prompts = both_run
+    rows = jsonl(out / "qa.jsonl")
+    originals = [r for r in rows if "paraphrase_of" not in r]
+    done = {r["doc_id"]: r for r in jsonl(out / "done.jsonl")}
+    assert span_quotas(3, BOTH) == [2, 1, 1]
+    for d in DOCS:
+        rec = done[d["id"]]
+        spans = sentence_spans(d["text"], 1)
+        mine = [r["question"] for r in originals if r["doc_id"] == d["id"]]
+        assert rec["quota"] == 4 and len(rec["span_questions"]) == len(spans) == 3
+        assert all(n <= q for n, q in zip(rec["span_questions"], [2, 1, 1]))
+        assert rec["questions"] == len(mine) == sum(rec["span_questions"])
+        assert rec["gave_up"] == (len(mine) < 4)
+        # every span asked forward, the first one in reverse too; no ask past max_calls_per_span
+        for span, reverse in zip(spans, (True, False, False)):
+            asked = {direction: sum(p.count(span_prompt(d["text"], span, 1, direction)
+                                            + "<|im_end|>") for p in prompts)
+                     for direction in ("forward", "reverse")}
+            assert 1 <= asked["forward"] <= BOTH.max_calls_per_span
+            assert (1 <= asked["reverse"] <= BOTH.max_calls_per_span) if reverse else \
+                asked["reverse"] == 0
+        assert 4 <= rec["calls"] <= 4 * BOTH.max_calls_per_span
+        # questions come in span order, each about its own span
+        start = 0
+        for span, n in zip(spans, rec["span_questions"]):
+            assert all(content_words(q) & content_words(span) for q in mine[start:start + n])
+            start += n
+        assert len({normalize_question(q) for q in mine}) == len(mine)
+    counts = manifest["counts"]
+    assert counts["spans"] == 9 and counts["question_quota"] == 12
+    assert counts["questions"] >= 6  # the writer writes
+    assert counts["spans_without_question"] == sum(
+        n == 0 for r in done.values() for n in r["span_questions"])
+    assert counts["questions"] == len(originals) and counts["rows"] == len(rows)
+    assert counts["documents_short_of_quota"] == sum(r["gave_up"] for r in done.values())
+    assert manifest["prompts"]["span_user"]["reverse"] == \
+        "{document}\n\n" + SPAN_INSTRUCTIONS["reverse"]
+    assert [p["span_questions"] for p in manifest["per_doc"]] == \
+        [done[d["id"]]["span_questions"] for d in DOCS]
+    assert counts["paraphrases_kept"] == sum("paraphrase_of" in r for r in rows)
+
+
+def test_killed_run_with_both_levers_resumes_as_if_never_interrupted(writer, docs_file, both_run,
+                                                                     tmp_path, monkeypatch):
+    import pdistill_jax.datagen.generate as gen
+
+    real, calls = gen.teacher_answers, []
+
+    def killed_in_wave_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # wave 2's answers: its questions and paraphrases are sampled
+            raise KeyboardInterrupt  # like a kill, nothing of the wave in flight is committed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "teacher_answers", killed_in_wave_two)
+    out = tmp_path / "data"
+    with pytest.raises(KeyboardInterrupt):
+        generate_data(writer, docs_file, out, BOTH, show_progress=False)
+    monkeypatch.undo()
+    assert [r["doc_id"] for r in read_committed_jsonl(out / "done.jsonl")] == ["tarsk"]
+    with open(out / "qa.jsonl", "a", encoding="utf-8") as f:  # as if killed inside a write
+        f.write('{"doc_id": "student", "question": "torn')
+    manifest = generate_data(writer, docs_file, out, BOTH, show_progress=False)
+    reference, reference_manifest, _ = both_run
+    assert (out / "qa.jsonl").read_bytes() == (reference / "qa.jsonl").read_bytes()
+    assert untimed(jsonl(out / "done.jsonl")) == untimed(jsonl(reference / "done.jsonl"))
+    assert manifest["counts"] == reference_manifest["counts"] and manifest["complete"]
+    assert sorted(p.name for p in (out / "teacher_states").iterdir()) == \
+        sorted(p.name for p in (reference / "teacher_states").iterdir())
+
+
+# ---------------------------------------------------------------- off by default
+
+def test_levers_off_write_what_the_default_config_writes(writer, docs_file, default_run, tmp_path):
+    import yaml
+
+    ref, manifest = default_run
+    config = tmp_path / "off.yaml"  # every field spelled out, the levers at their off values
+    config.write_text(yaml.safe_dump({f.name: getattr(CFG, f.name)
+                                      for f in dataclasses.fields(CFG)}))
+    assert set(LEVER_FIELDS) <= set(yaml.safe_load(config.read_text()))
+    out = tmp_path / "data"
+    assert cli.main(["generate", "--model", str(writer), "--docs", str(docs_file), "--out",
+                     str(out), "--config", str(config), "--question-mode", "document",
+                     "--paraphrases-per-question", "0", "--no-progress"]) == 0
+    for name in ("qa.jsonl", "run.json", "documents.jsonl"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert untimed(jsonl(out / "done.jsonl")) == untimed(jsonl(ref / "done.jsonl"))
+    # the records of before: no lever field, count, prompt or column appears
+    assert list(json.loads((ref / "run.json").read_text())["config"]) == [
+        f for f in FIELDS_BEFORE if f not in RESUMABLE_CHANGES]
+    assert list(manifest["config"]) == FIELDS_BEFORE == list(to_dict(GenerateConfig()))
+    assert list(manifest["prompts"]) == ["system", "question_user", "question_instruction",
+                                         "answer_user"]
+    assert not any(k.startswith(("paraphrase", "span")) for k in manifest["counts"])
+    assert all(set(r) == {"doc_id", "source_id", "rows", "questions", "calls", "parsed_per_call",
+                          "new_per_call", "gave_up", "wave", "wave_questions_s",
+                          "wave_answers_s"} for r in jsonl(ref / "done.jsonl"))
+    from datasets import load_from_disk
+
+    assert "paraphrase_of" not in load_from_disk(str(ref / "dataset")).column_names
+
+
+def test_a_lever_value_is_recorded_and_a_bad_one_is_one_line(tmp_path, capsys, docs_file):
+    assert to_dict(BOTH)["question_mode"] == "sentences"  # non-default: in run.json, fingerprints
+    assert to_dict(dataclasses.replace(CFG, max_paraphrase_calls=3))["max_paraphrase_calls"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("questions_per_doc: 3\nquestion_mode: paragraphs\n")
+    assert cli.main(["generate", "--docs", str(docs_file), "--out", str(tmp_path / "o"),
+                     "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{bad}:2: question_mode must be one of document, sentences, "
+                        "got 'paragraphs'") and "\n" not in err
+    assert cli.main(["generate", "--docs", str(docs_file), "--out", str(tmp_path / "o"),
+                     "--paraphrases-per-question", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("paraphrases_per_question must be >= 0, got -1") and "\n" not in err
+    assert not (tmp_path / "o").exists()
