@@ -381,13 +381,14 @@ class TrainConfig:
     teacher_cache_gb: float = 4.0
     # Weight of the student's cross-entropy on the answer tokens the batches carry, added to a
     # distillation objective (kl, reverse_kl, jsd): loss = distillation + ce_weight * CE; 0 = off.
-    ce_weight: float = 0.0
+    ce_weight: float = added_option(0.0)
     # Weight of the retention regulariser: forward KL(base || student) on the base model's own
     # greedy answers to general prompts, added to the loss (train/retention.py); 0 = off.
-    retention_weight: float = 0.0
-    # The general prompts: a JSONL of {"question"} rows, or builtin:demo/general_knowledge.jsonl.
-    retention_prompts: str | None = None
-    retention_batch_size: int = 8  # retention prompts per micro-batch (retention_weight > 0)
+    retention_weight: float = added_option(0.0)
+    # The general prompts: a JSONL of {"question"} rows (or builtin:...); keep them apart from the
+    # questions retention is measured on, or the measurement counts what was trained.
+    retention_prompts: str | None = added_option(None)
+    retention_batch_size: int = added_option(8)  # retention prompts per micro-batch
 
     def __post_init__(self):
         coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
