@@ -26,17 +26,7 @@ from pdistill_jax.model.sampler import generate
 from pdistill_jax.config import SamplingParams
 from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-TOKENS = [[1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 300, 11]]
-
-
-def randomize_lora(model, seed: int = 0, std: float = 0.1) -> None:
-    """Non-zero random A and B everywhere, so the adapter changes the outputs (B starts at 0)."""
-    state = nnx.state(model, nnx.LoRAParam)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(
-        treedef, [std * jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)]))
+from test_peft import PROJECTIONS, TOKENS, randomize_lora  # the same tiny adapter set-up
 
 
 def jax_logits(model, tokens=TOKENS, use_lora: bool = True) -> np.ndarray:
