@@ -329,10 +329,19 @@ class LoraConfig:
     # stays 2 whatever the rank), resolved here so that saved configs show the number.
     alpha: float | None = None
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    # The adapter sits on layers first_layer .. num_layers - 1 only (0 = every layer). The layers
+    # below run frozen, so the backward pass stops at first_layer: cheaper steps (PEFT's
+    # layers_to_transform on export).
+    first_layer: int = added_option(0)
 
     def __post_init__(self):
         coerce_fields(self)
         check_range(self, "rank", 1)
+        check_range(self, "first_layer", 0)
+        if self.first_layer and "lm_head" in self.targets:
+            # PEFT's layers_to_transform drops every module without a layer index, the head too
+            raise _fail("first_layer", "0 when targets include lm_head (an adapter on the upper "
+                        "layers only cannot carry the head in PEFT's format)", self.first_layer)
         if self.alpha is None:
             object.__setattr__(self, "alpha", 2.0 * self.rank)
         check_range(self, "alpha", 0, low_open=True)
@@ -385,8 +394,9 @@ class TrainConfig:
     # Weight of the retention regulariser: forward KL(base || student) on the base model's own
     # greedy answers to general prompts, added to the loss (train/retention.py); 0 = off.
     retention_weight: float = added_option(0.0)
-    # The general prompts: a JSONL of {"question"} rows (or builtin:...); keep them apart from the
-    # questions retention is measured on, or the measurement counts what was trained.
+    # The general prompts: a JSONL of {"question"} rows (builtin:general_prompts.jsonl ships 99
+    # everyday instructions); keep them apart from the questions retention is measured on
+    # (builtin:demo/general_knowledge.jsonl), or the measurement counts what was trained.
     retention_prompts: str | None = added_option(None)
     retention_batch_size: int = added_option(8)  # retention prompts per micro-batch
 
@@ -411,8 +421,9 @@ class TrainConfig:
         check_range(self, "retention_weight", 0)
         check_range(self, "retention_batch_size", 1)
         if self.retention_weight and not self.retention_prompts:
-            raise _fail("retention_prompts", "a JSONL of {\"question\"} rows (or builtin:demo/"
-                        "general_knowledge.jsonl) with retention_weight > 0", self.retention_prompts)
+            raise _fail("retention_prompts", "a JSONL of {\"question\"} rows (or builtin:"
+                        "general_prompts.jsonl, 99 everyday instructions) with retention_weight > 0",
+                        self.retention_prompts)
         if self.mesh.count(-1) > 1 or any(s == 0 or s < -1 for s in self.mesh):
             raise _fail("mesh", "3 sizes (data, fsdp, tensor), each >= 1 or one of them -1 "
                         "(= the remaining devices)", list(self.mesh))
@@ -540,7 +551,7 @@ class RunConfig:
     sft: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(objective="ce"))
     max_new_tokens: int = 48
     answer_batch_size: int = 16
-    bm25_top_k: int = 3
+    bm25_top_k: int = 3  # documents BM25 retrieves for the rag_bm25 conditions; 0 = leave them out
     judge: str | None = None  # a model to grade answers as an LLM judge (slow on CPU)
     # The system message of every stage (questions, teacher answers, both trainings, answering):
     # the method uses one everywhere. None = the chat template's default.
@@ -548,8 +559,9 @@ class RunConfig:
 
     def __post_init__(self):
         coerce_fields(self)
-        for name in ("max_new_tokens", "answer_batch_size", "bm25_top_k"):
+        for name in ("max_new_tokens", "answer_batch_size"):
             check_range(self, name, 1)
+        check_range(self, "bm25_top_k", 0)  # 0: no BM25 conditions (rag_bm25, pd_rag_bm25)
         for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):

@@ -17,7 +17,7 @@ student work; the reported model FLOP/s is therefore a convention, not hardware 
 
 Usage:
   python scripts/bench_step.py [--batch 8 --doc-tokens 256 --qa-tokens 64 --answer-tokens 32
-                               --rank 16 --steps 5 --dtype float32 --remat]
+                               --rank 16 --first-layer 0 --steps 5 --dtype float32 --remat]
   python scripts/bench_step.py --matmul-peak [--matmul-size 2048]
 """
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--first-layer", type=int, default=0,
+                    help="the adapter on layers first-layer.. only (the backward stops there)")
     ap.add_argument("--tau", type=float, default=2.0)
     ap.add_argument("--loss-chunk", type=int, default=0, help="answer positions per LM-head chunk (0: as the trainer picks)")
     ap.add_argument("--matmul-peak", action="store_true", help="only measure the f32 matmul peak")
@@ -89,7 +91,7 @@ def main() -> None:
     if a.answer_tokens >= a.qa_tokens:
         raise SystemExit("--answer-tokens must be smaller than --qa-tokens")
     dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
-    cfg = TrainConfig(lora=LoraConfig(rank=a.rank, alpha=2 * a.rank), lr=1e-4, warmup_ratio=0.0,
+    cfg = TrainConfig(lora=LoraConfig(rank=a.rank, alpha=2 * a.rank, first_layer=a.first_layer), lr=1e-4, warmup_ratio=0.0,
                       weight_decay=0.01, batch_size=a.batch, tau=a.tau, compute_dtype=a.dtype,
                       remat=a.remat)
     loaded = load_model(a.model, cfg.lora, dtype=dtype, param_dtype=dtype, remat=a.remat,
@@ -128,6 +130,7 @@ def main() -> None:
         "impl": "pdistill_jax", "jax": jax.__version__, "platform": jax.devices()[0].platform,
         "devices": jax.device_count(), "model": a.model, "dtype": a.dtype, "remat": a.remat,
         "batch": b, "doc_tokens": d, "qa_tokens": q, "answer_tokens": n_ans, "rank": a.rank,
+        "first_layer": a.first_layer,
         "first_step_s": round(compile_s, 2), "step_s_median": round(med, 3),
         "step_s_min": round(min(times), 3), "examples_per_s": round(b / med, 3),
         "answer_tokens_per_s": round(b * n_ans / med, 1), "model_flops_per_step": flops,

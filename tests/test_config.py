@@ -134,7 +134,7 @@ def test_generate_config_refuses_a_bad_value(changes, message):
 @pytest.mark.parametrize("changes, message", [
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
     ({"answer_batch_size": 0}, "answer_batch_size must be >= 1, got 0"),
-    ({"bm25_top_k": 0}, "bm25_top_k must be >= 1, got 0"),
+    ({"bm25_top_k": -1}, "bm25_top_k must be >= 0, got -1"),
     ({"pd": {"lr": -1}}, "pd.lr must be > 0, got -1.0"),
 ])
 def test_run_config_refuses_a_bad_value(changes, message):
@@ -249,7 +249,7 @@ def test_a_flag_replaces_a_bad_file_value_and_errors_then_do_not_point_at_the_fi
 @pytest.mark.parametrize("text, message", [
     ("max_new_tokens: 0\n", "r.yaml:1: max_new_tokens must be >= 1, got 0"),
     ("answer_batch_size: -4\n", "r.yaml:1: answer_batch_size must be >= 1, got -4"),
-    ("bm25_top_k: 0\n", "r.yaml:1: bm25_top_k must be >= 1, got 0"),
+    ("bm25_top_k: -2\n", "r.yaml:1: bm25_top_k must be >= 0, got -2"),
     ("model: m\npd:\n  epochs: 1\n  lr: -1\n", "r.yaml:4: pd.lr must be > 0, got -1.0"),
     ("sft:\n  objective: ce\n  tau: 0\n", "r.yaml:3: sft.tau must be > 0, got 0.0"),
     ("pd:\n  lora: {rank: 4, alpha: 0}\n", "r.yaml:2: pd.lora.alpha must be > 0, got 0.0"),

@@ -20,7 +20,7 @@ _log = logger("train")
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
                "ce_weight", "retention_weight", "retention_prompts", "retention_batch_size")
-LORA_FLAGS = ("rank", "alpha", "targets")
+LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add this x KL(base || student) on the base model's own answers to "
                         f"--retention-prompts {default('retention_weight')}")
     p.add_argument("--retention-prompts",
-                   help='JSONL of {"question"} rows, or builtin:demo/general_knowledge.jsonl '
-                        "(default: none)")
+                   help='JSONL of {"question"} rows, e.g. builtin:general_prompts.jsonl '
+                        "(99 everyday instructions; default: none)")
     p.add_argument("--retention-batch-size", type=int,
                    help=f"retention prompts per micro-batch {default('retention_batch_size')}")
     p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "(default: 2 x rank, from LoraConfig)")
     p.add_argument("--targets", help="LoRA targets, comma-separated: q,k,v,o,gate,up,down,lm_head "
                                      f"{default('targets', LoraConfig)}")
+    p.add_argument("--first-layer", type=int,
+                   help="the adapter on layers FIRST_LAYER.. only: the frozen layers below run once "
+                        f"per row, so steps are cheaper {default('first_layer', LoraConfig)}")
     p.add_argument("--lr", type=float, help=f"peak learning rate (AdamW) {default('lr')}")
     p.add_argument("--epochs", type=int, help=f"passes over the training rows {default('epochs')}")
     p.add_argument("--batch-size", type=int,

@@ -247,6 +247,9 @@ class Transformer(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(params=0, lora=0)
         self.cfg, self.lora_config, self.dtype, self.remat = cfg, lora, dtype, remat
+        if lora is not None and lora.first_layer >= cfg.num_layers:
+            raise ValueError(f"lora.first_layer={lora.first_layer} must be below the model's "
+                             f"{cfg.num_layers} layers (0 = every layer carries the adapter)")
         self.embed = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
             axes=("vocab", "embed"))
@@ -277,8 +280,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array, *,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-                 prefix: KVCache | None = None,
-                 use_lora: bool = True) -> tuple[jax.Array, KVCache | None]:
+                 prefix: KVCache | None = None, use_lora: bool = True,
+                 lower: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states (B, T, D) and the updated cache.
 
         tokens, positions: (B, T). key_valid: (B, S) marks real (non-pad) key slots, with S = T
@@ -290,8 +293,28 @@ class Transformer(nnx.Module):
         every row's tokens, read only (training's shared prompt preamble, computed once for the
         batch with a cache of P slots). key_valid is then (B, P + T) and no cache is returned;
         gradients flow into the prefix.
+
+        lower: (B, T, D), the states entering layer `lora.first_layer` (`lower_states` of these
+        tokens): only the adapter's layers run. Training caches them, as the layers below are
+        frozen. Without a cache only; `tokens` then only gives the length.
         """
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        return self._forward(tokens, positions, key_valid, cache, cache_index, prefix, use_lora,
+                             "all" if lower is None else "upper", lower)
+
+    def lower_states(self, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array, *,
+                     prefix: KVCache | None = None) -> jax.Array:
+        """The (B, T, D) states entering layer `lora.first_layer`: the frozen layers below it
+        (adapter off there), whose output is the same in every step (arguments as __call__)."""
+        return self._forward(tokens, positions, key_valid, None, 0, prefix, True, "lower", None)[0]
+
+    def _forward(self, tokens, positions, key_valid, cache, cache_index, prefix, use_lora, part,
+                 lower):
+        if part != "all" and not (self.lora_config and self.lora_config.first_layer):
+            raise ValueError("lower states need an adapter with lora.first_layer > 0")
+        if part != "all" and cache is not None:
+            raise ValueError("lower states are for full forwards, not a KV cache")
+        x = (jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype) if lower is None
+             else lower.astype(self.dtype))
         t = tokens.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))[None]
         inv_freq = rope_frequencies(self.cfg)
@@ -304,28 +327,33 @@ class Transformer(nnx.Module):
             mask = (jnp.broadcast_to(key_valid[:, None, :p], (key_valid.shape[0], t, p)),
                     causal & key_valid[:, None, p:])
 
-            @checkpoint
-            def prefixed_body(h, xs):
-                state, layer_kv = xs
-                h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, use_lora)
-                return h, None
+            def prefixed_body(lora_on):
+                @checkpoint
+                def body(h, xs):
+                    state, layer_kv = xs
+                    h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, lora_on)
+                    return h, None
+                return body
 
-            x, _ = jax.lax.scan(prefixed_body, x, (layer_state, (prefix.k, prefix.v)))
-            return self.norm(x), None
+            x, _ = self._scan_layers(prefixed_body, x, (layer_state, (prefix.k, prefix.v)), use_lora,
+                                     part)
+            return (x if part == "lower" else self.norm(x)), None
 
         fresh = isinstance(cache_index, int) and cache_index == 0
         if cache is None or fresh:  # nothing cached to read (a prefill fills an empty cache)
             valid = key_valid if cache is None else key_valid[:, :t]
             mask = causal & valid[:, None, :]  # (B, T, T)
 
-            @checkpoint
-            def body(h, state):
-                h, kv = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, None, use_lora)
-                return h, (kv if cache is not None else None)
+            def body(lora_on):
+                @checkpoint
+                def layer(h, state):
+                    h, kv = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, None, lora_on)
+                    return h, (kv if cache is not None else None)
+                return layer
 
-            x, new_kv = jax.lax.scan(body, x, layer_state)
+            x, new_kv = self._scan_layers(body, x, layer_state, use_lora, part)
             if cache is None:
-                return self.norm(x), None
+                return (x if part == "lower" else self.norm(x)), None
             return self.norm(x), KVCache(*(_write(c, n, 0) for c, n in zip(cache, new_kv)))
 
         # The new tokens see the cached slots before cache_index and each other causally.
@@ -337,12 +365,30 @@ class Transformer(nnx.Module):
 
         # Each layer's cache slice is a scanned input, read only; the new keys/values come out of
         # the scan and are written into the cache once, in place.
-        def cached_body(h, xs):
-            state, layer_kv = xs
-            return nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, use_lora)
+        def cached_body(lora_on):
+            def layer(h, xs):
+                state, layer_kv = xs
+                return nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, lora_on)
+            return layer
 
-        x, (nk, nv) = jax.lax.scan(cached_body, x, (layer_state, (cache.k, cache.v)))
+        x, (nk, nv) = self._scan_layers(cached_body, x, (layer_state, (cache.k, cache.v)), use_lora)
         return self.norm(x), KVCache(_write(cache.k, nk, cache_index), _write(cache.v, nv, cache_index))
+
+    def _scan_layers(self, body, x, xs, use_lora: bool, part: str = "all"):
+        """Scans the blocks over the layer-stacked xs, body(lora_on) being one layer's step. With
+        an adapter from `lora.first_layer` up, the layers below run as a separate frozen scan:
+        nothing in them depends on the adapter, so autodiff's backward pass ends at first_layer.
+        part: "all", or "lower"/"upper" (the layers below/from first_layer only)."""
+        first = self.lora_config.first_layer if (use_lora and self.lora_config is not None) else 0
+        if first == 0:
+            return jax.lax.scan(body(use_lora), x, xs)
+        if part == "upper":
+            return jax.lax.scan(body(True), x, jax.tree.map(lambda a: a[first:], xs))
+        x, low = jax.lax.scan(body(False), x, jax.tree.map(lambda a: a[:first], xs))
+        if part == "lower":
+            return x, low
+        x, high = jax.lax.scan(body(True), x, jax.tree.map(lambda a: a[first:], xs))
+        return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), low, high)
 
     def logits(self, hidden: jax.Array, use_lora: bool = True) -> jax.Array:
         """LM head. Call it on the positions you need only: the vocabulary projection dominates."""

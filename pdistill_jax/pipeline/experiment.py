@@ -56,9 +56,14 @@ def stage_fields(prefix: str, cfg, neutral: Sequence[str] = RESULTS_NEUTRAL) -> 
     return {k: v for k, v in flat.items() if k not in neutral}
 
 
-def answer_order() -> list[tuple[str, tuple]]:
-    """CONDITIONS grouped by model (stable), so each model is built once."""
-    return sorted(CONDITIONS.items(), key=lambda item: (None, "sft", "pd").index(item[1][0]))
+def conditions(cfg: RunConfig) -> dict[str, tuple]:
+    """The CONDITIONS a run compares: all, or without the BM25 ones when bm25_top_k is 0."""
+    return {name: c for name, c in CONDITIONS.items() if cfg.bm25_top_k or c[1] != "bm25"}
+
+
+def answer_order(cfg: RunConfig) -> list[tuple[str, tuple]]:
+    """The run's conditions grouped by model (stable), so each model is built once."""
+    return sorted(conditions(cfg).items(), key=lambda item: (None, "sft", "pd").index(item[1][0]))
 
 
 def build_stages(cfg: RunConfig, out: Path, ids: dict[str, str]) -> list[Stage]:
@@ -78,7 +83,7 @@ def build_stages(cfg: RunConfig, out: Path, ids: dict[str, str]) -> list[Stage]:
                               {generate.name: generate.fingerprint})
         stages.append(trained[kind])
     answers = []
-    for name, (adapter, context, qset) in answer_order():
+    for name, (adapter, context, qset) in answer_order(cfg):
         qkey = "questions.sha256" if qset == "test" else "retention_questions.sha256"
         if qkey not in ids:
             continue

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from pdistill_jax.config import RunConfig
 from pdistill_jax.files import read_jsonl, write_text_atomic
-from pdistill_jax.pipeline.experiment import CONDITIONS
+from pdistill_jax.pipeline.experiment import CONDITIONS, conditions
 from pdistill_jax.pipeline.stages import Stage, read_record
 
 REPORT_FILES = ("report.md", "summary.json", "results.png", "coverage.json")
@@ -21,20 +21,38 @@ def write_reports(out: Path, cfg: RunConfig, stages: Sequence[Stage],
     from pdistill_jax.infer.evaluate import coverage
 
     results = {}
-    for name in CONDITIONS:  # report order
-        if question_sets[CONDITIONS[name][2]]:
+    for name, (_, _, qset) in conditions(cfg).items():  # report order
+        if question_sets[qset]:
             results[name] = json.loads((out / "eval" / name / "results.json").read_text())
             if cfg.judge:
                 judged = out / "eval_judge" / name / "results.json"
                 results[name]["judge"] = json.loads(judged.read_text())
-    cover = coverage(question_sets["test"], read_jsonl(out / "data" / "qa.jsonl"))
+    rows = read_jsonl(out / "data" / "qa.jsonl")
+    cover = coverage(question_sets["test"], rows)
     write_text_atomic(out / "coverage.json", json.dumps(cover, indent=2) + "\n")
     summary = summarize(results, cover)
+    summary["exposures_per_fact"] = _exposures(question_sets["test"], rows, cfg)
     # the time each stage took when it was made, so an unchanged rerun rewrites the same report
     summary["timings_s"] = {s.name: (read_record(s) or {}).get("seconds") for s in stages}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(out, cfg, summary, results, cover)
     return summary
+
+
+def _exposures(questions: list[dict], rows: list[dict], cfg: RunConfig) -> dict:
+    """Mean times each test fact was shown in training, for PD (the teacher's answers) and SFT
+    (its own answers; the same ones when generated at one temperature)."""
+    from pdistill_jax.infer.evaluate import exposures
+
+    if not questions or any("doc_id" not in q for q in questions):
+        return {}
+    sft_rows = [{**r, "answer": r.get("sft_answer") or r["answer"]} for r in rows]
+    return {"pd": round(exposures(questions, rows, cfg.pd.epochs)["mean"], 2),
+            "sft": round(exposures(questions, sft_rows, cfg.sft.epochs)["mean"], 2)}
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def summarize(results: dict, cover: dict) -> dict:
@@ -105,5 +123,12 @@ def write_report(out: Path, cfg: RunConfig, summary: dict, results: dict, cover:
         pd_correct[str(row.get("doc_id"))] = pd_correct.get(str(row.get("doc_id")), 0) + int(row["match"])
     for doc, c in sorted(cover["by_doc"].items()):
         lines.append(f"| {doc} | {c['n_questions']} | {c['covered']} | {pd_correct.get(doc, 0)} |")
+    seen = summary.get("exposures_per_fact") or {}
+    if seen:
+        lines += ["", f"Exposures per test fact (training rows of its document whose answer holds "
+                  f"it, times epochs; mean over the {cover['n_questions']} test questions): PD "
+                  f"{seen['pd']:g} ({_epochs(cfg.pd.epochs)}), SFT {seen['sft']:g} "
+                  f"({_epochs(cfg.sft.epochs)}). Storing a fact takes many exposures: this says how far a recipe is "
+                  "from enough."]
     lines += ["", f"Timings (s): {json.dumps(summary.get('timings_s', {}))}", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))

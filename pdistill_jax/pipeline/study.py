@@ -153,6 +153,7 @@ def run_study(study: Study, *, data: str | Path | None = None, out: str | Path =
             if row is not None:
                 results[variant.name] = row  # a replaced row keeps its place in the table
                 write_jsonl_atomic(inputs.out / RESULTS_FILE, results.values())
+                write_table(inputs.out / "results.md", list(results.values()))
         write_table(inputs.out / "results.md", list(results.values()))
     _log.info(f"results: {inputs.out / 'results.md'}")
     return list(results.values())

@@ -32,6 +32,8 @@ from pdistill_jax.train.metrics import MetricsLog, NonFiniteLoss, trim_metrics
 from pdistill_jax.train.run_folder import (ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE,
                                            RETENTION_FILE, SUMMARY_FILE, check_out_dir, file_sha256, remove_unstarted_run,
                                            write_run_config)
+from pdistill_jax.train.student_cache import (attach_student_lower, compute_student_cache,
+                                              student_cache_bytes)
 from pdistill_jax.train.teacher_cache import (attach_teacher_hidden, compute_teacher_cache,
                                               compute_teacher_cache_shared, teacher_cache_bytes)
 from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, load_teacher_states,
@@ -67,6 +69,7 @@ class Run:
     model_path: Path
     data: TrainData
     cache_teacher: bool
+    cache_lower: bool  # the states entering lora.first_layer, computed once (student_cache.py)
     total_steps: int
     mesh: Any
     graphdef: nnx.GraphDef
@@ -90,6 +93,12 @@ class TeacherCache:
     hidden: list[np.ndarray] | None = None  # per row, (answer tokens, D); None: the step runs it
     seconds: float | None = None
     reused: int = 0  # rows taken from the states generation kept
+
+
+@dataclasses.dataclass
+class LowerCache:
+    states: list[np.ndarray] | None = None  # per row, (student tokens, D); None: the step runs them
+    seconds: float | None = None
 
 
 @dataclasses.dataclass
@@ -135,13 +144,15 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         start_step = start.position.global_step(run.data.steps_per_epoch)
         teacher = _teacher_cache(run, start.state) if (
             run.cache_teacher and start_step < run.total_steps) else TeacherCache()
+        lower = _lower_cache(run, start.state) if (
+            run.cache_lower and start_step < run.total_steps) else LowerCache()
         write_run_config(inputs.out, {
             "model": str(model_spec), "model_path": str(run.model_path),
             "data": str(inputs.data_file), "data_sha256": inputs.data_sha,
             "init_adapter": run.init_adapter, "train": to_dict(run.cfg)})
         trim_metrics(inputs.out / METRICS_FILE, start_step)
-        done = _run_steps(run, start, teacher, checkpoints, stop_after, progress)
-        return _finish(run, done, start, teacher, session_start)
+        done = _run_steps(run, start, teacher, lower, checkpoints, stop_after, progress)
+        return _finish(run, done, start, teacher, lower, session_start)
     except BaseException:
         if not resume:
             checkpoints.close()  # lets a save in flight finish before looking for checkpoints
@@ -231,6 +242,7 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
                                share_student_prefix=True, ce_mask=cfg.ce_weight > 0)
     # Made before the base moves into the train state: the model still samples here.
     retention = _retention_batches(inputs, cfg, lm) if cfg.retention_weight else None
+    cache_lower = _lower_cache_fits(data, lm.cfg.hidden_size, cfg, cache_teacher)
     spe = data.steps_per_epoch
     total_steps = spe * cfg.epochs
     _log.info(f"{len(data.examples)} training rows from {inputs.data_file} ({data.truncated} with "
@@ -243,8 +255,8 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     graphdef, base, state, optimizer = init_train_state(lm.model, cfg, total_steps, mesh)
     lm.model = None  # the base now lives (sharded) in `base`; drop the unsharded copy
     step_fn = make_train_step(graphdef, optimizer, cfg, mesh, student_prefix=data.student_prefix)
-    return Run(inputs, cfg, init_adapter, lm.cfg, lm.path, data, cache_teacher, total_steps, mesh,
-               graphdef, base, step_fn, retention), state
+    return Run(inputs, cfg, init_adapter, lm.cfg, lm.path, data, cache_teacher, cache_lower,
+               total_steps, mesh, graphdef, base, step_fn, retention), state
 
 
 def _retention_batches(inputs: RunInputs, cfg: TrainConfig, lm):
@@ -300,6 +312,43 @@ def _teacher_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig) -> 
     return True
 
 
+def _lower_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig,
+                      cache_teacher: bool) -> bool:
+    """Whether the states entering lora.first_layer fit teacher_cache_gb beside the teacher's
+    (if not, the step runs the frozen lower layers itself)."""
+    if not cfg.lora.first_layer:
+        return False
+    dtype = compute_dtype(cfg.compute_dtype)
+    teacher = teacher_cache_bytes(data.examples, hidden_size, dtype) if cache_teacher else 0
+    need = student_cache_bytes(data.examples, len(data.student_prefix), hidden_size, dtype)
+    if teacher + need > cfg.teacher_cache_gb * 2**30:
+        if cfg.teacher_cache_gb > 0:
+            _log.info(f"the frozen layers' states below lora.first_layer={cfg.lora.first_layer} "
+                      f"would take {need / 2**30:.1f} GiB, more than teacher_cache_gb="
+                      f"{cfg.teacher_cache_gb:g} leaves: they run in every step")
+        return False
+    return True
+
+
+def _lower_cache(run: Run, state) -> LowerCache:
+    """The states entering lora.first_layer over every row's student tokens, computed once."""
+    from pdistill_jax.model.sharding import global_batch
+    from pdistill_jax.train.step import make_student_lower
+
+    start = time.perf_counter()
+    data = run.data
+    lower_fn = make_student_lower(run.graphdef, run.mesh, data.student_prefix)
+    states = compute_student_cache(
+        data.examples, run.cfg.batch_size, lambda batch: lower_fn(state.lora, run.base, batch),
+        lambda batch: global_batch(_local_rows(batch), run.mesh), data.pad_id,
+        len(data.student_prefix))
+    seconds = time.perf_counter() - start
+    need = sum(x.nbytes for x in states)
+    _log.info(f"the frozen layers below lora.first_layer={run.cfg.lora.first_layer} run once over "
+              f"{len(states)} rows: their states kept ({need / 2**20:.0f} MiB) in {seconds:.0f} s")
+    return LowerCache(states, round(seconds, 3))
+
+
 def _teacher_cache(run: Run, state) -> TeacherCache:
     """The teacher's hidden states at every row's answer positions, computed once.
 
@@ -350,8 +399,8 @@ def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.array_split(v, n)[p] for k, v in batch.items()}
 
 
-def _run_steps(run: Run, start: Start, teacher: TeacherCache, checkpoints: RunCheckpoints,
-               stop_after: int | None, progress: bool) -> Progress:
+def _run_steps(run: Run, start: Start, teacher: TeacherCache, lower: LowerCache,
+               checkpoints: RunCheckpoints, stop_after: int | None, progress: bool) -> Progress:
     """The steps from `start` to the end (or `stop_after` steps), with periodic checkpoints and
     one after the last step; an interrupt saves the finished steps first."""
     from tqdm import tqdm
@@ -370,6 +419,8 @@ def _run_steps(run: Run, start: Start, teacher: TeacherCache, checkpoints: RunCh
         for pos, indices, batch in run.data.batches(start.position, cfg.epochs):
             if teacher.hidden is not None:
                 batch = attach_teacher_hidden(batch, indices, teacher.hidden)
+            if lower.states is not None:
+                batch = attach_student_lower(batch, indices, lower.states)
             if run.retention is not None:
                 batch = {**batch, **run.retention.batch(pos.global_step(spe))}
             done.state, metrics = run.step_fn(done.state, run.base,
@@ -437,7 +488,7 @@ def _non_finite_message(e: NonFiniteLoss, cfg: TrainConfig, checkpoints: RunChec
             "continues from that checkpoint with the same settings")
 
 
-def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache,
+def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache, lower: LowerCache,
             session_start: float) -> dict:
     """The adapter (once every step is done) and RUN/summary.json."""
     from pdistill_jax.weights.peft import save_peft_adapter
@@ -452,6 +503,8 @@ def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache,
     summary = _summary(run, done, start.resumed_from, adapter, session_start)
     summary["teacher_cache_s"] = teacher.seconds
     summary["teacher_rows_from_generation"] = teacher.reused
+    if run.cfg.lora.first_layer:
+        summary["lower_cache_s"] = lower.seconds
     if jax.process_index() == 0:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary

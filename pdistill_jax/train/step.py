@@ -2,7 +2,9 @@
 
 One `jax.jit` per step does all of it: the teacher forward (base model, adapter off, document in
 the prompt, no gradient) unless the batch brings the teacher's cached hidden states (the teacher
-is frozen, so they are the same every epoch: teacher_cache.py), the student forward (adapter on, question only), the hidden states
+is frozen, so they are the same every epoch: teacher_cache.py), the student forward (adapter on,
+question only; with an adapter on the upper layers only, from the cached states entering them:
+student_cache.py), the hidden states
 gathered at the answer positions *before* the LM head, the loss chunked over answer positions,
 the LoRA gradients, and one AdamW update. One copy of the base weights serves both roles and is
 never an output of the step, so it is never copied; only the TrainState (LoRA + optimizer state
@@ -35,6 +37,10 @@ BATCH_KEYS = TEACHER_KEYS[:2] + STUDENT_KEYS[:4] + TEACHER_KEYS[2:] + STUDENT_KE
 # Instead of TEACHER_KEYS a batch may carry the teacher's final hidden states at the answer
 # positions, (B, A, D), computed once per run by `make_teacher_hidden` (see teacher_cache.py).
 TEACHER_HIDDEN = "teacher_hidden"
+# With lora.first_layer > 0 a batch may also carry the states entering that layer over its
+# student tokens, (B, Ts, D), computed once per run by `make_student_lower` (student_cache.py):
+# the frozen layers below the adapter then do not run in the step.
+STUDENT_LOWER = "student_lower"
 # With ce_weight > 0: the answer positions the cross-entropy term reads (`collate(ce_mask=True)`).
 CE_MASK = "ce_mask"
 # With retention_weight > 0: a batch of retention rows (train/retention.py), one sequence each
@@ -146,18 +152,35 @@ def student_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()
     the same states as running it in every row, for 1/B of its cost. Its gradient is the sum
     over the rows that read it.
     """
+    return _student_forward(model, batch, prefix, lower=batch.get(STUDENT_LOWER))
+
+
+def student_lower(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()) -> jax.Array:
+    """The states entering layer lora.first_layer over batch["student_tokens"], (B, T, D): what
+    the frozen layers below the adapter compute, the same in every step."""
+    return _student_forward(model, batch, prefix, lower="compute")
+
+
+def _student_forward(model: Transformer, batch: dict, prefix: tuple[int, ...], lower):
     tokens, valid = batch["student_tokens"], batch["student_valid"]
+
+    def run(positions, key_valid, kv=None):
+        if isinstance(lower, str):
+            return model.lower_states(tokens, positions, key_valid, prefix=kv)
+        return model(tokens, positions, key_valid, prefix=kv, use_lora=True, lower=lower)[0]
+
     if not prefix:
-        positions, key_valid = causal_inputs(tokens, valid)
-        return model(tokens, positions, key_valid, use_lora=True)[0]
+        return run(*causal_inputs(tokens, valid))
     p, b = len(prefix), tokens.shape[0]
     ids = jnp.asarray(prefix, jnp.int32)[None]
+    # One row of P tokens: cheap next to the batch, so it runs whole even when the lower layers'
+    # states of the rows come from the cache.
     _, kv = model(ids, jnp.arange(p)[None], jnp.ones((1, p), bool),
                   cache=init_cache(model.cfg, 1, p, model.dtype), cache_index=0, use_lora=True)
     kv = KVCache(*(jnp.broadcast_to(c, (c.shape[0], b) + c.shape[2:]) for c in kv))
     positions = p + causal_inputs(tokens, valid)[0]
     key_valid = jnp.concatenate([jnp.ones((b, p), bool), valid.astype(bool)], axis=1)
-    return model(tokens, positions, key_valid, prefix=kv, use_lora=True)[0]
+    return run(positions, key_valid, kv)
 
 
 def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_PER_CHUNK) -> int:
@@ -288,6 +311,7 @@ def _step_inputs(batch: dict, cfg: TrainConfig) -> dict:
     mask and the retention rows when cfg turns those terms on."""
     teacher = (TEACHER_HIDDEN,) if TEACHER_HIDDEN in batch else TEACHER_KEYS
     extra = ((CE_MASK,) if cfg.ce_weight else ()) + (RETENTION_KEYS if cfg.retention_weight else ())
+    extra += (STUDENT_LOWER,) if STUDENT_LOWER in batch else ()
     missing = [k for k in STUDENT_KEYS + teacher + extra if k not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; expected the keys {list(BATCH_KEYS + extra)} (or "
@@ -415,6 +439,20 @@ def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:
         return jitted(lora, base, batch)
 
     return call
+
+
+def make_student_lower(graphdef: nnx.GraphDef, mesh: Mesh, student_prefix: Sequence[int] = ()
+                       ) -> Callable[[nnx.State, nnx.State, dict], jax.Array]:
+    """(lora, base, batch) -> `student_lower` states (B, Ts, D), sharded over the batch like it;
+    `student_prefix` as for `make_loss_sums`."""
+    prefix = tuple(int(i) for i in student_prefix)
+
+    def lower(lora, base, batch):
+        return student_lower(nnx.merge(graphdef, lora, base), batch, prefix)
+
+    jitted = _jit_on_mesh(lower, mesh, batch_sharding(mesh))
+    keys = ("student_tokens", "student_valid")
+    return lambda lora, base, batch: jitted(lora, base, {k: batch[k] for k in keys})
 
 
 def make_teacher_hidden(graphdef: nnx.GraphDef, mesh: Mesh

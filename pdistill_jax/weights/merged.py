@@ -83,6 +83,8 @@ def merge_lora(base_params: dict, lora_pure: dict, cfg: ModelConfig, lora: LoraC
         else:
             block, name = LAYER_PATH[target]
             a, b = layer_lora(lora_pure, target)
+            b = np.asarray(b, dtype=np.float32).copy()
+            b[:lora.first_layer] = 0.0  # the layers below first_layer run without the adapter
             node = dict(layers[block][name])
             node["kernel"] = _merged(node["kernel"], a, b, lora.scale)
             layers[block] = {**layers[block], name: node}

@@ -39,7 +39,7 @@ _OUR_TARGET = {hf: ours for ours, hf in HF_MODULE.items()}
 # adapter_config.json fields describing PEFT features our plain LoRA cannot reproduce. Any value
 # other than "unset" (None, False, empty, or the listed default) is rejected by name on import.
 _UNSUPPORTED_FIELDS = {
-    "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+    "use_rslora": False, "use_dora": False, "modules_to_save": None,
     "rank_pattern": None, "alpha_pattern": None, "bias": "none", "lora_bias": False,
     "exclude_modules": None, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
@@ -100,7 +100,9 @@ def lora_to_peft_tensors(lora_state, cfg: ModelConfig, lora: LoraConfig) -> dict
             a, b = a[None], b[None]
         else:
             a, b = (_to_host(x) for x in layer_lora(pure, target))
-        for module, a_i, b_i in zip(hf_module_paths(cfg, target), a, b, strict=True):
+        for layer, (module, a_i, b_i) in enumerate(zip(hf_module_paths(cfg, target), a, b, strict=True)):
+            if target != "lm_head" and layer < lora.first_layer:
+                continue  # frozen layer: not in layers_to_transform
             out[peft_key(module, "A")] = np.ascontiguousarray(a_i.T)
             out[peft_key(module, "B")] = np.ascontiguousarray(b_i.T)
     return out
@@ -130,8 +132,10 @@ def peft_tensors_to_lora(tensors: dict[str, Any], cfg: ModelConfig, lora: LoraCo
     r = lora.rank
     for target in lora.targets:
         d_in, d_out = target_dims(cfg, target)
-        pairs = [(take(m, "A", (r, d_in)), take(m, "B", (d_out, r)))
-                 for m in hf_module_paths(cfg, target)]
+        frozen = (np.zeros((d_in, r), np.float32), np.zeros((r, d_out), np.float32))
+        pairs = [frozen if target != "lm_head" and layer < lora.first_layer
+                 else (take(m, "A", (r, d_in)), take(m, "B", (d_out, r)))
+                 for layer, m in enumerate(hf_module_paths(cfg, target))]
         a = np.stack([p[0] for p in pairs])
         b = np.stack([p[1] for p in pairs])
         if target == "lm_head":
@@ -151,7 +155,7 @@ def peft_tensors_to_lora(tensors: dict[str, Any], cfg: ModelConfig, lora: LoraCo
 
 # ---------------------------------------------------------------- adapter_config.json
 
-def peft_config_dict(lora: LoraConfig, base_model: str) -> dict:
+def peft_config_dict(lora: LoraConfig, base_model: str, num_layers: int) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -165,7 +169,7 @@ def peft_config_dict(lora: LoraConfig, base_model: str) -> dict:
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
-        "layers_to_transform": None,
+        "layers_to_transform": list(range(lora.first_layer, num_layers)) if lora.first_layer else None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -225,7 +229,20 @@ def lora_config_from_peft(conf: dict, cfg: ModelConfig,
     rank = int(conf["r"])
     alpha = float(conf.get("lora_alpha", 8))  # peft's default lora_alpha
     return LoraConfig(rank=rank, alpha=alpha,
-                      targets=_targets_from_config(conf["target_modules"], cfg, source))
+                      targets=_targets_from_config(conf["target_modules"], cfg, source),
+                      first_layer=_first_layer(conf.get("layers_to_transform"), cfg, source))
+
+
+def _first_layer(layers, cfg: ModelConfig, source: str) -> int:
+    """LoraConfig.first_layer of PEFT's layers_to_transform: unset, or the top layers k..L-1."""
+    if layers is None or layers == []:
+        return 0
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    first = min(layers)
+    if sorted(layers) != list(range(first, cfg.num_layers)):
+        raise ValueError(f"{source}: layers_to_transform={layers!r} is not supported; pdistill "
+                         f"adapts a top range of layers (k, k+1, ..., {cfg.num_layers - 1}) or all")
+    return first
 
 
 # ---------------------------------------------------------------- folders
@@ -312,7 +329,7 @@ def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
         if "lm_head" in lora.targets:
             _log.info("note: many vLLM and SGLang versions do not serve a LoRA on lm_head; if "
                       "yours refuses this adapter, export with --format merged")
-        config = peft_config_dict(lora, _base_model_name(base_model))
+        config = peft_config_dict(lora, _base_model_name(base_model), cfg.num_layers)
 
         def fill(tmp: Path) -> None:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})

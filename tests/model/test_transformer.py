@@ -106,3 +106,55 @@ def test_remat_and_bfloat16_compute(tiny_llama):
     np.testing.assert_allclose(_jax_logits(build_model(cfg, params, remat=True), ids), ref, atol=1e-6)
     bf16 = _jax_logits(build_model(cfg, params, dtype=jnp.bfloat16), ids)
     assert bf16.dtype == jnp.bfloat16 and np.abs(bf16.astype(np.float32) - ref).max() < 0.5
+
+
+def test_upper_layer_adapter_is_the_full_adapter_with_the_lower_layers_off(tiny_llama):
+    """first_layer=1: the student equals an every-layer adapter whose layer-0 B is zero; the
+    lower layer gets no gradient, and cached decoding agrees with the full forward."""
+    from flax import nnx
+
+    cfg, params = load_hf_checkpoint(tiny_llama)
+    upper = build_model(cfg, params, LoraConfig(rank=4, alpha=8, first_layer=1), seed=3)
+    full = build_model(cfg, params, LoraConfig(rank=4, alpha=8), seed=3)
+    state = nnx.state(upper, nnx.LoRAParam)
+    noisy = jax.tree.map(lambda a: a + 0.05 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), state)
+    nnx.update(upper, noisy)
+    nnx.update(full, jax.tree.map(lambda a: a, noisy))
+    lower_off = jax.tree_util.tree_map_with_path(
+        lambda p, a: a.at[0].set(0.0) if "lora_b" in jax.tree_util.keystr(p) else a,
+        nnx.state(full, nnx.LoRAParam))
+    nnx.update(full, lower_off)
+    ids = np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 12))
+    got = _jax_logits(upper, ids)
+    np.testing.assert_allclose(got, _jax_logits(full, ids), atol=1e-5)
+    assert np.abs(got - _jax_logits(upper, ids, use_lora=False)).max() > 1e-2
+
+    graphdef, lora_state, rest = nnx.split(upper, nnx.LoRAParam, ...)
+
+    def loss(ls):
+        m = nnx.merge(graphdef, ls, rest)
+        tokens = jnp.asarray(ids)
+        positions, key_valid = causal_inputs(tokens, jnp.ones_like(tokens, bool))
+        return jnp.sum(m(tokens, positions, key_valid)[0] ** 2)
+
+    grads = jax.tree_util.tree_leaves_with_path(jax.grad(loss)(lora_state))
+    assert grads
+    for path, g in grads:
+        assert np.all(np.asarray(g)[0] == 0), jax.tree_util.keystr(path)
+        assert np.abs(np.asarray(g)[1]).max() > 0, jax.tree_util.keystr(path)
+
+    cache = init_cache(cfg, 2, 12)
+    key_valid = jnp.zeros((2, 12), bool).at[:, :8].set(True)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    hidden, cache = upper(jnp.asarray(ids[:, :8]), pos[:, :8], key_valid, cache=cache, cache_index=0)
+    key_valid = key_valid.at[:, 8].set(True)
+    hidden, _ = upper(jnp.asarray(ids[:, 8:9]), pos[:, 8:9], key_valid, cache=cache, cache_index=8)
+    np.testing.assert_allclose(np.asarray(upper.logits(hidden))[:, 0], got[:, 8], atol=1e-5)
+
+
+def test_first_layer_is_checked_against_the_model(tiny_llama):
+    cfg, params = load_hf_checkpoint(tiny_llama)
+    with pytest.raises(ValueError, match="first_layer=2 must be below the model's 2 layers"):
+        build_model(cfg, params, LoraConfig(rank=4, first_layer=2))
+    with pytest.raises(ValueError, match="first_layer"):
+        LoraConfig(rank=4, first_layer=1, targets=("q", "lm_head"))

@@ -79,6 +79,13 @@ def test_run_writes_every_stage_and_a_report(run_dir):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cover = json.loads((out / "coverage.json").read_text())
     assert cover["n_questions"] == len(TESTS)
+    # exposures per fact: the rows of each question's document holding its answer, x 1 epoch
+    rows = [json.loads(line) for line in (out / "data" / "qa.jsonl").read_text().splitlines()]
+    from pdistill_jax.infer.evaluate import normalize_answer
+    want = sum(sum(normalize_answer(t["answers"][0]) in normalize_answer(r["answer"])
+                   for r in rows if r["doc_id"] == t["doc_id"]) for t in TESTS) / len(TESTS)
+    assert summary["exposures_per_fact"]["pd"] == round(want, 2)
+    assert f"PD {round(want, 2):g} (1 epoch)" in report
 
 
 def test_rerun_skips_finished_stages(run_dir, capsys):
@@ -147,6 +154,17 @@ def test_demo_config_resolves_its_builtin_corpus():
     for spec in (cfg.documents, cfg.questions, cfg.retention_questions):
         assert resolve_path(spec).exists(), spec
     assert cfg.sft.objective == "ce" and cfg.pd.objective == "kl"
+
+
+def test_paper_config_is_the_authors_recipe():
+    """configs/paper.yaml: the paper's 8B settings (../shared/notes/method.md), one flag away."""
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "paper.yaml")
+    g, pd = cfg.generate, cfg.pd
+    assert (g.q_temperature, g.a_temperature, g.sft_temperature, g.a_top_k) == (1.5, 1.5, 0.25, 50)
+    assert (pd.objective, pd.tau, pd.lr, pd.weight_decay, pd.epochs, pd.batch_size) == (
+        "kl", 2.0, 1e-5, 0.1, 10, 4)
+    assert (pd.lora.rank, pd.lora.alpha, pd.compute_dtype) == (1024, 2048.0, "bfloat16")
+    assert "lm_head" in pd.lora.targets and cfg.sft.lora == pd.lora and cfg.system is None
 
 
 def test_bad_run_config_names_the_key(tmp_path, capsys):
@@ -395,6 +413,9 @@ def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_pa
                              keep_checkpoints=9, log_every=1)
     assert redone(answer_batch_size=1, pd=speed_only, generate=GenerateConfig(teacher_states_gb=0.0)) == set()
     assert redone(bm25_top_k=7) == of("rag_bm25", "pd_rag_bm25")
+    without_bm25 = fingerprints(bm25_top_k=0)  # 0 leaves the BM25 conditions out, nothing else
+    assert set(base) - set(without_bm25) == of("rag_bm25", "pd_rag_bm25")
+    assert all(without_bm25[n] == base[n] for n in without_bm25)
     assert redone(max_new_tokens=7) == of(*CONDITIONS)
     assert redone(judge="another-judge") == {f"judge {n}" for n in CONDITIONS}
     pd_reads = [n for n, (adapter, _, _) in CONDITIONS.items() if adapter == "pd"]

@@ -249,3 +249,13 @@ def test_the_example_study_reads():
     assert variants["pd-10ep"].epochs == 10 and variants["pd-10ep"].tau == 1.0
     assert variants["pd-tau2-3ep"].tau == 2.0 and variants["sft-10ep"].objective == "ce"
     assert {t.lr for t in variants.values()} == {3e-3} and study.base.data == "runs/demo/data"
+
+
+def test_the_demo_levers_study_reads():
+    from pdistill_jax.pipeline.study import load_study
+
+    study = load_study(SCRIPT.parents[1] / "configs" / "study" / "demo_levers.yaml")
+    variants = {v.name: v.train for v in study.variants}
+    assert variants["pd-10ep-top10"].lora.first_layer == 20
+    assert variants["pd-10ep-top10"].lora.rank == 32 and variants["pd-10ep"].lora.first_layer == 0
+    assert variants["pd-3ep-ce1"].ce_weight == 1.0

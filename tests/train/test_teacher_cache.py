@@ -48,26 +48,32 @@ def test_step_with_cached_teacher_hidden_equals_step_with_teacher(tiny_lora, obj
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
 
 
-def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp_path, monkeypatch):
-    qa = write_qa(tmp_path / "qa.jsonl")
-    # A cached run groups rows by student length, a plain one by teacher length; compare the two
-    # on the same batches by planning the plain run by student length too.
+def cached_and_plain_runs(model, tmp_path, monkeypatch, cfg: TrainConfig):
+    """The same training twice, with the frozen states cached (teacher_cache_gb 4) and without
+    (0): ((summary, run folder) cached, (summary, run folder) plain), and their step losses.
+
+    A cached run groups rows by student length, a plain one by teacher length; the two are
+    compared on the same batches by planning the plain run by student length too."""
     import pdistill_jax.train.loop as train_module
 
     def by_student(*args, **kwargs):
         return dataclasses.replace(make_train_data(*args, **kwargs), order_by="student")
     monkeypatch.setattr(train_module, "make_train_data", by_student)
-    cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16), lr=2e-2, batch_size=4, epochs=2,
-                      mesh=(2, 1, 1), system="Answer briefly.")
+    qa = write_qa(tmp_path / "qa.jsonl")
     runs = {}
     for gb in (4.0, 0.0):
         out = tmp_path / f"run_{gb}"
-        runs[gb] = train(str(tiny_llama), qa, out, dataclasses.replace(cfg, teacher_cache_gb=gb),
+        runs[gb] = train(str(model), qa, out, dataclasses.replace(cfg, teacher_cache_gb=gb),
                          progress=False), out
-    (cached, cached_dir), (plain, plain_dir) = runs[4.0], runs[0.0]
+    losses = [[r["loss"] for r in metrics(runs[gb][1])] for gb in (4.0, 0.0)]
+    return runs[4.0], runs[0.0], losses
+
+
+def test_training_with_the_teacher_cache_equals_training_without(tiny_llama, tmp_path, monkeypatch):
+    cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16), lr=2e-2, batch_size=4, epochs=2,
+                      mesh=(2, 1, 1), system="Answer briefly.")
+    (cached, _), (plain, _), (got, want) = cached_and_plain_runs(tiny_llama, tmp_path, monkeypatch, cfg)
     assert cached["teacher_cache_s"] is not None and plain["teacher_cache_s"] is None
-    got = [r["loss"] for r in metrics(cached_dir)]
-    want = [r["loss"] for r in metrics(plain_dir)]
     assert len(got) == len(want) == 8
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert cached["finished"] and plain["finished"]

@@ -218,3 +218,18 @@ def test_merged_gguf_export_loads_in_transformers(embedded_model, tmp_path):
     # adapter's own effect is four orders of magnitude larger.
     np.testing.assert_allclose(got, want, atol=5e-4, rtol=0)
     assert np.abs(want - base).max() > 1.0
+
+
+def test_merge_leaves_the_layers_below_first_layer_unchanged(tiny_llama):
+    """An adapter from layer 1 up merges into layer 1 only, whatever layer 0's B holds."""
+    lm = load_model(tiny_llama, LoraConfig(rank=4, alpha=8.0, targets=("q", "down"), first_layer=1),
+                    with_tokenizer=False)
+    base = nnx.to_pure_dict(nnx.state(lm.model, nnx.Param))
+    pure = jax.tree.map(lambda a: np.full(a.shape, 0.1, np.float32),
+                        nnx.to_pure_dict(nnx.state(lm.model, nnx.LoRAParam)))
+    merged = merge_lora(base, pure, lm.cfg, lm.model.lora_config)
+    for block, name in (("attn", "q"), ("mlp", "down")):
+        before = np.asarray(base["layers"][block][name]["kernel"])
+        after = np.asarray(merged["layers"][block][name]["kernel"])
+        np.testing.assert_array_equal(after[0], before[0])
+        assert np.abs(after[1] - before[1]).max() > 1e-3

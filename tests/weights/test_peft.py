@@ -320,3 +320,40 @@ def test_sharded_lora_state_exports_the_same_tensors(tiny_qwen2):
     assert set(plain) == set(gathered)
     for key in plain:
         np.testing.assert_array_equal(plain[key], gathered[key], err_msg=key)
+
+
+def test_upper_layer_adapter_is_peft_layers_to_transform(tiny_llama, tmp_path):
+    """first_layer=1 exports only layer 1's tensors with layers_to_transform=[1]: the key set of
+    peft's own adapter for that setting, peft's logits equal ours, and our import reads it back."""
+    import peft
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    lm = load_model(tiny_llama, LoraConfig(rank=4, alpha=8.0, first_layer=1), with_tokenizer=False)
+    randomize_lora(lm.model, seed=4)
+    # training leaves the frozen layer's B at zero (it gets no gradient); randomize_lora did not
+    state = nnx.state(lm.model, nnx.LoRAParam)
+    nnx.update(lm.model, jax.tree_util.tree_map_with_path(
+        lambda p, a: a.at[0].set(0.0) if "lora_b" in jax.tree_util.keystr(p) else a, state))
+    out = save_peft_adapter(tmp_path / "adapter", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                            lm.model.lora_config, str(tiny_llama))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["layers_to_transform"] == [1]
+    ref_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[HF_MODULE[t] for t in PROJECTIONS],
+                                 layers_to_transform=[1], task_type="CAUSAL_LM")
+    ref = get_peft_model_state_dict(peft.get_peft_model(torch_base(tiny_llama), ref_config))
+    ours = load_file(str(out / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert all(".layers.1." in k for k in ours)
+
+    peft_model = PeftModel.from_pretrained(torch_base(tiny_llama), str(out)).eval()
+    want = jax_logits(lm.model)
+    np.testing.assert_allclose(torch_logits(peft_model), want, atol=1e-4, rtol=0)
+    loaded = load_model(str(tiny_llama), adapter=out, with_tokenizer=False)
+    assert loaded.model.lora_config.first_layer == 1
+    np.testing.assert_array_equal(jax_logits(loaded.model), want)
+
+    conf["layers_to_transform"] = [0]  # a lower range leaves the top unadapted: refused by name
+    (out / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] is not supported"):
+        load_peft_adapter(out, lm.cfg)

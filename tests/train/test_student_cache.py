@@ -1,0 +1,29 @@
+"""An adapter on the upper layers only: the frozen layers' states computed once per run give the
+same training as running those layers in every step, and the adapter it writes is PEFT's
+layers_to_transform of the upper layers."""
+import json
+
+import numpy as np
+import yaml
+
+from pdistill_jax.config import LoraConfig, TrainConfig
+
+from test_teacher_cache import cached_and_plain_runs
+
+
+def test_training_with_the_lower_layers_cached_equals_training_without(tiny_llama, tmp_path,
+                                                                        monkeypatch):
+    cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16, first_layer=1), lr=2e-2, batch_size=4,
+                      epochs=2, mesh=(2, 1, 1), system="Answer briefly.")
+    # plain: neither the teacher nor the lower layers are cached
+    (cached, cached_dir), (plain, _), (got, want) = cached_and_plain_runs(
+        tiny_llama, tmp_path, monkeypatch, cfg)
+    assert cached["lower_cache_s"] is not None and plain["lower_cache_s"] is None
+    assert len(got) == len(want) == 8 and got[0] > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert got[-1] < got[0]  # the upper layer alone still learns
+    assert cached["finished"] and plain["finished"]
+    conf = json.loads((cached_dir / "adapter" / "adapter_config.json").read_text())
+    assert conf["layers_to_transform"] == [1]
+    saved = yaml.safe_load((cached_dir / "config.yaml").read_text())
+    assert saved["train"]["lora"]["first_layer"] == 1
