@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add this x KL(base || student) on the base model's own answers to "
                         f"--retention-prompts {default('retention_weight')}")
     p.add_argument("--retention-prompts",
-                   help='JSONL of {"question"} rows, e.g. builtin:general_prompts.jsonl '
-                        "(99 everyday instructions; default: none)")
+                   help='JSONL of {"question"} rows, e.g. builtin:general_prompts.jsonl, '
+                        "99 everyday instructions (default: none)")
     p.add_argument("--retention-batch-size", type=int,
                    help=f"retention prompts per micro-batch {default('retention_batch_size')}")
     p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
