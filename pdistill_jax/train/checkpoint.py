@@ -60,8 +60,10 @@ def _drop_closed_loop_callbacks() -> None:
 
 
 class _DropAbandonedReads(logging.Filter):
-    """The same abandoned reads also surface as asyncio's 'Future exception was never
-    retrieved' errors, one per array; dropped only when they concern this checkpoint folder."""
+    """The same abandoned reads also surface as asyncio's 'Future/Task exception was never
+    retrieved' errors, one per array (a Task when the abandoned read is Orbax's own
+    `async_deserialize` coroutine, a Future when it is TensorStore's); dropped only when they
+    concern this checkpoint folder."""
 
     def __init__(self, directory: Path):
         super().__init__()
@@ -69,8 +71,17 @@ class _DropAbandonedReads(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not (text.startswith("Future exception was never retrieved")
+        return not (text.startswith(("Future exception was never retrieved",
+                                     "Task exception was never retrieved"))
                     and self.directory in text)
+
+
+def _drop_abandoned_reads(directory: Path) -> None:
+    """Installs the filter for `directory` once, however many restores a process makes."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedReads) and f.directory == str(directory)
+               for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedReads(directory))
 
 
 def _reason(e: Exception, limit: int = 100) -> str:
@@ -146,7 +157,7 @@ class RunCheckpoints:
         its shapes, dtypes and shardings are the target). Damaged steps are moved aside."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         _drop_closed_loop_callbacks()
-        logging.getLogger("asyncio").addFilter(_DropAbandonedReads(self.directory))
+        _drop_abandoned_reads(self.directory)
         for step in sorted(self.steps(), reverse=True):
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(

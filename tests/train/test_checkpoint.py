@@ -182,3 +182,36 @@ def test_refuses_to_checkpoint_base_weights(tiny_llama, tmp_path):
         with pytest.raises(ValueError, match="refusing to checkpoint base weight"):
             ckpts.save(1, {"lora": lora, "base": base}, {})
         assert ckpts.steps() == []
+
+
+def _abandon_a_failing_task(message: str) -> None:
+    """Runs a coroutine that raises `message` as a Task nobody awaits, then lets it be collected:
+    asyncio logs 'Task exception was never retrieved', as for Orbax's abandoned reads."""
+    import asyncio
+    import gc
+
+    async def read():
+        raise ValueError(message)
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(read())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    del task
+    gc.collect()
+
+
+def test_abandoned_reads_of_a_restored_folder_are_silenced_and_no_others(tmp_path, caplog):
+    import logging
+    from pdistill_jax.train.checkpoint import _drop_abandoned_reads
+    mine, other = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere"
+    _drop_abandoned_reads(mine)
+    _drop_abandoned_reads(mine)  # a second restore adds no second filter
+    assert sum(getattr(f, "directory", None) == str(mine)
+               for f in logging.getLogger("asyncio").filters) == 1
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _abandon_a_failing_task(f'Metadata at "x/.zarray" in "{mine}/2/state/" does not exist')
+        assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+        _abandon_a_failing_task(f'Metadata in "{other}/2/state/" does not exist')
+        assert [r for r in caplog.records if r.name == "asyncio"
+                and r.getMessage().startswith("Task exception was never retrieved")], caplog.text
