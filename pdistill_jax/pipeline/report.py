@@ -128,7 +128,7 @@ def write_report(out: Path, cfg: RunConfig, summary: dict, results: dict, cover:
         lines += ["", f"Exposures per test fact (training rows of its document whose answer holds "
                   f"it, times epochs; mean over the {cover['n_questions']} test questions): PD "
                   f"{seen['pd']:g} ({_epochs(cfg.pd.epochs)}), SFT {seen['sft']:g} "
-                  f"({_epochs(cfg.sft.epochs)}). Storing a fact takes many exposures: this says how far a recipe is "
-                  "from enough."]
+                  f"({_epochs(cfg.sft.epochs)}). Storing a fact takes many exposures: this says "
+                  "how far a recipe is from enough."]
     lines += ["", f"Timings (s): {json.dumps(summary.get('timings_s', {}))}", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))

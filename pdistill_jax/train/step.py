@@ -152,25 +152,29 @@ def student_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()
     the same states as running it in every row, for 1/B of its cost. Its gradient is the sum
     over the rows that read it.
     """
-    return _student_forward(model, batch, prefix, lower=batch.get(STUDENT_LOWER))
+    lower = batch.get(STUDENT_LOWER)
+
+    def run(tokens, positions, key_valid, kv):
+        return model(tokens, positions, key_valid, prefix=kv, use_lora=True, lower=lower)[0]
+
+    return _with_prefix(run, model, batch, prefix)
 
 
 def student_lower(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()) -> jax.Array:
     """The states entering layer lora.first_layer over batch["student_tokens"], (B, T, D): what
     the frozen layers below the adapter compute, the same in every step."""
-    return _student_forward(model, batch, prefix, lower="compute")
+    def run(tokens, positions, key_valid, kv):
+        return model.lower_states(tokens, positions, key_valid, prefix=kv)
+
+    return _with_prefix(run, model, batch, prefix)
 
 
-def _student_forward(model: Transformer, batch: dict, prefix: tuple[int, ...], lower):
+def _with_prefix(run, model: Transformer, batch: dict, prefix: tuple[int, ...]):
+    """`run(tokens, positions, key_valid, kv)` over the batch's student rows, after the shared
+    `prefix` (if any) has run once and its keys and values are broadcast to every row."""
     tokens, valid = batch["student_tokens"], batch["student_valid"]
-
-    def run(positions, key_valid, kv=None):
-        if isinstance(lower, str):
-            return model.lower_states(tokens, positions, key_valid, prefix=kv)
-        return model(tokens, positions, key_valid, prefix=kv, use_lora=True, lower=lower)[0]
-
     if not prefix:
-        return run(*causal_inputs(tokens, valid))
+        return run(tokens, *causal_inputs(tokens, valid), None)
     p, b = len(prefix), tokens.shape[0]
     ids = jnp.asarray(prefix, jnp.int32)[None]
     # One row of P tokens: cheap next to the batch, so it runs whole even when the lower layers'
@@ -180,7 +184,7 @@ def _student_forward(model: Transformer, batch: dict, prefix: tuple[int, ...], l
     kv = KVCache(*(jnp.broadcast_to(c, (c.shape[0], b) + c.shape[2:]) for c in kv))
     positions = p + causal_inputs(tokens, valid)[0]
     key_valid = jnp.concatenate([jnp.ones((b, p), bool), valid.astype(bool)], axis=1)
-    return run(positions, key_valid, kv)
+    return run(tokens, positions, key_valid, kv)
 
 
 def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_PER_CHUNK) -> int:
