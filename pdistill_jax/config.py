@@ -517,13 +517,17 @@ class GenerateConfig:
     # answers every rewrite, a row of its own recording "paraphrase_of".
     paraphrases_per_question: int = added_option(0)
     max_paraphrase_calls: int = added_option(2)
+    # Exposures without new questions: the teacher answers every question (and rewrite) this many
+    # times, each answer sampled afresh at a_temperature / sft_temperature and a row of its own
+    # recording "answer_index" (1, 2, ... after the first); 1 = one answer a question.
+    answers_per_question: int = added_option(1)
 
     def __post_init__(self):
         coerce_fields(self)
         for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
                      "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens",
                      "sentences_per_prompt", "questions_per_span", "max_calls_per_span",
-                     "max_paraphrase_calls"):
+                     "max_paraphrase_calls", "answers_per_question"):
             check_range(self, name, 1)
         check_choice(self, "question_mode", QUESTION_MODES)
         check_range(self, "paraphrases_per_question", 0)

@@ -8,7 +8,8 @@ from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_de
 # GenerateConfig fields that have a flag of the same name; a flag left out keeps the value of
 # --config (or the default).
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
-         "batch_size", "system", "question_mode", "paraphrases_per_question")
+         "batch_size", "system", "question_mode", "paraphrases_per_question",
+         "answers_per_question")
 
 
 def add_arguments(p) -> None:
@@ -32,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--paraphrases-per-question", type=int,
                    help="rewrites of each question, each answered by the teacher as a row of "
                         f"its own; 0 = none {default('paraphrases_per_question')}")
+    p.add_argument("--answers-per-question", type=int,
+                   help="teacher answers to each question (and rewrite), each sampled afresh "
+                        f"and a row of its own {default('answers_per_question')}")
     p.add_argument("--q-temperature", type=float,
                    help=f"question sampling temperature {default('q_temperature')}")
     p.add_argument("--a-temperature", type=float,

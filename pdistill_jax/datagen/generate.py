@@ -6,8 +6,10 @@ through the batched sampler together, round after round, until every document ha
 distinct questions or has used `max_calls_per_doc` calls (questions.py); then the teacher answers
 every question at the PD and the SFT temperature (answers.py). With paraphrases_per_question > 0
 the model first rewrites every accepted question that many ways (paraphrases.py) and the teacher
-answers each rewrite too, in a sampler call of its own. The wave's rows are then committed to the
-output folder (dataset.py describes it).
+answers each rewrite too, in a sampler call of its own; with answers_per_question > 1 it answers
+every question and rewrite that many more times, again in a call of its own (so that the first
+answers are those of a run without). The wave's rows are then committed to the output folder
+(dataset.py describes it).
 
 Resume: a wave's rows are appended to qa.jsonl and fsync'ed before its documents' lines are
 appended to done.jsonl, so a kill loses at most the wave in flight; on restart a torn last line
@@ -178,6 +180,9 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
         extra = teacher_answers(lm, rewrites, cfg, derive_seed(seed, "paraphrase answers"),
                                 bar.on_batch, on_teacher_state if keep else None)
         rows = _with_paraphrases(docs, asked, paraphrased, rows, extra)
+    if cfg.answers_per_question > 1:
+        rows = _with_more_answers(lm, docs, rows, cfg, seed, bar,
+                                  on_teacher_state if keep else None)
     if states:
         save_teacher_states(states_dir / f"wave-{seed}.npz", states)
     return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1, paraphrased)
@@ -194,6 +199,24 @@ def _with_paraphrases(docs: list[Document], asked: dict[str, DocQuestions],
         for question, kept in zip(asked[d.id].questions, paraphrased[d.id]):
             out.append(next(rows))
             out += [{**next(extra), "paraphrase_of": question} for _ in kept.questions]
+    return out
+
+
+def _with_more_answers(lm, docs: list[Document], rows: list[dict], cfg: GenerateConfig, seed: int,
+                       bar: _ProgressBar, on_teacher_state) -> list[dict]:
+    """Every row followed by answers_per_question - 1 more answers to its question, sampled in
+    one call (the document's prompt prefilled once for all of them), each marked "answer_index"."""
+    more = cfg.answers_per_question - 1
+    doc_of = {d.id: d for d in docs}
+    items = [(doc_of[r["doc_id"]], r["question"]) for r in rows for _ in range(more)]
+    bar.questions += len(items)
+    extra = iter(teacher_answers(lm, items, cfg, derive_seed(seed, "more answers"), bar.on_batch,
+                                 on_teacher_state))
+    out = []
+    for r in rows:
+        out.append(r)
+        keep = {k: r[k] for k in ("paraphrase_of",) if k in r}
+        out += [{**next(extra), **keep, "answer_index": i} for i in range(1, more + 1)]
     return out
 
 

@@ -110,6 +110,8 @@ def _add_levers(manifest: dict, cfg: GenerateConfig, per_doc: list[dict]) -> Non
         counts["spans"] = sum(len(r["span_questions"]) for r in per_doc)
         counts["spans_without_question"] = sum(n == 0 for r in per_doc for n in r["span_questions"])
         counts["question_quota"] = sum(r["quota"] for r in per_doc)
+    if cfg.answers_per_question > 1:
+        counts["further_answers"] = counts["rows"] - counts["rows"] // cfg.answers_per_question
     if cfg.paraphrases_per_question:
         prompts["paraphrase_user"] = paraphrase_prompt("{question}", cfg.paraphrases_per_question)
         counts["paraphrases_asked"] = cfg.paraphrases_per_question * counts["questions"]

@@ -48,7 +48,8 @@ FIELDS_BEFORE = ["questions_per_doc", "max_calls_per_doc", "q_temperature", "q_t
                  "max_answer_tokens", "batch_size", "seed", "system", "chunk_tokens",
                  "chunk_overlap", "docs_per_commit", "teacher_states_gb"]
 LEVER_FIELDS = ["question_mode", "sentences_per_prompt", "questions_per_span",
-                "max_calls_per_span", "paraphrases_per_question", "max_paraphrase_calls"]
+                "max_calls_per_span", "paraphrases_per_question", "max_paraphrase_calls",
+                "answers_per_question"]
 
 
 def writer_prompts() -> list[str]:
@@ -185,6 +186,32 @@ def test_paraphrases_follow_their_question_and_leave_its_row_alone(paraphrase_ru
 
     ds = load_from_disk(str(out / "dataset"))
     assert ds.to_list() == [{**r, "paraphrase_of": r.get("paraphrase_of")} for r in rows]
+
+
+def test_more_answers_follow_each_row_and_leave_the_first_alone(writer, docs_file, paraphrase_run,
+                                                                tmp_path_factory):
+    cfg = dataclasses.replace(PARAPHRASES, answers_per_question=3)
+    out, manifest = _run(writer, docs_file, tmp_path_factory, cfg, "answers")
+    rows = jsonl(out / "qa.jsonl")
+    firsts = [r for r in rows if "answer_index" not in r]
+    assert firsts == jsonl(paraphrase_run[0] / "qa.jsonl")  # byte for byte the run with one answer
+    assert len(rows) == 3 * len(firsts)
+    for i, r in enumerate(rows):  # each first row, then its answers 1 and 2 to the same question
+        first = rows[i - i % 3]
+        assert r.get("answer_index", 0) == i % 3
+        assert {k: r.get(k) for k in ("doc_id", "document", "question", "paraphrase_of")} == \
+            {k: first.get(k) for k in ("doc_id", "document", "question", "paraphrase_of")}
+    # sampled afresh: the tiny teacher's hot answers are not all copies of the first
+    assert any(r["answer"] != rows[i - i % 3]["answer"] for i, r in enumerate(rows) if i % 3)
+    assert manifest["counts"]["rows"] == len(rows)
+    assert manifest["counts"]["further_answers"] == 2 * len(firsts)
+    assert manifest["config"]["answers_per_question"] == 3
+    assert [r.question for r in read_qa_rows(out)] == [r["question"] for r in rows]  # trainable
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(out / "dataset"))
+    assert ds.to_list() == [{**r, "paraphrase_of": r.get("paraphrase_of"),
+                             "answer_index": r.get("answer_index")} for r in rows]
 
 
 # ---------------------------------------------------------------- fact-targeted questions
