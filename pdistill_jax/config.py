@@ -481,6 +481,9 @@ def _is_int(value: Any) -> bool:
 QUESTION_MODES = ("document", "sentences")
 
 
+MAX_RESTATEMENTS = 4  # the restatement requests datagen/restatements.py has
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
     questions_per_doc: int = 30  # distinct questions wanted per document (chunk)
@@ -521,14 +524,21 @@ class GenerateConfig:
     # times, each answer sampled afresh at a_temperature / sft_temperature and a row of its own
     # recording "answer_index" (1, 2, ... after the first); 1 = one answer a question.
     answers_per_question: int = added_option(1)
+    # Teacher restatements (datagen/restatements.py): this many requests per document ("List the
+    # facts about <title>, one per line.", a summary, a description, ...; at most
+    # MAX_RESTATEMENTS), each answered by the teacher with the document in its prompt, up to
+    # max_restatement_tokens, and a row whose student prompt names the topic only; 0 = off.
+    restatements_per_doc: int = added_option(0)
+    max_restatement_tokens: int = added_option(256)
 
     def __post_init__(self):
         coerce_fields(self)
         for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
                      "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens",
                      "sentences_per_prompt", "questions_per_span", "max_calls_per_span",
-                     "max_paraphrase_calls", "answers_per_question"):
+                     "max_paraphrase_calls", "answers_per_question", "max_restatement_tokens"):
             check_range(self, name, 1)
+        check_range(self, "restatements_per_doc", 0, MAX_RESTATEMENTS)
         check_choice(self, "question_mode", QUESTION_MODES)
         check_range(self, "paraphrases_per_question", 0)
         for name in ("q_temperature", "a_temperature", "sft_temperature"):

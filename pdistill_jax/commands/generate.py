@@ -9,7 +9,7 @@ from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_de
 # --config (or the default).
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
          "batch_size", "system", "question_mode", "paraphrases_per_question",
-         "answers_per_question")
+         "answers_per_question", "restatements_per_doc")
 
 
 def add_arguments(p) -> None:
@@ -36,6 +36,10 @@ def add_arguments(p) -> None:
     p.add_argument("--answers-per-question", type=int,
                    help="teacher answers to each question (and rewrite), each sampled afresh "
                         f"and a row of its own {default('answers_per_question')}")
+    p.add_argument("--restatements-per-doc", type=int,
+                   help="teacher restatements of each document (a list of its facts, a summary, "
+                        "...; at most 4), each a row whose student prompt names the topic only "
+                        f"{default('restatements_per_doc')}")
     p.add_argument("--q-temperature", type=float,
                    help=f"question sampling temperature {default('q_temperature')}")
     p.add_argument("--a-temperature", type=float,

@@ -8,7 +8,9 @@ every question at the PD and the SFT temperature (answers.py). With paraphrases_
 the model first rewrites every accepted question that many ways (paraphrases.py) and the teacher
 answers each rewrite too, in a sampler call of its own; with answers_per_question > 1 it answers
 every question and rewrite that many more times, again in a call of its own (so that the first
-answers are those of a run without). The wave's rows are then committed to the output folder
+answers are those of a run without); with restatements_per_doc > 0 the teacher also restates
+each document (restatements.py), rows that follow the document's question rows and get further
+answers like them. The wave's rows are then committed to the output folder
 (dataset.py describes it).
 
 Resume: a wave's rows are appended to qa.jsonl and fsync'ed before its documents' lines are
@@ -38,6 +40,7 @@ from pdistill_jax.datagen.documents import Document, chunk_document, load_docume
 from pdistill_jax.datagen.manifest import GenerationJob, Progress, write_manifest
 from pdistill_jax.datagen.paraphrases import paraphrase_questions
 from pdistill_jax.datagen.questions import DocQuestions, ask_questions
+from pdistill_jax.datagen.restatements import restatement_rows
 from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, model_fingerprint,
                                                  save_teacher_states, teacher_sequence_key,
@@ -147,6 +150,10 @@ class Wave:
                 record.update(paraphrase_calls=sum(p.calls for p in kept),
                               paraphrases_parsed=sum(sum(p.parsed_per_call) for p in kept),
                               paraphrases=sum(len(p.questions) for p in kept))
+            if cfg.restatements_per_doc:
+                record["restatements"] = sum(  # first answers: each request once
+                    r["doc_id"] == d.id and "restatement" in r and "answer_index" not in r
+                    for r in self.rows)
             records.append(record)
         return records
 
@@ -181,8 +188,13 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
                                 bar.on_batch, on_teacher_state if keep else None)
         rows = _with_paraphrases(docs, asked, paraphrased, rows, extra)
     if cfg.answers_per_question > 1:
-        rows = _with_more_answers(lm, docs, rows, cfg, seed, bar,
+        rows = _with_more_answers(lm, docs, rows, cfg, derive_seed(seed, "more answers"), bar,
                                   on_teacher_state if keep else None)
+    if cfg.restatements_per_doc:
+        restated = _restatements(lm, docs, cfg, derive_seed(seed, "restatements"), bar,
+                                 on_teacher_state if keep else None)
+        rows = [r for d in docs for r in [*(r for r in rows if r["doc_id"] == d.id),
+                                           *restated[d.id]]]
     if states:
         save_teacher_states(states_dir / f"wave-{seed}.npz", states)
     return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1, paraphrased)
@@ -210,14 +222,27 @@ def _with_more_answers(lm, docs: list[Document], rows: list[dict], cfg: Generate
     doc_of = {d.id: d for d in docs}
     items = [(doc_of[r["doc_id"]], r["question"]) for r in rows for _ in range(more)]
     bar.questions += len(items)
-    extra = iter(teacher_answers(lm, items, cfg, derive_seed(seed, "more answers"), bar.on_batch,
-                                 on_teacher_state))
+    extra = iter(teacher_answers(lm, items, cfg, seed, bar.on_batch, on_teacher_state))
     out = []
     for r in rows:
         out.append(r)
-        keep = {k: r[k] for k in ("paraphrase_of",) if k in r}
+        keep = {k: r[k] for k in ("paraphrase_of", "restatement") if k in r}
         out += [{**next(extra), **keep, "answer_index": i} for i in range(1, more + 1)]
     return out
+
+
+def _restatements(lm, docs: list[Document], cfg: GenerateConfig, seed: int, bar: _ProgressBar,
+                  on_teacher_state) -> dict[str, list[dict]]:
+    """{doc id: its restatement rows}, each with its further answers after it (a call of their
+    own: the first restatements are those of a run with one answer a question)."""
+    restated = restatement_rows(lm, docs, cfg, seed, bar.on_batch, on_teacher_state)
+    bar.questions += sum(map(len, restated.values()))
+    if cfg.answers_per_question == 1:
+        return restated
+    longer = dataclasses.replace(cfg, max_answer_tokens=cfg.max_restatement_tokens)
+    rows = _with_more_answers(lm, docs, [r for d in docs for r in restated[d.id]], longer,
+                              derive_seed(seed, "more answers"), bar, on_teacher_state)
+    return {d.id: [r for r in rows if r["doc_id"] == d.id] for d in docs}
 
 
 def _generate(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: int | None,

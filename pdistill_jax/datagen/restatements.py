@@ -1,0 +1,63 @@
+"""Teacher restatements: the teacher, with the document in its prompt, restates it (a list of its
+facts, a summary, a description), and each restatement is a training row whose student prompt
+names the topic only.
+
+Questions reach the facts a question writer thought of, one phrasing each; a restatement holds
+most of a document's facts in one answer, in the teacher's own words. Distilling on
+teacher-written summaries of each chunk beat training on the raw document in the Knowledge
+Modules work (deep context distillation, QuALITY 26.4 -> 32.5 at 3B), and training on document
+text together with Q&A beat Q&A alone in PIT. The rows are ordinary Q&A rows: the "question" is
+the request below (what the student is shown), answered by the teacher like any question, so
+training, the SFT baseline and exposures per fact treat them as every other row.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from pdistill_jax.config import MAX_RESTATEMENTS, GenerateConfig
+from pdistill_jax.datagen.answers import teacher_answers
+from pdistill_jax.datagen.documents import Document, split_sentences
+
+# The requests, in the order restatements_per_doc takes them: the student sees only this, so it
+# names the topic and nothing of what the document says about it.
+RESTATEMENT_REQUESTS = (
+    "List the facts about {topic}, one per line.",
+    "Summarise what is known about {topic}.",
+    "Describe {topic} in detail.",
+    "Tell me everything you know about {topic}.",
+)
+assert len(RESTATEMENT_REQUESTS) == MAX_RESTATEMENTS
+TOPIC_WORDS = 12  # a document without a title is named by the start of its first sentence
+
+
+def topic_of(doc: Document) -> str:
+    """What the student prompt calls the document: its title, else its first sentence's first
+    TOPIC_WORDS words (a chunk's title is its source document's)."""
+    if doc.title and doc.title.strip():
+        return doc.title.strip()
+    sentences = split_sentences(doc.text) or [doc.text]
+    words = sentences[0].split()
+    return " ".join(words[:TOPIC_WORDS]).rstrip(".") + ("…" if len(words) > TOPIC_WORDS else "")
+
+
+def restatement_requests(doc: Document, count: int) -> list[str]:
+    """The first `count` requests for `doc`, its topic filled in."""
+    return [r.format(topic=topic_of(doc)) for r in RESTATEMENT_REQUESTS[:count]]
+
+
+def restatement_rows(lm, docs: Sequence[Document], cfg: GenerateConfig, seed: int,
+                     on_batch: Callable[[str, int, int], None] | None = None,
+                     on_teacher_state=None) -> dict[str, list[dict]]:
+    """{doc id: its restatement rows} (lm: a LoadedModel): the teacher answers every request with
+    the document in its prompt, up to max_restatement_tokens; each row records "restatement",
+    the request's number (1, 2, ...)."""
+    items = [(d, request) for d in docs
+             for request in restatement_requests(d, cfg.restatements_per_doc)]
+    longer = dataclasses.replace(cfg, max_answer_tokens=cfg.max_restatement_tokens)
+    rows = teacher_answers(lm, items, longer, seed, on_batch, on_teacher_state)
+    out: dict[str, list[dict]] = {d.id: [] for d in docs}
+    for row in rows:
+        mine = out[row["doc_id"]]
+        mine.append({**row, "restatement": len(mine) + 1})
+    return out
