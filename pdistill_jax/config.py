@@ -553,6 +553,17 @@ class GenerateConfig:
 BUILTIN = "builtin:"  # paths inside the installed package's assets, e.g. builtin:demo/documents.jsonl
 
 
+def asset_path(spec: str | Path) -> Path:
+    """A path given on the command line or in a config: builtin:NAME is a file of the package's
+    assets, anything else a path (~ expanded)."""
+    spec = str(spec)
+    if spec.startswith(BUILTIN):
+        from importlib import resources
+
+        return Path(str(resources.files("pdistill_jax") / "assets" / spec[len(BUILTIN):]))
+    return Path(spec).expanduser()
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     out: str = "runs/demo"

@@ -14,7 +14,8 @@ from pdistill_jax.weights.registry import DEFAULT_MODEL
 MODEL_HELP = ("a registered name (`pdistill models` lists them), a Hugging Face folder "
               "(config.json + safetensors) or a .gguf file")
 DOCS_HELP = ('the documents: a .jsonl of {"id", "text", "title"?} rows, a folder of .txt/.md files, '
-             "hf:squadshifts/nyt, hf:hotpot_qa/distractor, or hf:/saved/dataset?format=...")
+             "builtin:demo/documents.jsonl (the demo corpus the package ships), hf:squadshifts/nyt, "
+             "hf:hotpot_qa/distractor, or hf:/saved/dataset?format=...")
 NO_PROGRESS_HELP = "no progress bar on stderr"
 
 

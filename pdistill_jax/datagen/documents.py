@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qsl
 
+from pdistill_jax.config import asset_path
 from pdistill_jax.files import Field, Schema, read_jsonl
 from pdistill_jax.log import logger
 
@@ -58,7 +59,7 @@ def load_documents(spec: str | Path) -> tuple[list[Document], list[dict] | None,
     if spec.startswith(HF_PREFIX):
         docs, tests = _load_hf(spec[len(HF_PREFIX):], problems)
     else:
-        path = Path(spec).expanduser()
+        path = asset_path(spec)
         if path.is_dir():
             docs, tests = _load_folder(path), None
         elif path.is_file():
@@ -66,7 +67,8 @@ def load_documents(spec: str | Path) -> tuple[list[Document], list[dict] | None,
         else:
             raise FileNotFoundError(
                 f"--docs {spec}: no such file or folder (give a .jsonl file, a folder of .txt/.md "
-                f"files, or hf:squadshifts/nyt, hf:hotpot_qa/distractor, hf:/saved/dataset)")
+                f"files, builtin:demo/documents.jsonl, hf:squadshifts/nyt, hf:hotpot_qa/distractor "
+                f"or hf:/saved/dataset)")
     for p in problems:
         _log.warning(p)
     return docs, tests, problems

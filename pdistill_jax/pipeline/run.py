@@ -16,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from importlib import resources
 from pathlib import Path
 
-from pdistill_jax.config import BUILTIN, AnswerConfig, RunConfig, SamplingParams, load_yaml, to_dict
+from pdistill_jax.config import BUILTIN, AnswerConfig, asset_path, RunConfig, SamplingParams, load_yaml, to_dict
 from pdistill_jax.files import read_jsonl, write_jsonl_atomic, write_yaml_atomic
 from pdistill_jax.log import logger
 from pdistill_jax.pipeline.experiment import CONDITIONS, build_stages
@@ -30,9 +29,9 @@ _log = logger("run")
 
 
 def resolve_path(spec: str, config_dir: Path | None = None) -> Path:
+    path = asset_path(spec)
     if spec.startswith(BUILTIN):
-        return Path(str(resources.files("pdistill_jax") / "assets" / spec[len(BUILTIN):]))
-    path = Path(spec).expanduser()
+        return path
     if not path.is_absolute() and config_dir is not None and not path.exists():
         path = config_dir / path
     return path

@@ -16,13 +16,12 @@ a resumed run sees the rows the uninterrupted run saw.
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pdistill_jax.config import BUILTIN
+from pdistill_jax.config import asset_path
 from pdistill_jax.files import Field, Schema, read_jsonl, write_jsonl_atomic
 from pdistill_jax.train.batches import WIDTH_MULTIPLE, Example, collate
 from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_of_turn_id
@@ -38,9 +37,7 @@ _STREAM = 0x72657421  # keeps the retention order's random stream apart from the
 
 def prompts_path(spec: str) -> Path:
     """A retention_prompts value as a path: builtin:NAME is a file of the package's assets."""
-    if spec.startswith(BUILTIN):
-        return Path(str(resources.files("pdistill_jax") / "assets" / spec[len(BUILTIN):]))
-    return Path(spec).expanduser()
+    return asset_path(spec)
 
 
 def read_prompts(spec: str) -> list[str]:

@@ -54,6 +54,13 @@ def test_jsonl_bad_row_refuses_the_file_naming_line_and_field(tmp_path, bad, mes
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_documents(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_documents("builtin:demo/nope.jsonl")
+
+
+def test_builtin_names_a_file_the_package_ships():
+    docs, tests, problems = load_documents("builtin:demo/documents.jsonl")
+    assert len(docs) == 24 and docs[0].id == "velloran-bridge" and tests is None and not problems
 
 
 # ---------------------------------------------------------------- folders
