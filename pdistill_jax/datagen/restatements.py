@@ -13,6 +13,7 @@ training, the SFT baseline and exposures per fact treat them as every other row.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Sequence
 
 from pdistill_jax.config import MAX_RESTATEMENTS, GenerateConfig
@@ -29,6 +30,10 @@ RESTATEMENT_REQUESTS = (
 )
 assert len(RESTATEMENT_REQUESTS) == MAX_RESTATEMENTS
 TOPIC_WORDS = 12  # a document without a title is named by the start of its first sentence
+_UNIT = re.compile(r"[^\n]+?(?:[.!?](?=\s+[A-Z0-9])|$)", re.MULTILINE)  # a sentence within a line
+_LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s*")
+_ONLY_MARK = re.compile(r"\s*(?:(?:\d+[.)]|[-*\u2022])\s*)?")
+MIN_UNIT_WORDS = 3  # shorter pieces ("1.", a heading) may repeat without being a loop
 
 
 def topic_of(doc: Document) -> str:
@@ -41,6 +46,26 @@ def topic_of(doc: Document) -> str:
     return " ".join(words[:TOPIC_WORDS]).rstrip(".") + ("…" if len(words) > TOPIC_WORDS else "")
 
 
+def cut_at_repetition(text: str) -> str:
+    """`text` up to the first sentence or list line that repeats an earlier one (numbering, case
+    and spacing aside); unchanged when none does. A small teacher restating a document falls into
+    loops ("5. The island is small. 6. The island is small. ..."), and a loop teaches the loop;
+    the text before it is still the teacher's own prefix, so distillation on it is sound."""
+    seen = set()
+    for m in _UNIT.finditer(text):
+        key = " ".join(_LIST_MARK.sub("", m.group()).lower().rstrip(".!? ").split())
+        if len(key.split()) < MIN_UNIT_WORDS:
+            continue
+        if key in seen:
+            cut = m.start()
+            line_start = text.rfind("\n", 0, cut) + 1
+            if _ONLY_MARK.fullmatch(text[line_start:cut]):  # the repeat's "6." goes with it
+                cut = line_start
+            return text[:cut].rstrip()
+        seen.add(key)
+    return text
+
+
 def restatement_requests(doc: Document, count: int) -> list[str]:
     """The first `count` requests for `doc`, its topic filled in."""
     return [r.format(topic=topic_of(doc)) for r in RESTATEMENT_REQUESTS[:count]]
@@ -51,13 +76,24 @@ def restatement_rows(lm, docs: Sequence[Document], cfg: GenerateConfig, seed: in
                      on_teacher_state=None) -> dict[str, list[dict]]:
     """{doc id: its restatement rows} (lm: a LoadedModel): the teacher answers every request with
     the document in its prompt, up to max_restatement_tokens; each row records "restatement",
-    the request's number (1, 2, ...)."""
+    the request's number (1, 2, ...). An answer that loops is cut before the loop
+    (`cut_at_repetition`) and marked unfinished (no end token is trained after it)."""
     items = [(d, request) for d in docs
              for request in restatement_requests(d, cfg.restatements_per_doc)]
     longer = dataclasses.replace(cfg, max_answer_tokens=cfg.max_restatement_tokens)
     rows = teacher_answers(lm, items, longer, seed, on_batch, on_teacher_state)
     out: dict[str, list[dict]] = {d.id: [] for d in docs}
     for row in rows:
+        row = _without_loops(row)
         mine = out[row["doc_id"]]
         mine.append({**row, "restatement": len(mine) + 1})
     return out
+
+
+def _without_loops(row: dict) -> dict:
+    """The row with its answers cut before a repetition, each cut one marked unfinished."""
+    for text, finished in (("answer", "answer_finished"), ("sft_answer", "sft_finished")):
+        cut = cut_at_repetition(row[text])
+        if cut != row[text]:
+            row = {**row, text: cut, finished: False}
+    return row

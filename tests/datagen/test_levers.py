@@ -214,6 +214,22 @@ def test_more_answers_follow_each_row_and_leave_the_first_alone(writer, docs_fil
                              "answer_index": r.get("answer_index")} for r in rows]
 
 
+def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
+    from pdistill_jax.datagen.restatements import _without_loops, cut_at_repetition
+
+    loop = ("Pipwhistle:\n1. The island of Dunmerrow is small.\n2. It has a bird.\n"
+            "3. The island of  Dunmerrow is small.\n4. The island of Dunmerrow is small.")
+    assert cut_at_repetition(loop) == "Pipwhistle:\n1. The island of Dunmerrow is small.\n2. It has a bird."
+    assert cut_at_repetition("The sky is blue. It rains. The  SKY is blue! More.") == \
+        "The sky is blue. It rains."
+    whole = "1. Built in 1873.\n2. Built in 1873 by Marrowgate.\n3. Ok.\n4. Ok."  # short: no loop
+    assert cut_at_repetition(whole) == whole
+    row = {"answer": loop, "sft_answer": "Fine as it is.", "answer_finished": True,
+           "sft_finished": True}
+    assert _without_loops(row) == {**row, "answer": cut_at_repetition(loop),
+                                   "answer_finished": False}
+
+
 def test_restatements_name_the_topic_only_and_follow_their_documents_rows(writer, docs_file,
                                                                           default_run,
                                                                           tmp_path_factory):
