@@ -163,9 +163,19 @@ def check_settings(out: Path, settings: dict) -> None:
 def save_dataset(path: Path, rows: list[dict]) -> None:
     """rows as a `datasets` Dataset at `path`, replacing any previous one."""
     from datasets import Dataset, Features, Value
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     fields = QA_FIELDS + tuple(k for k in QA_OPTIONAL_FIELDS if any(k in r for r in rows))
     features = Features({k: Value("bool" if k.endswith("_finished") else
-                                  "int32" if k in ("answer_index", "restatement") else "string") for k in fields})
+                                  "int32" if k in ("answer_index", "restatement") else "string")
+                         for k in fields})
     ds = Dataset.from_dict({k: [r.get(k) for r in rows] for k in fields}, features=features)
-    write_dir_atomic(path, lambda tmp: ds.save_to_disk(str(tmp)), replaceable=lambda _: True)
+    # a save of a second or less: its "Saving the dataset" bar would be the only one left
+    # on stderr under --no-progress
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        write_dir_atomic(path, lambda tmp: ds.save_to_disk(str(tmp)), replaceable=lambda _: True)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
