@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Iterable
 
+from pdistill_jax.signals import Terminated, stop_cleanly_on_sigterm
+
 # name -> (module under pdistill_jax.commands, one-line help). Imported lazily: jax is slow to load.
 COMMANDS = {
     "fetch": ("fetch", "download a registered model into the cache and print its path"),
@@ -71,6 +73,7 @@ def prepare_environment() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     prepare_environment()
+    stop_cleanly_on_sigterm()
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser({chosen}).parse_args(argv)
@@ -80,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one line naming the problem; tracebacks are for bugs.
         print(f"pdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"pdistill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"pdistill {args.command}: {how}; rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

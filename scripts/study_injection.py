@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pdistill_jax.cli import prepare_environment
+    from pdistill_jax.signals import Terminated, stop_cleanly_on_sigterm
 
     prepare_environment()
+    stop_cleanly_on_sigterm()
     from pdistill_jax.pipeline.study import load_study, run_study
 
     try:
@@ -39,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         # bad input is one line naming the problem, as `pdistill` reports it; tracebacks are bugs
         print(f"pdistill study: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pdistill study: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"pdistill study: {how}; rerun the same command to continue", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

@@ -25,6 +25,7 @@ from pdistill_jax.config import ModelConfig, TrainConfig, differences, from_dict
 from pdistill_jax.files import read_jsonl, write_text_atomic
 from pdistill_jax.log import logger
 from pdistill_jax.model.transformer import compute_dtype
+from pdistill_jax.signals import raise_if_terminated, steps_finish_first
 from pdistill_jax.datagen.dataset import QARow, read_qa_rows, resolve_data_file
 from pdistill_jax.train.batches import DataPosition, TrainData, make_train_data
 from pdistill_jax.train.checkpoint import RunCheckpoints
@@ -416,33 +417,37 @@ def _run_steps(run: Run, start: Start, teacher: TeacherCache, lower: LowerCache,
     next_position = start.position
     try:
         loop_start = time.perf_counter()
-        for pos, indices, batch in run.data.batches(start.position, cfg.epochs):
-            if teacher.hidden is not None:
-                batch = attach_teacher_hidden(batch, indices, teacher.hidden)
-            if lower.states is not None:
-                batch = attach_student_lower(batch, indices, lower.states)
-            if run.retention is not None:
-                batch = {**batch, **run.retention.batch(pos.global_step(spe))}
-            done.state, metrics = run.step_fn(done.state, run.base,
-                                              global_batch(_local_rows(batch), run.mesh))
-            done.step += 1
-            if done.first_step_s is None:  # compilation included: reported separately
-                jax.block_until_ready(metrics)
-                done.first_step_s = time.perf_counter() - loop_start
-                done.first_rows = len(indices)
-            done.examples_seen += len(indices)
-            next_position = pos.advance(spe)
-            bar.update(1)
-            done.log.add(done.step, len(indices), metrics)
-            if done.step % cfg.save_every == 0:
-                _save(run, checkpoints, done, next_position)
-            if stop_after is not None and done.step - start_step >= stop_after:
-                break
+        with steps_finish_first():  # a SIGTERM waits for the step in flight, then stops below
+            for pos, indices, batch in run.data.batches(start.position, cfg.epochs):
+                if teacher.hidden is not None:
+                    batch = attach_teacher_hidden(batch, indices, teacher.hidden)
+                if lower.states is not None:
+                    batch = attach_student_lower(batch, indices, lower.states)
+                if run.retention is not None:
+                    batch = {**batch, **run.retention.batch(pos.global_step(spe))}
+                done.state, metrics = run.step_fn(done.state, run.base,
+                                                  global_batch(_local_rows(batch), run.mesh))
+                done.step += 1
+                if done.first_step_s is None:  # compilation included: reported separately
+                    jax.block_until_ready(metrics)
+                    done.first_step_s = time.perf_counter() - loop_start
+                    done.first_rows = len(indices)
+                done.examples_seen += len(indices)
+                next_position = pos.advance(spe)
+                bar.update(1)
+                done.log.add(done.step, len(indices), metrics)
+                if done.step % cfg.save_every == 0:
+                    _save(run, checkpoints, done, next_position)
+                raise_if_terminated()  # here the state, the step count and the position agree
+                if stop_after is not None and done.step - start_step >= stop_after:
+                    break
         done.log.flush()  # waits for the last step
         done.loop_s = time.perf_counter() - loop_start
         _save(run, checkpoints, done, next_position)
     except KeyboardInterrupt:
-        try:  # keep the finished steps; the state may be unusable if the interrupt hit mid-step
+        # keep the finished steps (a Ctrl-C that hit mid-step may leave the state unusable;
+        # a SIGTERM waits for the step: raise_if_terminated)
+        try:
             _save(run, checkpoints, done, next_position)
             checkpoints.wait()
             _log.info(f"interrupted after step {done.step}, checkpoint saved; continue with --resume")

@@ -125,6 +125,46 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_res
     assert total < 0.2 * base_bytes
 
 
+def test_sigterm_saves_the_finished_steps_and_resume_continues_from_them(tiny_llama, qa, tmp_path,
+                                                                      capfd):
+    """A scheduler's SIGTERM ends `pdistill train` like Ctrl-C: a checkpoint of every step it
+    finished (not only the last periodic one), exit 143, one line saying how to go on."""
+    from pdistill_jax.cli import main
+
+    run = tmp_path / "run"
+    args = cli_args(tiny_llama, qa, run)
+    args[args.index("--save-every") + 1] = "1000"  # no periodic checkpoint before the end
+    proc = subprocess.Popen([sys.executable, "-m", "pdistill_jax.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=300)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-1] == "pdistill train: terminated (SIGTERM); rerun the same command to resume"
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    logged = read_metrics(run)
+    assert len(saved) == 1 and 3 <= saved[0] < 40 and saved[0] == logged[-1]["step"], (saved, logged)
+    assert f"interrupted after step {saved[0]}, checkpoint saved" in err
+
+    capfd.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert f"resuming from step {saved[0]} " in capfd.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["resumed_from"] == saved[0]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 41))
+
+
 def _small_state(model_dir, mesh) -> TrainState:
     model = load_model(model_dir, LORA, with_tokenizer=False).model
     return init_train_state(model, TrainConfig(lora=LORA), 10, mesh)[2]
