@@ -44,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
                 axis.axhline(100 * value, color=color, ls="--", lw=1)
                 axis.annotate(label, (0.01, 100 * value + 1), xycoords=("axes fraction", "data"),
                               color=color, fontsize=8)
+        placed: dict[tuple[float, float], int] = {}  # labels of one point go one under another
         for r in rows:
             if r.get(key) is None:
                 continue
             sft = r["objective"] == "ce"
             axis.scatter(r["exposures_per_fact"], 100 * r[key], marker="s" if sft else "o",
                          color="#d98c3a" if sft else "#3a7dd9", zorder=3)
+            point = (round(r["exposures_per_fact"], 2), round(100 * r[key], 1))
+            below = placed.get(point, 0)
+            placed[point] = below + 1
             axis.annotate(r["name"], (r["exposures_per_fact"], 100 * r[key]), fontsize=7,
-                          xytext=(3, 3), textcoords="offset points")
+                          xytext=(3, 3 - 9 * below), textcoords="offset points")
         axis.set_xlabel("training exposures per test fact (mean)")
         axis.set_ylim(0, 100)
     ax.set_ylabel("closed-book accuracy (%)")
