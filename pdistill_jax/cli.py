@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Iterable
 
-from pdistill_jax.signals import Terminated, stop_cleanly_on_sigterm
+from pdistill_jax.signals import interrupt_exit, stop_cleanly_on_sigterm
 
 # name -> (module under pdistill_jax.commands, one-line help). Imported lazily: jax is slow to load.
 COMMANDS = {
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        how, status = interrupt_exit(e)
         print(f"pdistill {args.command}: {how}; rerun the same command to resume", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return status
 
 
 if __name__ == "__main__":

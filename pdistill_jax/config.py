@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 
@@ -203,7 +203,8 @@ def coerce_fields(cfg) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer covering the Llama family (Llama 2/3, Mistral, SmolLM2) and Qwen2."""
+    """Decoder-only transformer covering the Llama family (Llama 2/3/3.2, Mistral, SmolLM2),
+    Qwen2 and Qwen3."""
 
     model_type: str
     vocab_size: int
@@ -218,6 +219,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -250,6 +252,9 @@ class ModelConfig:
                 raise ValueError(f"{source}: missing field {field!r}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; only 'silu'")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported (every layer "
+                             "here attends to the whole sequence); set it to false")
         # transformers v5 moved rope_theta/rope_scaling into one `rope_parameters` dict.
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
@@ -279,6 +284,7 @@ class ModelConfig:
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+                qk_norm=model_type == "qwen3",
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
@@ -289,7 +295,7 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` this architecture corresponds to (for merged export)."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
@@ -314,7 +320,7 @@ class ModelConfig:
         }
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = False
         return out

@@ -19,6 +19,12 @@ class Terminated(KeyboardInterrupt):
     """Raised for SIGTERM; a KeyboardInterrupt, so every interrupt path handles it too."""
 
 
+def interrupt_exit(e: KeyboardInterrupt) -> tuple[str, int]:
+    """(what happened, exit status) of an interrupted command: 143 for SIGTERM (128 + 15, what
+    a shell reports for a process the signal killed), 130 for Ctrl-C (128 + SIGINT)."""
+    return ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
 _state = {"defer": 0, "pending": False}
 
 

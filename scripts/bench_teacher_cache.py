@@ -24,7 +24,8 @@ def main() -> None:
     from flax import nnx
 
     from pdistill_jax.config import LoraConfig
-    from pdistill_jax.train.batches import make_train_data, read_qa_rows
+    from pdistill_jax.datagen.dataset import read_qa_rows
+    from pdistill_jax.train.batches import make_train_data
     from pdistill_jax.weights.load import load_model
     from pdistill_jax.model.sharding import global_batch, make_mesh
     from pdistill_jax.train.step import make_teacher_hidden

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pdistill_jax.cli import prepare_environment
-    from pdistill_jax.signals import Terminated, stop_cleanly_on_sigterm
+    from pdistill_jax.signals import interrupt_exit, stop_cleanly_on_sigterm
 
     prepare_environment()
     stop_cleanly_on_sigterm()
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdistill study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        how, status = interrupt_exit(e)
         print(f"pdistill study: {how}; rerun the same command to continue", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return status
     return 0
 
 

@@ -29,6 +29,14 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """Qwen3: per-head q/k norms, no biases, head_dim apart from hidden_size / heads."""
+    d = tmp_path_factory.mktemp("tiny_qwen3")
+    tiny_models.build_model(d, "qwen3", tie=True, head_dim=24)
+    return d
+
+
+@pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The real SmolLM2-135M GGUF (fetched on first use); for tests marked slow."""
     from pdistill_jax.weights.registry import fetch

@@ -95,3 +95,17 @@ def test_no_import_cycles():
         if node not in state and visit(node, []):
             break
     assert not cycle, " -> ".join(cycle)
+
+
+def test_every_script_imports_names_the_package_has():
+    # Scripts import inside main(), so a moved function breaks them only when run; check here.
+    import importlib
+
+    missing = []
+    for script in sorted((PACKAGE.parent / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pdistill_jax"):
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}:{node.lineno}: {node.module}.{a.name}"
+                            for a in node.names if not hasattr(module, a.name)]
+    assert not missing, missing

@@ -5,8 +5,8 @@ import signal
 
 import pytest
 
-from pdistill_jax.signals import (Terminated, raise_if_terminated, steps_finish_first,
-                                  stop_cleanly_on_sigterm)
+from pdistill_jax.signals import (Terminated, interrupt_exit, raise_if_terminated,
+                                  steps_finish_first, stop_cleanly_on_sigterm)
 
 
 @pytest.fixture
@@ -47,3 +47,8 @@ def test_a_request_pending_when_the_loop_ends_still_stops(handler):
             for _ in range(10**5):
                 pass
     raise_if_terminated()
+
+
+def test_exit_status_tells_sigterm_from_ctrl_c():
+    assert interrupt_exit(Terminated()) == ("terminated (SIGTERM)", 143)
+    assert interrupt_exit(KeyboardInterrupt()) == ("interrupted", 130)

@@ -46,10 +46,11 @@ def build_tokenizer(out_dir: Path):
 
 
 def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int = 0, **overrides):
-    """Saves a tiny random `arch` model (llama | qwen2 | mistral) plus tokenizer into out_dir."""
+    """Saves a tiny random `arch` model (llama | qwen2 | qwen3 | mistral) plus tokenizer into
+    out_dir."""
     import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
@@ -59,6 +60,7 @@ def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int
               bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     kw.update(overrides)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM),
            "mistral": (MistralConfig, MistralForCausalLM)}[arch]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**kw)).eval()

@@ -25,6 +25,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
+    "head_dim": None,  # per-head weights (Qwen3's q/k norms): small, and every head needs all
     "vocab": "tensor",
     "lora": None,  # rank dimension: small, and splitting it would add a reduction per LoRA matmul
 }

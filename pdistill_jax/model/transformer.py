@@ -104,9 +104,9 @@ class LoRALinear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype):
+    def __init__(self, dim: int, eps: float, param_dtype, axis: str = "embed"):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # As in HF: normalise in float32, cast back, then scale.
@@ -159,6 +159,11 @@ class Attention(nnx.Module):
         self.k = proj("k", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
         self.v = proj("v", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
         self.o = proj("o", cfg.num_heads * hd, d, ("heads", "embed"))
+        # Qwen3: one RMSNorm shared by all query heads and one by all key heads, over head_dim.
+        self.q_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, param_dtype, "head_dim")
+                               if cfg.qk_norm else None)
+        self.k_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, param_dtype, "head_dim")
+                               if cfg.qk_norm else None)
 
     def __call__(self, x, positions, mask, inv_freq, cache_kv, use_lora):
         """Attention output and this call's keys/values (b, kv_heads, t, head_dim).
@@ -173,6 +178,8 @@ class Attention(nnx.Module):
         q = self.q(x, use_lora).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = self.k(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(x, use_lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): the cache layout
         # Heads-major layout with the query heads sharing a kv head stacked along the query axis:

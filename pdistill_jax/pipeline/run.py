@@ -18,7 +18,8 @@ import functools
 import sys
 from pathlib import Path
 
-from pdistill_jax.config import BUILTIN, AnswerConfig, asset_path, RunConfig, SamplingParams, load_yaml, to_dict
+from pdistill_jax.config import (BUILTIN, AnswerConfig, RunConfig, SamplingParams, asset_path,
+                                 load_yaml, to_dict)
 from pdistill_jax.files import read_jsonl, write_jsonl_atomic, write_yaml_atomic
 from pdistill_jax.log import logger
 from pdistill_jax.pipeline.experiment import CONDITIONS, build_stages

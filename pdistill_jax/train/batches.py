@@ -221,8 +221,10 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
     student_prefix: the length of a prefix every student sequence shares (`shared_student_prefix`),
     left out of student_tokens, with student_pos counted after it; a step built with that prefix
     (`make_train_step(..., student_prefix=ids)`) runs it once for all rows.
-    student_widths, answer_widths: the widths to pad student sequences and answer positions to
-    (the smallest that fits; `fitted_widths`), in place of the `bucket_length` ladder.
+    student_widths, answer_widths: the widths to pad student sequences to (the smallest that fits;
+    `fitted_widths`), in place of the `bucket_length` ladder, and the answer width that goes with
+    each (answer_widths[i] with student_widths[i]; `TrainData.widths`), so that a batch's shape
+    is one of len(student_widths) pairs.
     ce_mask: also "ce_mask" (rows, A), the positions a CE term on the answer reads
     (TrainConfig.ce_weight): target_mask without the end-of-turn target of an answer that
     generation cut at its token limit (`Example.answer_finished`).
@@ -230,7 +232,15 @@ def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
     chosen = [examples[i] for i in indices]
     tt = bucket_length(max(len(e.teacher) for e in chosen), 32)
     ts = _fit(max(len(e.student) for e in chosen) - student_prefix, student_widths)
-    a = _fit(max(len(e.targets) for e in chosen), answer_widths, minimum=16)
+    a = max(len(e.targets) for e in chosen)
+    if answer_widths is None:
+        a = bucket_length(a, 16)
+    else:
+        paired = answer_widths[list(student_widths).index(ts)]
+        if paired < a:
+            raise ValueError(f"answers of {a} tokens do not fit the answer width {paired} paired "
+                             f"with student width {ts}")
+        a = paired
     out = {
         "teacher_tokens": np.full((rows, tt), pad_id, np.int32),
         "teacher_valid": np.zeros((rows, tt), bool),
@@ -310,17 +320,24 @@ class TrainData:
     def widths(self, epochs: int) -> tuple[list[int] | None, list[int] | None]:
         """(student widths, answer widths) of a run of `epochs` epochs when its batches are
         grouped by student length (the step runs no teacher sequence); (None, None), the bucket
-        ladder, otherwise. Student widths are fitted to the batches (`fitted_widths`); the answer
-        positions get one width, the longest answer rounded up to WIDTH_MULTIPLE, since every
-        extra answer width would multiply the compiled shapes. A pure function of the plan, so a resumed run
-        pads its batches as the uninterrupted run did."""
+        ladder, otherwise. Student widths are fitted to the batches (`fitted_widths`); each comes
+        with one answer width, the longest answer of the batches padded to that student width,
+        rounded up to WIDTH_MULTIPLE. Pairing adds no compiled shape, and since a student
+        sequence holds its answer, long answers (restatements) sit in the wide batches instead of
+        widening every batch's loss. A pure function of the plan, so a resumed run pads its
+        batches as the uninterrupted run did."""
         if self.order_by != "student":
             return None, None
         p = len(self.student_prefix)
         plans = [b for epoch in range(epochs) for b in self.plan(epoch)]
-        longest = max(len(e.targets) for e in self.examples)
-        return (fitted_widths([max(len(self.examples[i].student) for i in b) - p for b in plans]),
-                [_round_up(longest, WIDTH_MULTIPLE)])
+        needs = [(max(len(self.examples[i].student) for i in b) - p,
+                  max(len(self.examples[i].targets) for i in b)) for b in plans]
+        student = fitted_widths([s for s, _ in needs])
+        answer = [0] * len(student)
+        for s, a in needs:
+            k = next(k for k, w in enumerate(student) if w >= s)
+            answer[k] = max(answer[k], _round_up(a, WIDTH_MULTIPLE))
+        return student, answer
 
     def batches(self, start: DataPosition, epochs: int
                 ) -> Iterator[tuple[DataPosition, np.ndarray, Batch]]:

@@ -35,13 +35,8 @@ ANSWERS_SCHEMA = Schema('{"question", "answer", "answer_ids", "finished"} object
 _STREAM = 0x72657421  # keeps the retention order's random stream apart from the epochs'
 
 
-def prompts_path(spec: str) -> Path:
-    """A retention_prompts value as a path: builtin:NAME is a file of the package's assets."""
-    return asset_path(spec)
-
-
 def read_prompts(spec: str) -> list[str]:
-    path = prompts_path(spec)
+    path = asset_path(spec)  # builtin:NAME is a file of the package's assets
     if not path.is_file():
         raise ValueError(f"retention_prompts: {spec} is not a file")
     questions = [row["question"] for row in read_jsonl(path, PROMPTS_SCHEMA)]

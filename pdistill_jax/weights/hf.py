@@ -129,6 +129,7 @@ _GGUF_TO_HF = [
     (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
     (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
     (r"blk\.(\d+)\.attn_(q|k|v)\.(weight|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}"),
+    (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", "model.layers.{0}.self_attn.{1}_norm.weight"),
     (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
     (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", "model.layers.{0}.mlp.{1}_proj.weight"),
 ]
@@ -143,9 +144,9 @@ def _gguf_field(reader, key, default=None):
 
 def read_gguf_config(reader, source: str) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
+    if arch not in ("llama", "qwen2", "qwen3"):
         raise ValueError(f"{source}: GGUF general.architecture={arch!r} is not supported; "
-                         "use llama or qwen2")
+                         "use llama, qwen2 or qwen3")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError(f"{source}: GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported; "
                          "pass the Hugging Face directory instead")
@@ -168,6 +169,7 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm=arch == "qwen3",
         max_position_embeddings=int(g("context_length", 4096)),
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),

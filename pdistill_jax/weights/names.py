@@ -17,9 +17,10 @@ from pdistill_jax.config import ModelConfig
 
 def _dims(cfg: ModelConfig) -> dict[str, int]:
     """The sizes a shape is spelled in: D model width, F MLP width, V vocabulary, Q query and K
-    key/value projection widths."""
+    key/value projection widths, H one head's width."""
     return {"D": cfg.hidden_size, "F": cfg.intermediate_size, "V": cfg.vocab_size,
-            "Q": cfg.num_heads * cfg.head_dim, "K": cfg.num_kv_heads * cfg.head_dim}
+            "Q": cfg.num_heads * cfg.head_dim, "K": cfg.num_kv_heads * cfg.head_dim,
+            "H": cfg.head_dim}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,10 @@ def _attention_bias(cfg: ModelConfig) -> bool:
     return cfg.attention_bias
 
 
+def _qk_norm(cfg: ModelConfig) -> bool:
+    return cfg.qk_norm
+
+
 def _untied_head(cfg: ModelConfig) -> bool:
     return not cfg.tie_word_embeddings
 
@@ -70,6 +75,8 @@ TENSORS: tuple[Tensor, ...] = (
              transpose=True, lora_target=p) for p, dims in _MLP_DIMS.items()),
     *(Tensor(f"layers.attn.{p}.bias", f"model.layers.{{i}}.self_attn.{p}_proj.bias",
              _ATTN_DIMS[p].split()[1], present=_attention_bias) for p in ("q", "k", "v")),
+    *(Tensor(f"layers.attn.{p}_norm.weight", f"model.layers.{{i}}.self_attn.{p}_norm.weight", "H",
+             present=_qk_norm) for p in ("q", "k")),
     Tensor("lm_head.kernel", "lm_head.weight", "D V", transpose=True, lora_target="lm_head",
            present=_untied_head),
 )

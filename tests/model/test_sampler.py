@@ -21,9 +21,19 @@ def setup(request):
 
 
 def test_greedy_matches_transformers_generate(setup):
+    _check_greedy_matches_transformers(*setup)
+
+
+def test_greedy_matches_transformers_generate_qwen3(tiny_qwen3):
+    # One test for Qwen3 rather than the whole module again: the sampler is architecture-blind.
+    lm = load_model(tiny_qwen3)
+    prompts = [chat_prompt_ids(lm.tokenizer, q) for q in QUESTIONS]
+    _check_greedy_matches_transformers(tiny_qwen3, lm, prompts, end_token_ids(lm.tokenizer, lm.cfg))
+
+
+def _check_greedy_matches_transformers(path, lm, prompts, end):
     from transformers import AutoModelForCausalLM
 
-    path, lm, prompts, end = setup
     ours = generate(lm.model, prompts, SamplingParams(max_new_tokens=24), end_ids=end, batch_size=4)
     ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     for prompt, got in zip(prompts, ours):

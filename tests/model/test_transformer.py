@@ -36,6 +36,11 @@ CASES = {
     "qwen2-tied-bias": dict(arch="qwen2", tie=True),
     "qwen2-untied-bias": dict(arch="qwen2", tie=False, num_key_value_heads=1),
     "mistral-head-dim": dict(arch="mistral", tie=False, head_dim=24),
+    # Qwen3: q/k norms per head, no biases; head_dim apart from hidden/heads as in real Qwen3.
+    "qwen3-qk-norm": dict(arch="qwen3", tie=True, head_dim=24),
+    "llama3.2-tied-rope-scaling": dict(arch="llama", tie=True, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
 }
 
 
@@ -82,8 +87,9 @@ def test_lora_with_zero_b_is_the_base_and_nonzero_b_is_not(fixture, request):
     np.testing.assert_array_equal(_jax_logits(model, ids, use_lora=False), base)
 
 
-def test_kv_cache_decoding_equals_full_recomputation(tiny_qwen2):
-    cfg, params = load_hf_checkpoint(tiny_qwen2)
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen3"])
+def test_kv_cache_decoding_equals_full_recomputation(fixture, request):
+    cfg, params = load_hf_checkpoint(request.getfixturevalue(fixture))
     model = build_model(cfg, params)
     ids = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 14)))
     full = _jax_logits(model, ids)

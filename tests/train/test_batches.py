@@ -1,4 +1,5 @@
 """Training data: token layout of teacher/student/targets, truncation, bucketing, epoch order."""
+import dataclasses
 import itertools
 import json
 
@@ -221,10 +222,12 @@ def test_student_batches_pad_to_widths_fitted_to_the_run(tok):
     data = TrainData(examples, rows_per_step=4, seed=1, order_by="student", share_student_prefix=True)
     student_widths, answer_widths = data.widths(2)
     longest = max(len(e.targets) for e in examples)
-    assert answer_widths == [-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE]
+    assert max(answer_widths) == -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    assert all(a % WIDTH_MULTIPLE == 0 for a in answer_widths)
     batches = list(data.batches(DataPosition(), 2))
-    assert {b["student_tokens"].shape[1] for _, _, b in batches} <= set(student_widths)
-    assert {b["targets"].shape[1] for _, _, b in batches} == set(answer_widths)
+    # Each student width comes with one answer width: no more shapes than student widths.
+    assert {b["targets"].shape[1:] + b["student_tokens"].shape[1:] for _, _, b in batches} \
+        <= {(a, s) for s, a in zip(student_widths, answer_widths)}
     again = TrainData(examples, rows_per_step=4, seed=1, order_by="student", share_student_prefix=True)
     fitted_cols = sum(b["student_tokens"].shape[1] for _, _, b in batches)
     ladder_cols = sum(bucket_length(int(b["student_valid"].sum(1).max())) for _, _, b in batches)
@@ -237,6 +240,22 @@ def test_student_batches_pad_to_widths_fitted_to_the_run(tok):
             np.testing.assert_array_equal(got[key], want[key])
     # Batches grouped by the teacher (the step runs it) keep the ladder.
     assert TrainData(examples, rows_per_step=4, seed=1).widths(2) == (None, None)
+
+
+def test_long_answers_widen_only_the_batches_that_hold_them(tok):
+    # Restatement-like rows (long answers) among short Q&A: the short batches' loss positions
+    # stay short instead of padding to the longest answer of the run.
+    rows = _rows(40, seed=3)
+    rows[:4] = [dataclasses.replace(r, answer=" ".join(["The island has a long history."] * 12))
+                for r in rows[:4]]
+    examples = tokenize_rows(rows, tok).examples
+    data = TrainData(examples, rows_per_step=4, seed=1, order_by="student", share_student_prefix=True)
+    batches = list(data.batches(DataPosition(), 1))
+    longest = max(len(e.targets) for e in examples)
+    short = [b for _, idx, b in batches if max(len(examples[i].targets) for i in idx) < longest // 2]
+    assert short and all(b["targets"].shape[1] < longest for b in short)
+    for _, idx, b in batches:
+        assert b["target_mask"].sum() == sum(len(examples[i].targets) for i in idx)
 
 
 def test_shared_student_prefix_keeps_each_rows_last_prompt_token_and_a_minimum_length():

@@ -101,9 +101,15 @@ def test_identical_prompts_give_zero_loss_and_gradient(tiny_lora):
     assert float(metrics["answer_tokens"]) == same["target_mask"].sum()
 
 
-def test_kl_falls_base_frozen_lora_trained_opt_state_lora_only(tiny_lora):
+@pytest.fixture(scope="module")
+def tiny_qwen3_lora(tiny_qwen3):
+    return load_model(tiny_qwen3, LoraConfig(rank=8, alpha=16), with_tokenizer=False)
+
+
+@pytest.mark.parametrize("loaded", ["tiny_lora", "tiny_qwen3_lora"])
+def test_kl_falls_base_frozen_lora_trained_opt_state_lora_only(loaded, request):
     cfg = train_config(weight_decay=0.1)
-    loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+    loaded, mesh, graphdef, base, state, opt = setup(request.getfixturevalue(loaded), cfg)
     base_before = jax.tree.map(np.array, base)
     lora_before = jax.tree.map(np.array, state.lora)
     step = make_train_step(graphdef, opt, cfg, mesh)

@@ -47,6 +47,17 @@ def test_unsupported_rope_scaling_names_the_field():
         ModelConfig.from_hf(hf)
 
 
+def test_sliding_window_attention_is_refused_by_name():
+    hf = dict(model_type="qwen3", vocab_size=8, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=1, num_attention_heads=2, use_sliding_window=True)
+    with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):
+        ModelConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf({**hf, "use_sliding_window": False})  # Qwen3's own default
+    assert cfg.qk_norm and not cfg.attention_bias
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg  # merged export's config.json reads back
+    assert cfg.to_hf()["architectures"] == ["Qwen3ForCausalLM"]
+
+
 def test_shape_mismatch_names_the_tensor(tiny_llama, tmp_path):
     d = _copy(tiny_llama, tmp_path / "m", lambda c: c.update(intermediate_size=96))
     with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight' has shape"):
@@ -76,3 +87,65 @@ def test_resolve_model_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model(tmp_path / "empty")
+
+
+def test_qwen3_gguf_loads_as_its_safetensors(tiny_qwen3, tmp_path):
+    # A Qwen3 GGUF as llama.cpp's converter names it (q/k norms as attn_q_norm / attn_k_norm, no
+    # rotary permutation for Qwen): the same config and weights as the safetensors it came from.
+    import gguf
+    from safetensors.numpy import load_file
+
+    hf = json.loads((tiny_qwen3 / "config.json").read_text())
+    path = tmp_path / "qwen3.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_block_count(hf["num_hidden_layers"])
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(hf["num_attention_heads"])
+    w.add_head_count_kv(hf["num_key_value_heads"])
+    w.add_key_length(hf["head_dim"])
+    w.add_value_length(hf["head_dim"])
+    w.add_rope_freq_base(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    w.add_vocab_size(hf["vocab_size"])
+    w.add_bos_token_id(hf["bos_token_id"])
+    w.add_eos_token_id(hf["eos_token_id"])
+    gguf_names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+                  "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                  "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                  "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, array in load_file(str(tiny_qwen3 / "model.safetensors")).items():
+        module = name.removesuffix(".weight")
+        if module.startswith("model.layers."):
+            _, _, layer, rest = module.split(".", 3)
+            w.add_tensor(f"blk.{layer}.{gguf_names[rest]}.weight", array)
+        elif module in gguf_names:
+            w.add_tensor(f"{gguf_names[module]}.weight", array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    cfg, params = load_checkpoint(path)
+    want_cfg, want = load_checkpoint(tiny_qwen3)
+    assert cfg.qk_norm and cfg.tie_word_embeddings and not cfg.attention_bias
+    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "rope_theta", "qk_norm")
+    assert {f: getattr(cfg, f) for f in fields} == {f: getattr(want_cfg, f) for f in fields}
+    assert cfg.rms_norm_eps == pytest.approx(want_cfg.rms_norm_eps, rel=1e-6)  # GGUF's float32
+    flat = lambda tree: {jax_path: np.asarray(v) for jax_path, v in _flatten(tree)}  # noqa: E731
+    got, expected = flat(params), flat(want)
+    assert got.keys() == expected.keys() and "layers.attn.q_norm.weight" in got
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def _flatten(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -71,7 +71,8 @@ def student(model_dir, targets, rank=4, alpha=8.0, seed=0):
 
 
 CASES = [("tiny_llama", PROJECTIONS), ("tiny_llama", PROJECTIONS + ("lm_head",)),
-         ("tiny_qwen2", PROJECTIONS), ("tiny_qwen2", PROJECTIONS + ("lm_head",))]
+         ("tiny_qwen2", PROJECTIONS), ("tiny_qwen2", PROJECTIONS + ("lm_head",)),
+         ("tiny_qwen3", PROJECTIONS)]
 
 
 @pytest.mark.parametrize("fixture, targets", CASES)
