@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 
@@ -204,7 +204,8 @@ def coerce_fields(cfg) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer covering the Llama family (Llama 2/3/3.2, Mistral, SmolLM2),
-    Qwen2 and Qwen3."""
+    Qwen2, Qwen3 and Phi-3 (whose fused qkv and gate_up weights are split at load,
+    `weights.names.FUSED`)."""
 
     model_type: str
     vocab_size: int
@@ -221,6 +222,8 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     max_position_embeddings: int = 4096
+    # Every layer attends to the last `sliding_window` slots only (Mistral, Phi-3); None = all.
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
@@ -231,6 +234,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             check_range(self, name, 1)
+        if self.sliding_window is not None:
+            check_range(self, "sliding_window", 1)
         for name in ("rope_theta", "rms_norm_eps"):
             check_range(self, name, 0, low_open=True)
         if self.num_heads % self.num_kv_heads:
@@ -258,6 +263,10 @@ class ModelConfig:
         # transformers v5 moved rope_theta/rope_scaling into one `rope_parameters` dict.
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        partial = rope.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (RoPE "
+                             "here rotates the whole head); only 1.0")
         scaling = rope or hf.get("rope_scaling") or None
         if scaling is not None:
             scaling = dict(scaling)
@@ -286,6 +295,9 @@ class ModelConfig:
                 attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
                 qk_norm=model_type == "qwen3",
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                # Qwen2/3 carry a sliding_window that only use_sliding_window (refused) enables.
+                sliding_window=(hf.get("sliding_window") if model_type in ("mistral", "phi3")
+                                else None),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
             )
@@ -295,7 +307,8 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` this architecture corresponds to (for merged export)."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "phi3": "Phi3ForCausalLM"}[self.model_type]
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
@@ -320,6 +333,8 @@ class ModelConfig:
         }
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
+        if self.model_type in ("mistral", "phi3"):
+            out["sliding_window"] = self.sliding_window
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = False

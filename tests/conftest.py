@@ -37,6 +37,14 @@ def tiny_qwen3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    """Phi-3: fused qkv and gate_up weights; a sliding window of 6, shorter than test prompts."""
+    d = tmp_path_factory.mktemp("tiny_phi3")
+    tiny_models.build_model(d, "phi3", tie=False, sliding_window=6)
+    return d
+
+
+@pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The real SmolLM2-135M GGUF (fetched on first use); for tests marked slow."""
     from pdistill_jax.weights.registry import fetch

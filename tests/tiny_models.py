@@ -46,11 +46,12 @@ def build_tokenizer(out_dir: Path):
 
 
 def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int = 0, **overrides):
-    """Saves a tiny random `arch` model (llama | qwen2 | qwen3 | mistral) plus tokenizer into
+    """Saves a tiny random `arch` model (llama | qwen2 | qwen3 | mistral | phi3) plus tokenizer into
     out_dir."""
     import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
@@ -61,7 +62,8 @@ def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int
     kw.update(overrides)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+           "mistral": (MistralConfig, MistralForCausalLM),
+           "phi3": (Phi3Config, Phi3ForCausalLM)}[arch]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**kw)).eval()
     with torch.no_grad():

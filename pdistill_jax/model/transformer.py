@@ -1,4 +1,4 @@
-"""The LoRA-augmented decoder transformer (Llama family and Qwen2) as Flax NNX modules.
+"""The LoRA-augmented decoder transformer (Llama, Mistral, Qwen2/3, Phi-3) as Flax NNX modules.
 
 One set of base arrays serves both roles of prompt distillation: called with `use_lora=False`
 it is the teacher (the frozen base model), with `use_lora=True` it is the student. Every
@@ -323,7 +323,7 @@ class Transformer(nnx.Module):
         x = (jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype) if lower is None
              else lower.astype(self.dtype))
         t = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))[None]
+        causal = jnp.tril(jnp.ones((t, t), bool))[None] & self._window(jnp.arange(t), jnp.arange(t))
         inv_freq = rope_frequencies(self.cfg)
         graphdef, layer_state = nnx.split(self.layers)
         checkpoint = (partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
@@ -331,7 +331,7 @@ class Transformer(nnx.Module):
 
         if prefix is not None:
             p = prefix.k.shape[3]
-            mask = (jnp.broadcast_to(key_valid[:, None, :p], (key_valid.shape[0], t, p)),
+            mask = (key_valid[:, None, :p] & self._window(p + jnp.arange(t), jnp.arange(p)),
                     causal & key_valid[:, None, p:])
 
             def prefixed_body(lora_on):
@@ -367,7 +367,7 @@ class Transformer(nnx.Module):
         slots = key_valid.shape[1]
         cache_mask = (key_valid & (jnp.arange(slots) < cache_index)[None])[:, None, :]
         new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, t, axis=1)
-        mask = (jnp.broadcast_to(cache_mask, (key_valid.shape[0], t, slots)),
+        mask = (cache_mask & self._window(cache_index + jnp.arange(t), jnp.arange(slots)),
                 causal & new_valid[:, None, :])
 
         # Each layer's cache slice is a scanned input, read only; the new keys/values come out of
@@ -380,6 +380,15 @@ class Transformer(nnx.Module):
 
         x, (nk, nv) = self._scan_layers(cached_body, x, (layer_state, (cache.k, cache.v)), use_lora)
         return self.norm(x), KVCache(_write(cache.k, nk, cache_index), _write(cache.v, nv, cache_index))
+
+    def _window(self, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
+        """(1, T, S): which key slots each query slot sees under the config's sliding window
+        (Mistral, Phi-3): the last `sliding_window` slots up to and including its own, counted in
+        slots as Hugging Face counts them. All true without a window."""
+        w = self.cfg.sliding_window
+        if w is None:
+            return jnp.ones((1, query_slots.shape[0], key_slots.shape[0]), bool)
+        return (key_slots[None, :] > query_slots[:, None] - w)[None]
 
     def _scan_layers(self, body, x, xs, use_lora: bool, part: str = "all"):
         """Scans the blocks over the layer-stacked xs, body(lora_on) being one layer's step. With

@@ -14,13 +14,14 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pdistill_jax.config import ModelConfig
-from pdistill_jax.weights.names import IGNORED_HF, expected_shapes, match_hf
+from pdistill_jax.weights.names import IGNORED_HF, Fused, expected_shapes, fused_of, match_hf
 
 
 def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=np.float32,
                  source: str = "checkpoint") -> dict:
     """Maps (HF name, array) pairs to a nested dict of our base parameters, checking every shape."""
     shapes = expected_shapes(cfg)
+    tensors = split_fused(cfg, tensors, source)
     flat: dict[str, np.ndarray] = {}
     per_layer: dict[str, list] = {k: [None] * cfg.num_layers for k in shapes if k.startswith("layers.")}
     for name, array in tensors:
@@ -58,6 +59,53 @@ def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dt
     if absent:
         raise ValueError(f"{source}: missing tensor(s) {absent}")
     return _nest(flat)
+
+
+def _fused_pattern(fused: Fused) -> re.Pattern:
+    return re.compile(re.escape(fused.hf_module).replace(r"\{i\}", r"(\d+)") + r"\.weight")
+
+
+def split_fused(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
+                source: str = "checkpoint") -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) pairs with each fused weight of `cfg`'s family (`names.FUSED`) split into
+    its parts under their unfused Hugging Face names; other tensors pass through."""
+    patterns = [(_fused_pattern(f), f) for f in fused_of(cfg)]
+    for name, array in tensors:
+        for pattern, fused in patterns:
+            m = pattern.fullmatch(name)
+            if m:
+                sizes = fused.sizes(cfg)
+                array = np.asarray(array)
+                if array.ndim != 2 or array.shape[0] != sum(sizes):
+                    raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, expected "
+                                     f"({sum(sizes)}, {cfg.hidden_size}) from the config")
+                parts = np.split(array, np.cumsum(sizes)[:-1], axis=0)
+                for module, part in zip(fused.part_modules(int(m.group(1))), parts):
+                    yield f"{module}.weight", part
+                break
+        else:
+            yield name, array
+
+
+def fuse(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """The inverse of `split_fused`: the parts of each fused weight of `cfg`'s family
+    concatenated back under its Hugging Face name (emitted once its last part arrives)."""
+    owner = {f"{module}.weight": (fused, layer, j)
+             for fused in fused_of(cfg) for layer in range(cfg.num_layers)
+             for j, module in enumerate(fused.part_modules(layer))}
+    pending: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+    for name, array in tensors:
+        if name not in owner:
+            yield name, array
+            continue
+        fused, layer, j = owner[name]
+        parts = pending.setdefault((fused.hf_module, layer), {})
+        parts[j] = array
+        if len(parts) == len(fused.parts):
+            del pending[(fused.hf_module, layer)]
+            yield fused.hf_name(layer), np.concatenate([parts[k] for k in range(len(parts))])
+    if pending:
+        raise ValueError(f"fused weights missing parts: {sorted(pending)[:3]}")
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict:
@@ -133,6 +181,12 @@ _GGUF_TO_HF = [
     (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
     (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", "model.layers.{0}.mlp.{1}_proj.weight"),
 ]
+# Families whose GGUF keeps Hugging Face's fused weights (Phi-3: ffn_up is gate and up stacked).
+_GGUF_TO_HF_FUSED = {"phi3": [
+    (r"blk\.(\d+)\.attn_qkv\.weight", "model.layers.{0}.self_attn.qkv_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.gate_up_proj.weight"),
+]}
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 
 
 def _gguf_field(reader, key, default=None):
@@ -144,12 +198,15 @@ def _gguf_field(reader, key, default=None):
 
 def read_gguf_config(reader, source: str) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in _GGUF_ARCHITECTURES:
         raise ValueError(f"{source}: GGUF general.architecture={arch!r} is not supported; "
-                         "use llama, qwen2 or qwen3")
+                         f"use one of {', '.join(_GGUF_ARCHITECTURES)}")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError(f"{source}: GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported; "
                          "pass the Hugging Face directory instead")
+    if any(t.name.startswith("rope_factors_") for t in reader.tensors):
+        raise ValueError(f"{source}: GGUF with rope_factors (Phi-3 longrope) is not supported; "
+                         "use a Phi-3 model without it (the 4k-context ones)")
     g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
     heads = int(g("attention.head_count"))
     names = {t.name for t in reader.tensors}
@@ -171,6 +228,8 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm=arch == "qwen3",
         max_position_embeddings=int(g("context_length", 4096)),
+        sliding_window=(int(g("attention.sliding_window")) if arch == "phi3" and
+                        g("attention.sliding_window") is not None else None),
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     )
@@ -185,8 +244,9 @@ def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 def iter_gguf(reader, cfg: ModelConfig, source: str) -> Iterator[tuple[str, np.ndarray]]:
     from gguf.quants import dequantize
 
+    table = _GGUF_TO_HF_FUSED.get(cfg.model_type, []) + _GGUF_TO_HF
     for t in reader.tensors:
-        for pattern, template in _GGUF_TO_HF:
+        for pattern, template in table:
             m = re.fullmatch(pattern, t.name)
             if m:
                 break

@@ -18,7 +18,7 @@ import numpy as np
 
 from pdistill_jax.config import LoraConfig, ModelConfig
 from pdistill_jax.files import write_dir_atomic
-from pdistill_jax.weights.hf import load_checkpoint, read_model_config
+from pdistill_jax.weights.hf import fuse, load_checkpoint, read_model_config
 from pdistill_jax.weights.names import BY_PATH, LAYER_PATH, expected_shapes
 from pdistill_jax.weights.peft import (adapter_base_model, head_lora, layer_lora, load_peft_adapter,
                                        resolve_adapter, save_peft_adapter)
@@ -41,7 +41,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 def params_to_hf(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array) pairs of our nested base parameters: the inverse of
-    `hf.hf_to_params`. Arrays are views (transposed where HF stores (out, in))."""
+    `hf.hf_to_params`. Arrays are views (transposed where HF stores (out, in)), except the
+    fused weights of families that fuse projections (`names.FUSED`), which are concatenated."""
+    return fuse(cfg, _unfused_to_hf(cfg, params))
+
+
+def _unfused_to_hf(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     flat = _flatten(params)
     shapes = expected_shapes(cfg)
     if set(flat) != set(shapes):

@@ -86,6 +86,37 @@ IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 _HF_PATTERNS = [(re.compile(re.escape(t.hf).replace(r"\{i\}", r"(\d+)")), t) for t in TENSORS]
 
 
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """One Hugging Face weight that stacks several of our projections along its output axis
+    (Phi-3's qkv_proj and gate_up_proj): split at import, concatenated again at export."""
+
+    hf_module: str  # e.g. "model.layers.{i}.self_attn.qkv_proj"
+    parts: tuple[str, ...]  # our LoRA targets, in the order HF stacks them
+
+    def hf_name(self, layer: int) -> str:
+        return f"{self.hf_module.format(i=layer)}.weight"
+
+    def part_modules(self, layer: int) -> list[str]:
+        """The unfused Hugging Face module paths of the parts (as `TENSORS` names them)."""
+        return [LORA_TENSORS[p].hf_module.format(i=layer) for p in self.parts]
+
+    def sizes(self, cfg: ModelConfig) -> list[int]:
+        """Each part's share of the fused output axis."""
+        return [target_dims(cfg, p)[1] for p in self.parts]
+
+
+# model_type -> its fused weights. Phi-3 stacks q, k, v (then o alone) and gate, up.
+FUSED: dict[str, tuple[Fused, ...]] = {
+    "phi3": (Fused("model.layers.{i}.self_attn.qkv_proj", ("q", "k", "v")),
+             Fused("model.layers.{i}.mlp.gate_up_proj", ("gate", "up"))),
+}
+
+
+def fused_of(cfg: ModelConfig) -> tuple[Fused, ...]:
+    return FUSED.get(cfg.model_type, ())
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our path -> shape of every base weight of `cfg` (layer weights without the layer axis)."""
     return {t.ours: t.shape(cfg) for t in TENSORS if t.present(cfg)}

@@ -6,6 +6,12 @@ layers; PEFT stores one `lora_A.weight` (r, in) and `lora_B.weight` (out, r) per
 by the Hugging Face module path (from `names`). Both use scale = alpha / r, so the conversion is
 a rename and a transpose with no rescaling.
 
+Families that fuse projections (Phi-3's qkv_proj, gate_up_proj; `names.FUSED`) carry one PEFT
+adapter per fused module. Ours has one per part, each with its own A: exported exactly as one
+adapter of rank parts x r (A stacked, B block-diagonal; `rank_pattern`/`alpha_pattern` keep the
+scale alpha / r), and read back from that layout or from peft's own rank-r layout (one A shared
+by the parts, B split along the output axis).
+
 Folders are written into a temporary sibling and renamed into place, so an interrupted export
 never leaves a half-written adapter (and an existing one survives until the new one is complete).
 """
@@ -24,7 +30,8 @@ from pdistill_jax.config import LORA_TARGETS, LoraConfig, ModelConfig
 from pdistill_jax.files import write_dir_atomic
 from pdistill_jax.log import logger
 from pdistill_jax.weights.hf import read_safetensors
-from pdistill_jax.weights.names import HF_MODULE, LAYER_PATH, hf_module_paths, target_dims
+from pdistill_jax.weights.names import (HF_MODULE, LAYER_PATH, Fused, fused_of, hf_module_paths,
+                                        target_dims)
 from pdistill_jax.weights.registry import REGISTRY
 
 _log = logger("export")
@@ -34,7 +41,6 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 VLLM_MAX_LORA_RANK = 512  # vLLM refuses adapters above this rank (--max-lora-rank tops out here)
 
-_OUR_TARGET = {hf: ours for ours, hf in HF_MODULE.items()}
 
 # adapter_config.json fields describing PEFT features our plain LoRA cannot reproduce. Any value
 # other than "unset" (None, False, empty, or the listed default) is rejected by name on import.
@@ -52,6 +58,24 @@ _UNSUPPORTED_FIELDS = {
 def peft_key(module_path: str, matrix: str) -> str:
     """`matrix` is "A" or "B"."""
     return f"{PEFT_PREFIX}{module_path}.lora_{matrix}.weight"
+
+
+def _fused_by_part(cfg: ModelConfig) -> dict[str, Fused]:
+    return {part: fused for fused in fused_of(cfg) for part in fused.parts}
+
+
+def _fused_name(fused: Fused) -> str:
+    return fused.hf_module.split(".")[-1]
+
+
+def target_modules(cfg: ModelConfig, targets) -> list[str]:
+    """PEFT's target_modules for our targets on `cfg`'s family (fused modules named once)."""
+    by_part, out = _fused_by_part(cfg), []
+    for t in targets:
+        name = _fused_name(by_part[t]) if t in by_part else HF_MODULE[t]
+        if name not in out:
+            out.append(name)
+    return out
 
 
 # ---------------------------------------------------------------- tree <-> PEFT tensors
@@ -93,8 +117,11 @@ def layer_lora(pure: dict, target: str) -> tuple[Any, Any]:
 def lora_to_peft_tensors(lora_state, cfg: ModelConfig, lora: LoraConfig) -> dict[str, np.ndarray]:
     """PEFT tensors (float32, host memory) of our LoRA state (an nnx.State or its pure dict)."""
     pure = _pure(lora_state)
+    by_part = _fused_by_part(cfg)
     out: dict[str, np.ndarray] = {}
     for target in lora.targets:
+        if target in by_part:
+            continue
         if target == "lm_head":
             a, b = (_to_host(x) for x in head_lora(pure))
             a, b = a[None], b[None]
@@ -105,6 +132,56 @@ def lora_to_peft_tensors(lora_state, cfg: ModelConfig, lora: LoraConfig) -> dict
                 continue  # frozen layer: not in layers_to_transform
             out[peft_key(module, "A")] = np.ascontiguousarray(a_i.T)
             out[peft_key(module, "B")] = np.ascontiguousarray(b_i.T)
+    for fused in fused_of(cfg):
+        if any(p in lora.targets for p in fused.parts):
+            out.update(_fused_peft_tensors(fused, pure, cfg, lora))
+    return out
+
+
+def _fused_peft_tensors(fused: Fused, pure: dict, cfg: ModelConfig,
+                        lora: LoraConfig) -> dict[str, np.ndarray]:
+    """One fused module's PEFT tensors per layer: A (parts x r, in) stacked, B (out, parts x r)
+    block-diagonal, so that B A applies each part's own update to its rows. A part that is not a
+    target gets a zero block."""
+    r, sizes, n = lora.rank, fused.sizes(cfg), len(fused.parts)
+    d_in = target_dims(cfg, fused.parts[0])[0]
+    parts = {p: tuple(_to_host(x) for x in layer_lora(pure, p)) for p in fused.parts
+             if p in lora.targets}
+    out = {}
+    for layer in range(lora.first_layer, cfg.num_layers):
+        a = np.zeros((n * r, d_in), np.float32)
+        b = np.zeros((sum(sizes), n * r), np.float32)
+        row = 0
+        for j, (part, size) in enumerate(zip(fused.parts, sizes)):
+            if part in parts:
+                a[j * r:(j + 1) * r] = parts[part][0][layer].T
+                b[row:row + size, j * r:(j + 1) * r] = parts[part][1][layer].T
+            row += size
+        module = fused.hf_module.format(i=layer)
+        out[peft_key(module, "A")], out[peft_key(module, "B")] = a, b
+    return out
+
+
+def _split_fused_lora(a: np.ndarray, b: np.ndarray, fused: Fused, cfg: ModelConfig, r: int,
+                      key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each part's (A (in, r), B (r, out)) of a fused module's PEFT A (r_f, in) and B (out, r_f):
+    peft's layout (r_f = r, A shared) or ours (r_f = parts x r, B block-diagonal)."""
+    rows = np.split(b, np.cumsum(fused.sizes(cfg))[:-1], axis=0)
+    n = len(fused.parts)
+    if a.shape[0] == r:
+        return [(a.T, part.T) for part in rows]
+    if a.shape[0] != n * r:
+        raise ValueError(f"{key}: rank {a.shape[0]}, expected r={r} or {n} x r={n * r} "
+                         f"({_fused_name(fused)} fuses {', '.join(fused.parts)})")
+    out = []
+    for j, part in enumerate(rows):
+        cols = slice(j * r, (j + 1) * r)
+        if np.any(np.delete(part, np.s_[cols], axis=1)):
+            raise ValueError(f"{key}: rank {n * r} but not block-diagonal over "
+                             f"{', '.join(fused.parts)}, so it is no sum of rank-{r} updates; "
+                             "merge it with peft's merge_and_unload and pass the merged model as "
+                             "--model")
+        out.append((a[cols].T, part[:, cols].T))
     return out
 
 
@@ -130,10 +207,26 @@ def peft_tensors_to_lora(tensors: dict[str, Any], cfg: ModelConfig, lora: LoraCo
 
     pure: dict = {}
     r = lora.rank
+    by_part = _fused_by_part(cfg)
+    split: dict[tuple[str, int], dict[str, tuple]] = {}  # (fused module, layer) -> part -> (A, B)
+
+    def fused_pair(target: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        fused = by_part[target]
+        if (fused.hf_module, layer) not in split:
+            module = fused.hf_module.format(i=layer)
+            d_in, d_out = target_dims(cfg, fused.parts[0])[0], sum(fused.sizes(cfg))
+            key = peft_key(module, "A")
+            rank = np.shape(remaining.get(key, np.zeros((r, 0))))[0]
+            a, b = take(module, "A", (rank, d_in)).T, take(module, "B", (d_out, rank)).T
+            split[(fused.hf_module, layer)] = dict(zip(
+                fused.parts, _split_fused_lora(a, b, fused, cfg, r, f"{source}: {module}")))
+        return split[(fused.hf_module, layer)][target]
+
     for target in lora.targets:
         d_in, d_out = target_dims(cfg, target)
         frozen = (np.zeros((d_in, r), np.float32), np.zeros((r, d_out), np.float32))
         pairs = [frozen if target != "lm_head" and layer < lora.first_layer
+                 else fused_pair(target, layer) if target in by_part
                  else (take(m, "A", (r, d_in)), take(m, "B", (d_out, r)))
                  for layer, m in enumerate(hf_module_paths(cfg, target))]
         a = np.stack([p[0] for p in pairs])
@@ -155,7 +248,10 @@ def peft_tensors_to_lora(tensors: dict[str, Any], cfg: ModelConfig, lora: LoraCo
 
 # ---------------------------------------------------------------- adapter_config.json
 
-def peft_config_dict(lora: LoraConfig, base_model: str, num_layers: int) -> dict:
+def peft_config_dict(lora: LoraConfig, base_model: str, cfg: ModelConfig) -> dict:
+    num_layers = cfg.num_layers
+    # Fused modules carry parts x r (see the module docstring); the scale stays alpha / r.
+    fused = [f for f in fused_of(cfg) if any(p in lora.targets for p in f.parts)]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -164,15 +260,15 @@ def peft_config_dict(lora: LoraConfig, base_model: str, num_layers: int) -> dict
         "lora_alpha": lora.alpha,  # PEFT's scale alpha / r equals ours; hence no rslora
         "use_rslora": False,
         "use_dora": False,
-        "target_modules": [HF_MODULE[t] for t in lora.targets],
+        "target_modules": target_modules(cfg, lora.targets),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "layers_to_transform": list(range(lora.first_layer, num_layers)) if lora.first_layer else None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": {_fused_name(f): len(f.parts) * lora.rank for f in fused},
+        "alpha_pattern": {_fused_name(f): len(f.parts) * lora.alpha for f in fused},
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -182,33 +278,44 @@ def _is_unset(value, default) -> bool:
     return value is None or value is False or value == default or value in ({}, [], "")
 
 
+def _modules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], list[str]]]:
+    """(PEFT module name, our targets it adapts, its module paths) of every module pdistill can
+    adapt on `cfg`'s family: one per target, or one per fused group (`names.FUSED`)."""
+    by_part = _fused_by_part(cfg)
+    out = [(HF_MODULE[t], (t,), hf_module_paths(cfg, t)) for t in LORA_TARGETS if t not in by_part]
+    out += [(_fused_name(f), f.parts, [f.hf_module.format(i=i) for i in range(cfg.num_layers)])
+            for f in fused_of(cfg)]
+    return out
+
+
 def _targets_from_config(target_modules, cfg: ModelConfig, source: str) -> tuple[str, ...]:
-    supported = ", ".join(HF_MODULE.values())
+    modules = _modules(cfg)
+    supported = ", ".join(name for name, _, _ in modules)
     if isinstance(target_modules, str):
         if target_modules == "all-linear":  # peft's shorthand: every linear layer but the head
             return tuple(t for t in LORA_TARGETS if t != "lm_head")
         found = []
-        for target in LORA_TARGETS:  # peft matches a string as a regex on full module paths
-            hits = [bool(re.fullmatch(target_modules, p)) for p in hf_module_paths(cfg, target)]
+        for name, targets, paths in modules:  # peft matches a string as a regex on module paths
+            hits = [bool(re.fullmatch(target_modules, p)) for p in paths]
             if all(hits):
-                found.append(target)
+                found += targets
             elif any(hits):
                 raise ValueError(f"{source}: target_modules={target_modules!r} matches "
-                                 f"{HF_MODULE[target]} in some layers only; pdistill adapts "
-                                 "every layer alike")
+                                 f"{name} in some layers only; pdistill adapts every layer alike")
         if not found:
             raise ValueError(f"{source}: target_modules={target_modules!r} matches none of "
                              f"{supported}")
-        return tuple(found)
+        return tuple(t for t in LORA_TARGETS if t in found)
     if not target_modules:
         raise ValueError(f"{source}: target_modules is empty")
+    by_name = {name: targets for name, targets, _ in modules}
     names = set()
     for entry in target_modules:
         name = str(entry).split(".")[-1]
-        if name not in _OUR_TARGET:
+        if name not in by_name:
             raise ValueError(f"{source}: target_modules entry {entry!r} is not supported; "
                              f"pdistill adapts {supported}")
-        names.add(_OUR_TARGET[name])
+        names.update(by_name[name])
     return tuple(t for t in LORA_TARGETS if t in names)
 
 
@@ -219,17 +326,20 @@ def lora_config_from_peft(conf: dict, cfg: ModelConfig,
     if conf.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{source}: peft_type={conf.get('peft_type')!r}; "
                          "only LORA adapters are supported")
-    for field, default in _UNSUPPORTED_FIELDS.items():
-        if field in conf and not _is_unset(conf[field], default):
-            raise ValueError(f"{source}: {field}={conf[field]!r} is not supported (plain LoRA only); "
-                             "use an adapter without it, or merge it with peft's merge_and_unload "
-                             "and pass the merged model as --model")
     if "r" not in conf or "target_modules" not in conf:
         raise ValueError(f"{source}: missing field {'r' if 'r' not in conf else 'target_modules'!r}")
     rank = int(conf["r"])
     alpha = float(conf.get("lora_alpha", 8))  # peft's default lora_alpha
-    return LoraConfig(rank=rank, alpha=alpha,
-                      targets=_targets_from_config(conf["target_modules"], cfg, source),
+    targets = _targets_from_config(conf["target_modules"], cfg, source)
+    # The rank/alpha patterns of fused modules as `peft_config_dict` writes them are plain LoRA.
+    ours = peft_config_dict(LoraConfig(rank=rank, alpha=alpha, targets=targets), "", cfg)
+    for field, default in _UNSUPPORTED_FIELDS.items():
+        if field in conf and not _is_unset(conf[field], default) and \
+                not (field in ("rank_pattern", "alpha_pattern") and conf[field] == ours[field]):
+            raise ValueError(f"{source}: {field}={conf[field]!r} is not supported (plain LoRA only); "
+                             "use an adapter without it, or merge it with peft's merge_and_unload "
+                             "and pass the merged model as --model")
+    return LoraConfig(rank=rank, alpha=alpha, targets=targets,
                       first_layer=_first_layer(conf.get("layers_to_transform"), cfg, source))
 
 
@@ -329,7 +439,11 @@ def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
         if "lm_head" in lora.targets:
             _log.info("note: many vLLM and SGLang versions do not serve a LoRA on lm_head; if "
                       "yours refuses this adapter, export with --format merged")
-        config = peft_config_dict(lora, _base_model_name(base_model), cfg.num_layers)
+        if any(p in lora.targets for f in fused_of(cfg) for p in f.parts):
+            _log.info(f"note: {cfg.model_type} fuses projections, so this adapter has a "
+                      "rank_pattern (peft loads it; servers may not); to serve it, export with "
+                      "--format merged")
+        config = peft_config_dict(lora, _base_model_name(base_model), cfg)
 
         def fill(tmp: Path) -> None:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})

@@ -24,11 +24,14 @@ def test_greedy_matches_transformers_generate(setup):
     _check_greedy_matches_transformers(*setup)
 
 
-def test_greedy_matches_transformers_generate_qwen3(tiny_qwen3):
-    # One test for Qwen3 rather than the whole module again: the sampler is architecture-blind.
-    lm = load_model(tiny_qwen3)
+@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_phi3"])
+def test_greedy_matches_transformers_generate_other_families(fixture, request):
+    # One test per family rather than the whole module again: the sampler is architecture-blind.
+    # tiny_phi3's sliding window (6) is shorter than every prompt.
+    path = request.getfixturevalue(fixture)
+    lm = load_model(path)
     prompts = [chat_prompt_ids(lm.tokenizer, q) for q in QUESTIONS]
-    _check_greedy_matches_transformers(tiny_qwen3, lm, prompts, end_token_ids(lm.tokenizer, lm.cfg))
+    _check_greedy_matches_transformers(path, lm, prompts, end_token_ids(lm.tokenizer, lm.cfg))
 
 
 def _check_greedy_matches_transformers(path, lm, prompts, end):

@@ -41,6 +41,10 @@ CASES = {
     "llama3.2-tied-rope-scaling": dict(arch="llama", tie=True, rope_scaling={
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
+    # Sliding windows shorter than the 40-token prompts, so the window is what is compared.
+    "mistral-sliding-window": dict(arch="mistral", tie=False, sliding_window=16),
+    # Phi-3: fused qkv_proj and gate_up_proj, split at load.
+    "phi3-fused-sliding-window": dict(arch="phi3", tie=False, sliding_window=16),
 }
 
 
@@ -87,7 +91,7 @@ def test_lora_with_zero_b_is_the_base_and_nonzero_b_is_not(fixture, request):
     np.testing.assert_array_equal(_jax_logits(model, ids, use_lora=False), base)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen3"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen3", "tiny_phi3"])
 def test_kv_cache_decoding_equals_full_recomputation(fixture, request):
     cfg, params = load_hf_checkpoint(request.getfixturevalue(fixture))
     model = build_model(cfg, params)

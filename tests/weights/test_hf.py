@@ -1,6 +1,7 @@
 """Weights in: sharded and bf16 safetensors, registry resolution, and the promised errors."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,30 @@ def test_sliding_window_attention_is_refused_by_name():
     assert cfg.to_hf()["architectures"] == ["Qwen3ForCausalLM"]
 
 
+def test_phi3_config_reads_its_window_and_refuses_partial_rotary_and_longrope(tiny_phi3):
+    hf = json.loads((tiny_phi3 / "config.json").read_text())
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.model_type, cfg.sliding_window) == ("phi3", 6)
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    assert cfg.to_hf()["architectures"] == ["Phi3ForCausalLM"]
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75 is not supported"):
+        ModelConfig.from_hf({**hf, "rope_parameters": {**hf["rope_parameters"],
+                                                       "partial_rotary_factor": 0.75}})
+    with pytest.raises(ValueError, match="rope_type='longrope' is not supported"):
+        ModelConfig.from_hf({**hf, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}})
+    # Qwen2/3 carry a sliding_window that does nothing without use_sliding_window.
+    assert ModelConfig.from_hf({"model_type": "qwen2", **{k: hf[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads")}, "sliding_window": 4}).sliding_window is None
+
+
+def test_phi3_fused_weight_of_the_wrong_size_names_it(tiny_phi3, tmp_path):
+    d = _copy(tiny_phi3, tmp_path / "m", lambda c: c.update(num_key_value_heads=4))
+    with pytest.raises(ValueError, match=r"self_attn\.qkv_proj\.weight' has shape \(128, 64\), "
+                                         r"expected \(192, 64\)"):
+        load_checkpoint(d)
+
+
 def test_shape_mismatch_names_the_tensor(tiny_llama, tmp_path):
     d = _copy(tiny_llama, tmp_path / "m", lambda c: c.update(intermediate_size=96))
     with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight' has shape"):
@@ -89,56 +114,70 @@ def test_resolve_model_errors(tmp_path):
         resolve_model(tmp_path / "empty")
 
 
-def test_qwen3_gguf_loads_as_its_safetensors(tiny_qwen3, tmp_path):
-    # A Qwen3 GGUF as llama.cpp's converter names it (q/k norms as attn_q_norm / attn_k_norm, no
-    # rotary permutation for Qwen): the same config and weights as the safetensors it came from.
+_GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               # Phi-3's fused weights, kept fused by llama.cpp (ffn_up = gate and up stacked).
+               "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+
+
+def _write_gguf_as_llama_cpp(model_dir: Path, arch: str, path: Path) -> Path:
+    """A GGUF of a Hugging Face folder as llama.cpp's converter names it (no rotary permutation:
+    llama.cpp permutes q/k for the llama architecture only)."""
     import gguf
     from safetensors.numpy import load_file
 
-    hf = json.loads((tiny_qwen3 / "config.json").read_text())
-    path = tmp_path / "qwen3.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3")
+    hf = json.loads((model_dir / "config.json").read_text())
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(hf["num_hidden_layers"])
     w.add_context_length(hf["max_position_embeddings"])
     w.add_embedding_length(hf["hidden_size"])
     w.add_feed_forward_length(hf["intermediate_size"])
     w.add_head_count(hf["num_attention_heads"])
     w.add_head_count_kv(hf["num_key_value_heads"])
-    w.add_key_length(hf["head_dim"])
-    w.add_value_length(hf["head_dim"])
+    if hf.get("head_dim"):
+        w.add_key_length(hf["head_dim"])
+        w.add_value_length(hf["head_dim"])
+    if hf.get("sliding_window"):
+        w.add_sliding_window(hf["sliding_window"])
     w.add_rope_freq_base(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     w.add_vocab_size(hf["vocab_size"])
     w.add_bos_token_id(hf["bos_token_id"])
     w.add_eos_token_id(hf["eos_token_id"])
-    gguf_names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
-                  "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                  "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                  "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, array in load_file(str(tiny_qwen3 / "model.safetensors")).items():
+    for name, array in load_file(str(model_dir / "model.safetensors")).items():
         module = name.removesuffix(".weight")
         if module.startswith("model.layers."):
             _, _, layer, rest = module.split(".", 3)
-            w.add_tensor(f"blk.{layer}.{gguf_names[rest]}.weight", array)
-        elif module in gguf_names:
-            w.add_tensor(f"{gguf_names[module]}.weight", array)
+            w.add_tensor(f"blk.{layer}.{_GGUF_NAMES[rest]}.weight", array)
+        elif module in _GGUF_NAMES:
+            w.add_tensor(f"{_GGUF_NAMES[module]}.weight", array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
 
+
+@pytest.mark.parametrize("fixture, arch", [("tiny_qwen3", "qwen3"), ("tiny_phi3", "phi3")])
+def test_gguf_written_as_llama_cpp_does_loads_as_its_safetensors(fixture, arch, request, tmp_path):
+    # Qwen3: q/k norms as attn_q_norm / attn_k_norm. Phi-3: fused attn_qkv and ffn_up, split here,
+    # and its sliding window from the metadata.
+    model_dir = request.getfixturevalue(fixture)
+    path = _write_gguf_as_llama_cpp(model_dir, arch, tmp_path / f"{arch}.gguf")
     cfg, params = load_checkpoint(path)
-    want_cfg, want = load_checkpoint(tiny_qwen3)
-    assert cfg.qk_norm and cfg.tie_word_embeddings and not cfg.attention_bias
-    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "rope_theta", "qk_norm")
+    want_cfg, want = load_checkpoint(model_dir)
+    fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+              "num_heads", "num_kv_heads", "head_dim", "rope_theta", "qk_norm",
+              "tie_word_embeddings", "attention_bias", "sliding_window")
     assert {f: getattr(cfg, f) for f in fields} == {f: getattr(want_cfg, f) for f in fields}
     assert cfg.rms_norm_eps == pytest.approx(want_cfg.rms_norm_eps, rel=1e-6)  # GGUF's float32
     flat = lambda tree: {jax_path: np.asarray(v) for jax_path, v in _flatten(tree)}  # noqa: E731
     got, expected = flat(params), flat(want)
-    assert got.keys() == expected.keys() and "layers.attn.q_norm.weight" in got
+    assert got.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 

@@ -147,6 +147,77 @@ def test_round_trip_of_peft_made_adapter_is_bitwise(fixture, targets, save_kw, r
                                atol=1e-4, rtol=0)
 
 
+PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def test_phi3_export_is_peft_fused_layout_and_peft_computes_our_student(tiny_phi3, tmp_path):
+    """Phi-3 fuses q/k/v and gate/up: our per-part adapters go out as one adapter per fused
+    module of rank parts x r (rank_pattern, alpha_pattern), which real peft builds and loads."""
+    import peft
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    lm = student(tiny_phi3, ("q", "v", "o", "gate", "up", "down"))  # k: a zero block
+    out = save_peft_adapter(tmp_path / "adapter", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                            lm.model.lora_config, str(tiny_phi3))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(conf["target_modules"]) == sorted(PHI3_MODULES)
+    assert conf["rank_pattern"] == {"qkv_proj": 12, "gate_up_proj": 8}
+    assert conf["alpha_pattern"] == {"qkv_proj": 24.0, "gate_up_proj": 16.0}
+    ref = peft.get_peft_model(torch_base(tiny_phi3), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=PHI3_MODULES, rank_pattern=conf["rank_pattern"],
+        alpha_pattern=conf["alpha_pattern"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    ours = load_file(str(out / "adapter_model.safetensors"))
+    want_shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(ref).items()}
+    assert {k: tuple(v.shape) for k, v in ours.items()} == want_shapes
+
+    peft_model = PeftModel.from_pretrained(torch_base(tiny_phi3), str(out)).eval()
+    got, want = torch_logits(peft_model), jax_logits(lm.model)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(got - torch_logits(torch_base(tiny_phi3))).max() > 0.1
+
+    loaded = load_model(str(tiny_phi3), adapter=out)  # back: the k part adapts nothing
+    assert set(loaded.model.lora_config.targets) == set(PROJECTIONS)
+    np.testing.assert_allclose(jax_logits(loaded.model), want, atol=1e-6, rtol=0)
+
+
+def test_phi3_adapter_made_by_peft_loads_as_the_same_student(tiny_phi3, tmp_path):
+    """peft's own Phi-3 LoRA (one A shared by q/k/v, rank r) is split exactly into our parts."""
+    import peft
+
+    model = peft.get_peft_model(torch_base(tiny_phi3), peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=PHI3_MODULES, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "peft"))
+    lm = load_model(str(tiny_phi3), adapter=tmp_path / "peft")
+    assert (lm.model.lora_config.rank, set(lm.model.lora_config.targets)) == (3, set(PROJECTIONS))
+    want = torch_logits(model.eval())
+    np.testing.assert_allclose(jax_logits(lm.model), want, atol=1e-4, rtol=0)
+    # Out again in our layout (rank 9 on qkv_proj), which peft computes the same.
+    from peft import PeftModel
+
+    again = save_peft_adapter(tmp_path / "ours", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                              lm.model.lora_config, str(tiny_phi3))
+    reloaded = PeftModel.from_pretrained(torch_base(tiny_phi3), str(again)).eval()
+    np.testing.assert_allclose(torch_logits(reloaded), want, atol=1e-4, rtol=0)
+
+
+def test_phi3_fused_adapter_that_is_no_sum_of_parts_is_refused(tiny_phi3, tmp_path):
+    lm = student(tiny_phi3, PROJECTIONS)
+    out = save_peft_adapter(tmp_path / "adapter", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                            lm.model.lora_config, str(tiny_phi3))
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"
+    tensors[key][0, -1] = 1.0  # a q row reading v's block
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="qkv_proj: rank 12 but not block-diagonal over q, k, v"):
+        load_peft_adapter(out, lm.cfg)
+
+
 def test_peft_copy_of_base_head_is_ignored(tiny_qwen2, tmp_path):
     """peft's default save adds `lm_head.base_layer.weight` when lm_head is targeted."""
     targets = ("q", "lm_head")
