@@ -111,15 +111,17 @@ def tiny_phi3_lora(tiny_phi3):
     return load_model(tiny_phi3, LoraConfig(rank=8, alpha=16), with_tokenizer=False)
 
 
-@pytest.mark.parametrize("loaded", ["tiny_lora", "tiny_qwen3_lora", "tiny_phi3_lora"])
-def test_kl_falls_base_frozen_lora_trained_opt_state_lora_only(loaded, request):
+# The first KL must show something to learn; tiny_phi3's random teacher/student gap starts lower.
+@pytest.mark.parametrize("loaded, first_kl", [("tiny_lora", 0.01), ("tiny_qwen3_lora", 0.01),
+                                              ("tiny_phi3_lora", 0.005)])
+def test_kl_falls_base_frozen_lora_trained_opt_state_lora_only(loaded, first_kl, request):
     cfg = train_config(weight_decay=0.1)
     loaded, mesh, graphdef, base, state, opt = setup(request.getfixturevalue(loaded), cfg)
     base_before = jax.tree.map(np.array, base)
     lora_before = jax.tree.map(np.array, state.lora)
     step = make_train_step(graphdef, opt, cfg, mesh)
     state, hist = run_steps(step, state, base, random_batch(1, loaded.cfg.vocab_size, 4), 8)
-    assert hist[0]["loss"] > 0.005  # teacher and student differ (tiny_phi3 starts near 0.01)
+    assert hist[0]["loss"] > first_kl
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], [h["loss"] for h in hist]
     assert int(state.step) == 8 and hist[0]["lr"] == pytest.approx(cfg.lr)
 
