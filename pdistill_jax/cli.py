@@ -71,6 +71,25 @@ def prepare_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _cluster() -> tuple[int, int] | None:
+    """(this process's index, process count) in a multi-process JAX run, else None."""
+    jax = sys.modules.get("jax")  # a command that never imported jax runs on no cluster
+    if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
+        return None
+    return jax.process_index(), jax.process_count()
+
+
+def _exit_now(status: int) -> None:
+    """Ends a failed process of a cluster at once. A normal exit would wait in JAX's shutdown
+    barrier for the other processes: when one of them died (the usual reason a collective fails),
+    that waits for its heartbeat timeout (100 s) and then aborts with a C++ stack trace, long after
+    the error was printed. Exiting now also ends the peers: their next collective, or the
+    coordinator's heartbeat, fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     prepare_environment()
     stop_cleanly_on_sigterm()
@@ -81,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input is reported as one line naming the problem; tracebacks are for bugs.
-        print(f"pdistill {args.command}: error: {e}", file=sys.stderr)
+        cluster = _cluster()
+        where = "" if cluster is None else (
+            f" (process {cluster[0]} of {cluster[1]}: this run of the cluster ends; when a process "
+            "died, relaunch every process, with --resume to continue from the last checkpoint)")
+        print(f"pdistill {args.command}: error: {e}{where}", file=sys.stderr)
+        if cluster is not None:
+            _exit_now(2)
         return 2
     except KeyboardInterrupt as e:
         how, status = interrupt_exit(e)

@@ -14,6 +14,10 @@ Model FLOPs counted per step (stated, not measured; the usual "6N" convention):
 LoRA matmuls are left out (< 2% at rank 16). Because base weights are frozen, the backward pass
 really does only ~1x forward (no weight gradients), so the hardware does ~2/3 of the counted
 student work; the reported model FLOP/s is therefore a convention, not hardware utilisation.
+What the hardware computes is counted apart: computed = forward(teacher) + 2 * forward(student)
+(the backward through frozen weights needs the input gradients only; with --first-layer F it stops
+at layer F, so the second student forward counts layers F.. only). The same run measures this
+machine's f32 matmul peak (as --matmul-peak) and reports computed FLOP/s as a fraction of it.
 
 Usage:
   python scripts/bench_step.py [--batch 8 --doc-tokens 256 --qa-tokens 64 --answer-tokens 32
@@ -49,16 +53,31 @@ def matmul_peak(n: int, repeats: int = 5) -> dict:
             "flops_per_s": 2 * n ** 3 / med}
 
 
-def model_flops(cfg, batch: int, teacher_len: int, student_len: int, answer: int) -> float:
+def _forward_flops(cfg, batch: int, t: int, answer: int, layers: int | None = None) -> float:
+    """One forward pass of `batch` rows of t tokens through `layers` blocks (all by default) and
+    the LM head at `answer` positions."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    n_layers = cfg.num_layers * (d * qd + 2 * d * kd + qd * d + 3 * d * f)
+    layers = cfg.num_layers if layers is None else layers
+    block = d * qd + 2 * d * kd + qd * d + 3 * d * f
+    return batch * layers * (2 * block * t + 4 * cfg.num_heads * hd * t * t) \
+        + batch * 2 * d * cfg.vocab_size * answer
 
-    def forward(t: int) -> float:
-        return batch * (2 * n_layers * t + 4 * cfg.num_layers * cfg.num_heads * hd * t * t
-                        + 2 * d * cfg.vocab_size * answer)
 
-    return forward(teacher_len) + 3 * forward(student_len)
+def model_flops(cfg, batch: int, teacher_len: int, student_len: int, answer: int) -> float:
+    """The "6N" convention: teacher forward + 3 x student forward."""
+    return (_forward_flops(cfg, batch, teacher_len, answer)
+            + 3 * _forward_flops(cfg, batch, student_len, answer))
+
+
+def computed_flops(cfg, batch: int, teacher_len: int, student_len: int, answer: int,
+                   first_layer: int = 0) -> float:
+    """What the step computes with frozen base weights: the teacher's forward, the student's, and
+    the student's input-gradient backward (about one more forward, from the adapter's first
+    layer up)."""
+    return (_forward_flops(cfg, batch, teacher_len, answer)
+            + _forward_flops(cfg, batch, student_len, answer)
+            + _forward_flops(cfg, batch, student_len, answer, cfg.num_layers - first_layer))
 
 
 def main() -> None:
@@ -126,6 +145,8 @@ def main() -> None:
         losses.append(float(metrics["loss"]))
     med = statistics.median(times)
     flops = model_flops(mcfg, b, d + q, q, n_ans)
+    computed = computed_flops(mcfg, b, d + q, q, n_ans, a.first_layer)
+    peak = matmul_peak(a.matmul_size)["flops_per_s"]
     print(json.dumps({
         "impl": "pdistill_jax", "jax": jax.__version__, "platform": jax.devices()[0].platform,
         "devices": jax.device_count(), "model": a.model, "dtype": a.dtype, "remat": a.remat,
@@ -134,7 +155,10 @@ def main() -> None:
         "first_step_s": round(compile_s, 2), "step_s_median": round(med, 3),
         "step_s_min": round(min(times), 3), "examples_per_s": round(b / med, 3),
         "answer_tokens_per_s": round(b * n_ans / med, 1), "model_flops_per_step": flops,
-        "model_flops_per_s": flops / med, "losses": [round(x, 5) for x in losses]}))
+        "model_flops_per_s": flops / med, "computed_flops_per_step": computed,
+        "computed_flops_per_s": computed / med, "matmul_peak_flops_per_s": peak,
+        "fraction_of_matmul_peak": round(computed / med / peak, 3),
+        "losses": [round(x, 5) for x in losses]}))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ document with several questions (the teacher's answers, RAG), one prompt sampled
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +116,35 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
     return final[5], (final[7] if keep_hidden else None)
 
 
+@dataclasses.dataclass
+class TokenCounts:
+    """What the generate calls inside `count_tokens()` did: prompts read, tokens generated (an
+    end token counts: it was decoded), and the batch slots the decode steps ran, i.e. batch size x
+    the longest row's steps summed over batches; new_tokens / slot_steps is how much of the static
+    batches' work was used."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    slot_steps: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_COUNTS: contextvars.ContextVar[TokenCounts | None] = contextvars.ContextVar("counts", default=None)
+
+
+@contextlib.contextmanager
+def count_tokens() -> Iterator[TokenCounts]:
+    """Counts the work of every `generate` call made inside it (for per-stage throughput)."""
+    counts = TokenCounts()
+    token = _COUNTS.set(counts)
+    try:
+        yield counts
+    finally:
+        _COUNTS.reset(token)
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              end_ids: Sequence[int], seed: int = 0, batch_size: int = 16, use_lora: bool = True,
              temperatures: Sequence[float] | None = None, keep_hidden: bool = False,
@@ -160,12 +191,19 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             keep_hidden=keep_hidden)
         out, kept = np.asarray(out), (None if kept is None else np.asarray(kept))
         end_set = set(int(e) for e in end_ids)
+        decoded = []
         for row, i in enumerate(idx):
             seq = [int(t) for t in out[row] if t >= 0]
             cut = next((j for j, t in enumerate(seq) if t in end_set), None)
+            decoded.append(len(seq) if cut is None else cut + 1)
             seq = seq if cut is None else seq[:cut]
             hidden = None if kept is None else kept[row, :len(seq) + 1].copy()
             results[i] = Completion(seq, cut is not None, hidden)
+        counts = _COUNTS.get()
+        if counts is not None:
+            counts.prompt_tokens += sum(len(keyed[i]) for i in idx)
+            counts.new_tokens += sum(decoded)
+            counts.slot_steps += batch_size * max(decoded)
         if progress is not None:
             progress(len(idx))
     return results  # type: ignore[return-value]

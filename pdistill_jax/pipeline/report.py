@@ -33,7 +33,9 @@ def write_reports(out: Path, cfg: RunConfig, stages: Sequence[Stage],
     summary = summarize(results, cover)
     summary["exposures_per_fact"] = _exposures(question_sets["test"], rows, cfg)
     # the time each stage took when it was made, so an unchanged rerun rewrites the same report
-    summary["timings_s"] = {s.name: (read_record(s) or {}).get("seconds") for s in stages}
+    records = {s.name: read_record(s) or {} for s in stages}
+    summary["timings_s"] = {name: r.get("seconds") for name, r in records.items()}
+    summary["throughput"] = _throughput(out, records)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(out, cfg, summary, results, cover)
     return summary
@@ -49,6 +51,48 @@ def _exposures(questions: list[dict], rows: list[dict], cfg: RunConfig) -> dict:
     sft_rows = [{**r, "answer": r.get("sft_answer") or r["answer"]} for r in rows]
     return {"pd": round(exposures(questions, rows, cfg.pd.epochs)["mean"], 2),
             "sft": round(exposures(questions, sft_rows, cfg.sft.epochs)["mean"], 2)}
+
+
+def _throughput(out: Path, records: dict[str, dict]) -> dict:
+    """Per stage: tokens generated per second and how much of the decode batches' slots they used
+    (sampling stages), or training examples per second (the steady rate, compile excluded, from
+    the trainer's summary.json)."""
+    rates = {}
+    for name, record in records.items():
+        seconds, work = record.get("seconds"), record.get("work") or {}
+        if name.startswith("train_"):
+            summary = out / name / "summary.json"
+            if summary.exists():
+                train = json.loads(summary.read_text())
+                rates[name] = {"steps": train.get("steps"), "examples_per_s": train.get("examples_per_s")}
+        elif seconds and work.get("new_tokens"):
+            rates[name] = {"new_tokens": work["new_tokens"],
+                           "new_tokens_per_s": round(work["new_tokens"] / seconds, 1),
+                           "batch_use": round(work["new_tokens"] / work["slot_steps"], 3)}
+    return rates
+
+
+def _time_lines(summary: dict) -> list[str]:
+    """The report's table of where the run's time went."""
+    times, rates = summary.get("timings_s", {}), summary.get("throughput", {})
+    known = [t for t in times.values() if t is not None]
+    lines = ["", "## Time", "", f"{sum(known):.0f} s in the stages made by this run's command(s). "
+             "Sampling stages: tokens generated per second, and the share of the static decode "
+             "batches' slots those tokens used (the rest waited for the batch's longest row). "
+             "Training: examples per second after compilation.", "",
+             "| stage | seconds | share | throughput |", "|---|---|---|---|"]
+    for name, seconds in times.items():
+        rate = rates.get(name, {})
+        if "new_tokens_per_s" in rate:
+            speed = (f"{rate['new_tokens']} tokens, {rate['new_tokens_per_s']:g} tokens/s, "
+                     f"{100 * rate['batch_use']:.0f}% of batch slots used")
+        elif rate.get("examples_per_s") is not None:
+            speed = f"{rate['steps']} steps, {rate['examples_per_s']:g} examples/s"
+        else:
+            speed = ""
+        share = f"{100 * seconds / sum(known):.0f}%" if seconds is not None and sum(known) else ""
+        lines.append(f"| {name} | {'' if seconds is None else f'{seconds:g}'} | {share} | {speed} |")
+    return lines
 
 
 def _epochs(n: int) -> str:
@@ -130,5 +174,5 @@ def write_report(out: Path, cfg: RunConfig, summary: dict, results: dict, cover:
                   f"{seen['pd']:g} ({_epochs(cfg.pd.epochs)}), SFT {seen['sft']:g} "
                   f"({_epochs(cfg.sft.epochs)}). Storing a fact takes many exposures: this says "
                   "how far a recipe is from enough."]
-    lines += ["", f"Timings (s): {json.dumps(summary.get('timings_s', {}))}", ""]
+    lines += _time_lines(summary) + [""]
     write_text_atomic(out / "report.md", "\n".join(lines))

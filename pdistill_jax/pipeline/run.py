@@ -151,17 +151,22 @@ def _evaluate(run: _Inputs, stage: Stage, name: str, judged: bool) -> None:
     write_results(stage.output, *evaluate(questions, predictions, judge))
 
 
-def _do(run: _Inputs, stage: Stage) -> None:
-    """The work of one stage, by its name ("generate", "train_pd", "answer NAME", ...)."""
+def _do(run: _Inputs, stage: Stage) -> dict | None:
+    """The work of one stage, by its name ("generate", "train_pd", "answer NAME", ...); returns
+    the tokens its sampling read and generated, for the report's throughput table."""
+    from pdistill_jax.model.sampler import count_tokens
+
     kind, _, name = stage.name.partition(" ")
-    if kind == "generate":
-        _generate(run, stage)
-    elif kind.startswith("train_"):
-        _train(run, stage, kind[len("train_"):])
-    elif kind == "answer":
-        _answer(run, stage, name)
-    else:
-        _evaluate(run, stage, name, judged=kind == "judge")
+    with count_tokens() as counts:
+        if kind == "generate":
+            _generate(run, stage)
+        elif kind.startswith("train_"):
+            _train(run, stage, kind[len("train_"):])
+        elif kind == "answer":
+            _answer(run, stage, name)
+        else:
+            _evaluate(run, stage, name, judged=kind == "judge")
+    return counts.as_dict() if counts.new_tokens else None
 
 
 def _prepare(cfg: RunConfig, stages: list[Stage], out: Path) -> dict[str, str]:

@@ -7,7 +7,9 @@ Every stage (generate, train_pd, train_sft, each `answer NAME`, each `evaluate N
 its result (the config fields it reads, the model spec and its weights file's identity, the
 sha256 of the documents or questions file it reads) and the fingerprints of the stages whose
 output it consumes; its fingerprint is the hash of both. The record is written, atomically, with
-`complete: false` when the stage starts and with `complete: true` when it has finished.
+`complete: false` when the stage starts and with `complete: true` when it has finished (then with
+the seconds it took and, for a stage that samples, the tokens it read and generated: the report's
+throughput).
 
 Before any work, every stage's fingerprint is compared with its record:
 
@@ -75,9 +77,12 @@ def read_record(stage: Stage) -> dict | None:
     return record if isinstance(record, dict) else {}
 
 
-def write_record(stage: Stage, complete: bool, seconds: float | None = None) -> None:
+def write_record(stage: Stage, complete: bool, seconds: float | None = None,
+                 work: dict | None = None) -> None:
     record = {"stage": stage.name, "fingerprint": stage.fingerprint, "complete": complete,
               "seconds": seconds, "settings": stage.settings, "inputs": stage.inputs}
+    if work:
+        record["work"] = work
     write_text_atomic(stage.record, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -146,16 +151,17 @@ def clear(stage: Stage) -> None:
     stage.record.unlink(missing_ok=True)
 
 
-def execute(stage: Stage, work: Callable[[], None]) -> float:
-    """Runs the stage's work between its two records; returns the seconds it took."""
+def execute(stage: Stage, work: Callable[[], dict | None]) -> float:
+    """Runs the stage's work between its two records; returns the seconds it took. What the work
+    returns (counts of what it did, e.g. tokens generated) is kept in the record as "work"."""
     write_record(stage, complete=False)
     start = time.perf_counter()
     try:
-        work()
+        done = work()
     except BaseException:
         if not stage.output.exists():  # nothing was made: leave no record of it either
             stage.record.unlink(missing_ok=True)
         raise
     seconds = round(time.perf_counter() - start, 1)
-    write_record(stage, complete=True, seconds=seconds)
+    write_record(stage, complete=True, seconds=seconds, work=done)
     return seconds

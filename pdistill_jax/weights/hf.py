@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pdistill_jax.config import ModelConfig
-from pdistill_jax.weights.names import IGNORED_HF, Fused, expected_shapes, fused_of, match_hf
+from pdistill_jax.weights.names import IGNORED_HF, expected_shapes, fused_of, match_hf
 
 
 def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=np.float32,
@@ -61,15 +61,11 @@ def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dt
     return _nest(flat)
 
 
-def _fused_pattern(fused: Fused) -> re.Pattern:
-    return re.compile(re.escape(fused.hf_module).replace(r"\{i\}", r"(\d+)") + r"\.weight")
-
-
 def split_fused(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
                 source: str = "checkpoint") -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) pairs with each fused weight of `cfg`'s family (`names.FUSED`) split into
     its parts under their unfused Hugging Face names; other tensors pass through."""
-    patterns = [(_fused_pattern(f), f) for f in fused_of(cfg)]
+    patterns = [(f.weight_pattern, f) for f in fused_of(cfg)]
     for name, array in tensors:
         for pattern, fused in patterns:
             m = pattern.fullmatch(name)

@@ -83,7 +83,12 @@ TENSORS: tuple[Tensor, ...] = (
 BY_PATH = {t.ours: t for t in TENSORS}
 # Tensors that HF checkpoints may carry and that no model of ours uses.
 IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
-_HF_PATTERNS = [(re.compile(re.escape(t.hf).replace(r"\{i\}", r"(\d+)")), t) for t in TENSORS]
+def layer_pattern(template: str) -> re.Pattern:
+    """A name template ("model.layers.{i}.x") as a regex whose group 1 is the layer index."""
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)"))
+
+
+_HF_PATTERNS = [(layer_pattern(t.hf), t) for t in TENSORS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,16 @@ class Fused:
 
     def hf_name(self, layer: int) -> str:
         return f"{self.hf_module.format(i=layer)}.weight"
+
+    @property
+    def module_name(self) -> str:
+        """The module's own name, as PEFT's target_modules and rank_pattern give it ("qkv_proj")."""
+        return self.hf_module.split(".")[-1]
+
+    @property
+    def weight_pattern(self) -> re.Pattern:
+        """Matches the fused weight's Hugging Face name; group 1 is the layer."""
+        return layer_pattern(self.hf_module + ".weight")
 
     def part_modules(self, layer: int) -> list[str]:
         """The unfused Hugging Face module paths of the parts (as `TENSORS` names them)."""

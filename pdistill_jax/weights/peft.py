@@ -64,15 +64,11 @@ def _fused_by_part(cfg: ModelConfig) -> dict[str, Fused]:
     return {part: fused for fused in fused_of(cfg) for part in fused.parts}
 
 
-def _fused_name(fused: Fused) -> str:
-    return fused.hf_module.split(".")[-1]
-
-
 def target_modules(cfg: ModelConfig, targets) -> list[str]:
     """PEFT's target_modules for our targets on `cfg`'s family (fused modules named once)."""
     by_part, out = _fused_by_part(cfg), []
     for t in targets:
-        name = _fused_name(by_part[t]) if t in by_part else HF_MODULE[t]
+        name = by_part[t].module_name if t in by_part else HF_MODULE[t]
         if name not in out:
             out.append(name)
     return out
@@ -172,7 +168,7 @@ def _split_fused_lora(a: np.ndarray, b: np.ndarray, fused: Fused, cfg: ModelConf
         return [(a.T, part.T) for part in rows]
     if a.shape[0] != n * r:
         raise ValueError(f"{key}: rank {a.shape[0]}, expected r={r} or {n} x r={n * r} "
-                         f"({_fused_name(fused)} fuses {', '.join(fused.parts)})")
+                         f"({fused.module_name} fuses {', '.join(fused.parts)})")
     out = []
     for j, part in enumerate(rows):
         cols = slice(j * r, (j + 1) * r)
@@ -267,8 +263,8 @@ def peft_config_dict(lora: LoraConfig, base_model: str, cfg: ModelConfig) -> dic
         "modules_to_save": None,
         "layers_to_transform": list(range(lora.first_layer, num_layers)) if lora.first_layer else None,
         "layers_pattern": None,
-        "rank_pattern": {_fused_name(f): len(f.parts) * lora.rank for f in fused},
-        "alpha_pattern": {_fused_name(f): len(f.parts) * lora.alpha for f in fused},
+        "rank_pattern": {f.module_name: len(f.parts) * lora.rank for f in fused},
+        "alpha_pattern": {f.module_name: len(f.parts) * lora.alpha for f in fused},
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -283,7 +279,7 @@ def _modules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], list[str]]]:
     adapt on `cfg`'s family: one per target, or one per fused group (`names.FUSED`)."""
     by_part = _fused_by_part(cfg)
     out = [(HF_MODULE[t], (t,), hf_module_paths(cfg, t)) for t in LORA_TARGETS if t not in by_part]
-    out += [(_fused_name(f), f.parts, [f.hf_module.format(i=i) for i in range(cfg.num_layers)])
+    out += [(f.module_name, f.parts, [f.hf_module.format(i=i) for i in range(cfg.num_layers)])
             for f in fused_of(cfg)]
     return out
 

@@ -5,7 +5,7 @@ import torch
 
 from pdistill_jax.weights.load import load_model
 from pdistill_jax.model.prefill import PROMPT_MIN_WIDTH, bucket_length as ladder
-from pdistill_jax.model.sampler import generate
+from pdistill_jax.model.sampler import count_tokens, generate
 from pdistill_jax.config import SamplingParams
 from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
@@ -53,9 +53,19 @@ def _check_greedy_matches_transformers(path, lm, prompts, end):
 def test_batched_padded_equals_one_by_one(setup):
     _, lm, prompts, end = setup
     params = SamplingParams(max_new_tokens=16)
-    together = generate(lm.model, prompts, params, end_ids=end, batch_size=8)
-    for i, p in enumerate(prompts):
-        assert generate(lm.model, [p], params, end_ids=end, batch_size=1)[0] == together[i]
+    with count_tokens() as batched:
+        together = generate(lm.model, prompts, params, end_ids=end, batch_size=8)
+    with count_tokens() as alone:
+        for i, p in enumerate(prompts):
+            with count_tokens() as inner:  # the innermost counter counts
+                assert generate(lm.model, [p], params, end_ids=end, batch_size=1)[0] == together[i]
+            assert inner.prompt_tokens == len(p)
+    # the counts (per-stage throughput): an end token was decoded too; a static batch of 8 runs
+    # 8 slots for as many steps as its longest row
+    decoded = [len(c.tokens) + c.finished for c in together]
+    assert batched.as_dict() == {"prompt_tokens": sum(map(len, prompts)),
+                                 "new_tokens": sum(decoded), "slot_steps": 8 * max(decoded)}
+    assert alone.as_dict() == {"prompt_tokens": 0, "new_tokens": 0, "slot_steps": 0}
 
 
 def test_sampling_is_seeded_and_row_independent(setup):

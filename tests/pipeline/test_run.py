@@ -76,6 +76,14 @@ def test_run_writes_every_stage_and_a_report(run_dir):
         f"{kind} {name}" for kind in ("answer", "evaluate") for name in CONDITIONS}
     report = (out / "report.md").read_text()
     assert "| pd_closed_book | pd | none |" in report and "Coverage" in report
+    # where the time went: tokens/s of each sampling stage, examples/s of each training
+    rates = summary["throughput"]
+    record = json.loads((out / "predictions" / "pd_closed_book.stage.json").read_text())
+    assert rates["answer pd_closed_book"]["new_tokens"] == record["work"]["new_tokens"] > 0
+    assert 0 < rates["answer pd_closed_book"]["batch_use"] <= 1
+    assert rates["generate"]["new_tokens"] > 0 and "evaluate rag_gold" not in rates
+    assert rates["train_pd"]["steps"] == json.loads((out / "train_pd" / "summary.json").read_text())["steps"]
+    assert "## Time" in report and "| answer pd_closed_book |" in report and "tokens/s" in report
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cover = json.loads((out / "coverage.json").read_text())
     assert cover["n_questions"] == len(TESTS)
