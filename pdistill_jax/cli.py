@@ -17,6 +17,8 @@ COMMANDS = {
     "answer": ("answer", "answer questions, closed-book or with documents in the prompt"),
     "evaluate": ("evaluate", "score predictions (normalized match, token F1, LLM judge) in a table"),
     "export": ("export", "export an adapter as a PEFT folder or merged Hugging Face model"),
+    "plan": ("plan", "compile the training step and sampler for a model config and mesh on fake "
+                     "CPU devices, without weights: per-device memory, FLOPs, weight shardings"),
     "run": ("run", "the whole pipeline from a config: generate, train, answer, evaluate, report"),
     "models": ("models", "list the registered models: what each is, where it comes from, "
                          "whether it is in the cache"),
@@ -101,11 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input is reported as one line naming the problem; tracebacks are for bugs.
         cluster = _cluster()
+        resume = ("with --resume to continue from the last checkpoint" if args.command == "train"
+                  else "the same command resumes from what the processes wrote")
         where = "" if cluster is None else (
             f" (process {cluster[0]} of {cluster[1]}: this run of the cluster ends; when a process "
-            "died, relaunch every process, with --resume to continue from the last checkpoint)")
+            f"died, relaunch every process, {resume})")
         print(f"pdistill {args.command}: error: {e}{where}", file=sys.stderr)
         if cluster is not None:
+            from pdistill_jax.model.sharding import report_failure
+
+            report_failure(str(e))  # the peers waiting at a barrier end at once
             _exit_now(2)
         return 2
     except KeyboardInterrupt as e:

@@ -36,7 +36,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+HIDDEN_ACTS = ("silu", "gelu_tanh")  # the MLP gate's activation; gelu_tanh = GELU, tanh approximation
+LAYER_TYPES = ("sliding_attention", "full_attention")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 
@@ -204,8 +206,8 @@ def coerce_fields(cfg) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer covering the Llama family (Llama 2/3/3.2, Mistral, SmolLM2),
-    Qwen2, Qwen3 and Phi-3 (whose fused qkv and gate_up weights are split at load,
-    `weights.names.FUSED`)."""
+    Qwen2, Qwen3, Phi-3 (whose fused qkv and gate_up weights are split at load,
+    `weights.names.FUSED`) and Gemma 3 (text: the fields from `hidden_act` on)."""
 
     model_type: str
     vocab_size: int
@@ -226,6 +228,17 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Gemma 3; the defaults are every other family's model.
+    hidden_act: str = "silu"
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), in float32
+    sandwich_norms: bool = False  # RMSNorms on the attention and MLP outputs too, before the residual
+    query_pre_attn_scalar: float | None = None  # scores are q.k / sqrt(this); None = head_dim
+    # One LAYER_TYPES entry per layer: sliding layers see `sliding_window` slots with RoPE base
+    # `rope_local_theta` (no scaling); full layers see everything with rope_theta/rope_scaling.
+    # None = every layer alike (the window, if any, on all of them).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
         # Values come from a checkpoint's own config (numpy ints from GGUF included): checked,
@@ -241,6 +254,30 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise _fail("num_kv_heads", f"a divisor of num_heads={self.num_heads}",
                         self.num_kv_heads)
+        check_choice(self, "hidden_act", HIDDEN_ACTS)
+        if self.query_pre_attn_scalar is not None:
+            check_range(self, "query_pre_attn_scalar", 0, low_open=True)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or \
+                    any(t not in LAYER_TYPES for t in self.layer_types):
+                raise _fail("layer_types", f"a list of {self.num_layers} of "
+                            f"{', '.join(LAYER_TYPES)} (one per layer)", list(self.layer_types))
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise _fail("sliding_window", "set when layer_types has sliding_attention layers",
+                            None)
+            if self.rope_local_theta is None:
+                raise _fail("rope_local_theta", "set when layer_types is", None)
+            check_range(self, "rope_local_theta", 0, low_open=True)
+
+    def __hash__(self) -> int:
+        # The model's static config is hashed by jit (graph definitions); rope_scaling is a dict
+        # and eos_token_id may be a list, so the generated field-tuple hash would fail on them.
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are divided by: sqrt(query_pre_attn_scalar or head_dim)."""
+        return math.sqrt(self.query_pre_attn_scalar or self.head_dim)
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -255,14 +292,37 @@ class ModelConfig:
                       "num_attention_heads"):
             if field not in hf:
                 raise ValueError(f"{source}: missing field {field!r}")
-        if hf.get("hidden_act", "silu") != "silu":
+        gemma = model_type == "gemma3_text"
+        if gemma:
+            for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+                if hf.get(field) is not None:
+                    raise ValueError(f"{source}: {field}={hf[field]} is not supported (no "
+                                     "soft-capping here); only null")
+            if hf.get("use_bidirectional_attention"):
+                raise ValueError(f"{source}: use_bidirectional_attention=true is not supported "
+                                 "(a causal decoder only); set it to false")
+            act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+            if act != "gelu_pytorch_tanh":
+                raise ValueError(f"{source}: hidden_activation={act!r} is not supported; only "
+                                 "'gelu_pytorch_tanh'")
+        elif hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; only 'silu'")
         if hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported (every layer "
                              "here attends to the whole sequence); set it to false")
-        # transformers v5 moved rope_theta/rope_scaling into one `rope_parameters` dict.
+        # transformers v5 moved rope_theta/rope_scaling into one `rope_parameters` dict (Gemma 3:
+        # one per layer type; v4 had rope_local_base_freq for its sliding layers).
         rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        local_theta = None
+        if gemma:
+            local = dict(rope.pop("sliding_attention", None) or {})
+            rope = dict(rope.pop("full_attention", None) or rope)
+            local_theta = local.pop("rope_theta", None) or hf.get("rope_local_base_freq", 10000.0)
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"{source}: rope_parameters.sliding_attention.rope_type="
+                                 f"{local['rope_type']!r} is not supported; only default")
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or \
+            (1_000_000.0 if gemma else 10000.0)
         partial = rope.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
             raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (RoPE "
@@ -277,6 +337,17 @@ class ModelConfig:
                     "use default, linear or llama3"
                 )
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        gemma_fields = {}
+        if gemma:
+            layer_types = hf.get("layer_types")
+            if layer_types is None:  # older configs: every `sliding_window_pattern`-th layer is full
+                pattern = int(hf.get("sliding_window_pattern", 6))
+                layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                               for i in range(int(hf["num_hidden_layers"]))]
+            gemma_fields = dict(
+                hidden_act="gelu_tanh", scale_embeddings=True, norm_plus_one=True,
+                sandwich_norms=True, query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+                layer_types=tuple(layer_types), rope_local_theta=float(local_theta))
         heads = hf["num_attention_heads"]
         try:
             return cls(
@@ -291,15 +362,16 @@ class ModelConfig:
                 rope_theta=float(theta),
                 rope_scaling=scaling,
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
                 attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-                qk_norm=model_type == "qwen3",
+                qk_norm=model_type in ("qwen3", "gemma3_text"),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
                 # Qwen2/3 carry a sliding_window that only use_sliding_window (refused) enables.
-                sliding_window=(hf.get("sliding_window") if model_type in ("mistral", "phi3")
-                                else None),
+                sliding_window=(hf.get("sliding_window", 4096 if gemma else None)
+                                if model_type in ("mistral", "phi3", "gemma3_text") else None),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
+                **gemma_fields,
             )
         except FieldError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -308,7 +380,7 @@ class ModelConfig:
         """The Hugging Face `config.json` this architecture corresponds to (for merged export)."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "phi3": "Phi3ForCausalLM"}[self.model_type]
+                "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[self.model_type]
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
@@ -338,6 +410,19 @@ class ModelConfig:
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = False
+        if self.model_type == "gemma3_text":
+            del out["hidden_act"], out["rope_theta"]
+            out.pop("rope_scaling", None)
+            out.update(
+                hidden_activation="gelu_pytorch_tanh", attention_bias=self.attention_bias,
+                sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                # transformers' strict config takes an int here, as Gemma 3 configs write it
+                query_pre_attn_scalar=(int(self.query_pre_attn_scalar)
+                                       if float(self.query_pre_attn_scalar).is_integer()
+                                       else self.query_pre_attn_scalar),
+                rope_parameters={"full_attention": rope, "sliding_attention": {
+                    "rope_type": "default", "rope_theta": self.rope_local_theta}},
+                attn_logit_softcapping=None, final_logit_softcapping=None)
         return out
 
 

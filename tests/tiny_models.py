@@ -45,13 +45,22 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
+# tiny_gemma3's settings: windowed layers around a full one, each type with its own RoPE (the
+# full one linearly scaled, as in Gemma 3 4B and up), a query scale apart from head_dim.
+GEMMA3 = dict(
+    num_hidden_layers=4, sliding_window=6, query_pre_attn_scalar=24,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})
+
+
 def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int = 0, **overrides):
-    """Saves a tiny random `arch` model (llama | qwen2 | qwen3 | mistral | phi3) plus tokenizer into
-    out_dir."""
+    """Saves a tiny random `arch` model (llama | qwen2 | qwen3 | mistral | phi3 | gemma3) plus
+    tokenizer into out_dir."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     out_dir = Path(out_dir)
     tok = build_tokenizer(out_dir)
@@ -59,17 +68,21 @@ def build_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int
               num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=tie,
               max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
               bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "gemma3":  # its config's defaults are a 2B model's
+        kw.update(head_dim=kw["hidden_size"] // kw["num_attention_heads"])
     kw.update(overrides)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "qwen3": (Qwen3Config, Qwen3ForCausalLM),
            "mistral": (MistralConfig, MistralForCausalLM),
-           "phi3": (Phi3Config, Phi3ForCausalLM)}[arch]
+           "phi3": (Phi3Config, Phi3ForCausalLM),
+           "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                # Gemma stores a norm's scale as its offset from 1.
+                p.copy_((0.0 if arch == "gemma3" else 1.0) + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     model.save_pretrained(str(out_dir))
@@ -152,7 +165,8 @@ LLAMA2_TEMPLATE = (
 
 
 def write_tokenizer_gguf(path: Path, kind: str = "gpt2", pre: str | None = None,
-                         add_bos: bool | None = None, chat_template: str | None = CHATML) -> Path:
+                         add_bos: bool | None = None, chat_template: str | None = CHATML,
+                         add_space_prefix: bool | None = None) -> Path:
     """A GGUF file whose metadata holds a tiny tokenizer, written as llama.cpp's converter does:
     kind "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2; `pre` names the split) or
     "llama" (a sentencepiece vocabulary with scores and no merges: Llama 2, Mistral)."""
@@ -187,6 +201,8 @@ def write_tokenizer_gguf(path: Path, kind: str = "gpt2", pre: str | None = None,
         tokens = ["<unk>", "a"]
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     _gguf_header(writer, len(tokens))

@@ -1,6 +1,5 @@
 """`pdistill answer`: answer test questions, closed-book or with documents in the prompt."""
 import dataclasses
-import sys
 from pathlib import Path
 
 from pdistill_jax.config import CONTEXTS, PROMPT_FORMATS, AnswerConfig, SamplingParams
@@ -12,7 +11,8 @@ def add_arguments(p):
     p.add_argument("--adapter", help="a training RUN folder or a PEFT adapter folder "
                                      "(default: none, the base model)")
     p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers"?, "doc_id"?}')
-    p.add_argument("--out", required=True, help="JSONL predictions, written atomically")
+    p.add_argument("--out", required=True, help="JSONL predictions, written atomically; the batches answered so far wait in "
+                        "OUT.parts/ (rerun the same command to resume)")
     p.add_argument("--docs", help=f"{DOCS_HELP}; needed by --context gold|bm25 (default: none)")
     p.add_argument("--context", choices=CONTEXTS, default=AnswerConfig.context,
                    help="what goes in the prompt: none (closed-book), the question's gold document "
@@ -49,10 +49,13 @@ def load_docs(spec: str) -> list[dict]:
 
 
 def main(args):
-    from tqdm import tqdm
+    from pdistill_jax.model.sharding import initialize_distributed, work_share
 
-    from pdistill_jax.files import check_output_file, read_jsonl_lines, write_jsonl_atomic
-    from pdistill_jax.infer.answer import QUESTIONS_SCHEMA, answer_questions, check_contexts
+    initialize_distributed()  # a cluster's processes each answer a share (before any JAX call)
+    work_share()
+
+    from pdistill_jax.files import check_output_file, read_jsonl_lines
+    from pdistill_jax.infer.answer import QUESTIONS_SCHEMA, answer_to_file, check_contexts, parts_dir
     from pdistill_jax.log import logger
     from pdistill_jax.weights.load import load_model
 
@@ -63,6 +66,9 @@ def main(args):
         max_new_tokens=args.max_new_tokens))
     questions_file = Path(args.questions)
     check_output_file(args.out, "--out", {"--questions": args.questions, "--docs": args.docs})
+    if parts_dir(args.out).exists() and not parts_dir(args.out).is_dir():
+        raise ValueError(f"{parts_dir(args.out)} is a file; answer keeps its unfinished batches "
+                         "there: move it or choose another --out")
     numbered = read_jsonl_lines(questions_file, QUESTIONS_SCHEMA, flag="--questions")
     if not numbered:
         raise ValueError(f"{args.questions}: no questions")
@@ -79,10 +85,10 @@ def main(args):
                                   "trained with (--system to ask under another)")
     else:
         lm = load_model(args.model)
-    with tqdm(total=len(questions), desc="answering", unit="q", file=sys.stderr,
-              disable=args.no_progress) as bar:
-        rows = answer_questions(lm, questions, dataclasses.replace(options, system=system),
-                                docs=docs, use_lora=bool(args.adapter), progress=bar.update,
-                                source=str(args.questions))
-    write_jsonl_atomic(Path(args.out), rows)
-    logger("answer").info(f"wrote {len(rows)} predictions to {args.out}")
+    answered = answer_to_file(lm, questions, dataclasses.replace(options, system=system), args.out,
+                              run={"model": str(args.model), "adapter": args.adapter},
+                              docs=docs, use_lora=bool(args.adapter),
+                              show_progress=not args.no_progress, source=str(args.questions))
+    count = work_share()[1]
+    logger("answer").info(f"wrote {len(questions)} predictions to {args.out}"  # process 0 only
+                          + (f" ({answered} answered by process 0 of {count})" if count > 1 else ""))

@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
 
     add_model_argument(p)
     p.add_argument("--docs", required=True, help=DOCS_HELP)
-    p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+    p.add_argument("--out", required=True, help="output folder; rerun the same command to resume "
+                                                "(on a cluster too: docs/distributed.md)")
     p.add_argument("--config", help="YAML file of GenerateConfig fields "
                                     "(configs/generate_default.yaml); flags override it "
                                     "(default: none, GenerateConfig's defaults)")
@@ -57,6 +58,11 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from pdistill_jax.model.sharding import initialize_distributed, work_share
+
+    initialize_distributed()  # a cluster's processes each generate a share (before any JAX call)
+    index, count = work_share()
+
     from pdistill_jax.config import GenerateConfig, load_yaml
     from pdistill_jax.datagen.generate import generate_data
 
@@ -67,6 +73,8 @@ def main(args) -> int:
         raise ValueError(f"--max-docs {args.max_docs}: must be >= 1")
     m = generate_data(args.model, args.docs, args.out, cfg, max_docs=args.max_docs,
                       show_progress=not args.no_progress)
+    if index != 0:  # process 0 reports for the cluster (as log.py does)
+        return 0
     c, y = m["counts"], m["parse_yield"]
     quota = f"{cfg.questions_per_doc} questions" if cfg.question_mode == "document" else \
         f"their quota, {c['question_quota']} questions in {c['spans']} spans"

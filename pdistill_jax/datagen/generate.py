@@ -18,10 +18,19 @@ appended to done.jsonl, so a kill loses at most the wave in flight; on restart a
 is dropped and qa rows of documents without a done line are removed. Every sampler call's seed
 is derived from (seed, stage, the wave's document ids, round), and a resumed run rebuilds the
 same waves, so it writes what the uninterrupted run would have written.
+
+On a cluster of P processes every process builds the same waves and takes every P-th of them
+(process i: waves i, i + P, ...), sampling on its own devices; it commits them to its own part,
+parts/process-<i>/ (qa.jsonl and done.jsonl as above). Once every process has passed the barrier
+after its share, process 0 folds the parts into qa.jsonl and done.jsonl in document order and
+writes dataset/ and manifest.json. A wave's rows do not depend on which process samples it, so
+the folder is the one-process folder (timings aside). A rerun first folds the parts of an
+interrupted cluster run in, so each process keeps the waves it committed.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -33,8 +42,8 @@ import numpy as np
 
 from pdistill_jax.config import GenerateConfig
 from pdistill_jax.datagen.answers import teacher_answers
-from pdistill_jax.datagen.dataset import (DATASET_DIR, DOCUMENTS_FILE, DONE_FILE, OUTPUT_FILES,
-                                          QA_FILE, TEST_QUESTIONS_FILE, check_settings,
+from pdistill_jax.datagen.dataset import (DATASET_DIR, DOCUMENTS_FILE, DONE_FILE, MANIFEST_FILE,
+                                          OUTPUT_FILES, QA_FILE, TEST_QUESTIONS_FILE, check_settings,
                                           has_committed, load_progress, run_settings, save_dataset)
 from pdistill_jax.datagen.documents import Document, chunk_document, load_documents
 from pdistill_jax.datagen.manifest import GenerationJob, Progress, write_manifest
@@ -46,6 +55,9 @@ from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, model_finge
                                                  save_teacher_states, teacher_sequence_key,
                                                  teacher_states_bytes)
 from pdistill_jax.files import append_jsonl_durable, write_jsonl_atomic
+from pdistill_jax.model.sharding import barrier, check_peers, work_share
+
+PARTS_DIR = "parts"  # parts/process-<i>/: the waves process i of a cluster committed
 
 
 def tests_for(tests: list[dict], sources: list[Document]) -> list[dict]:
@@ -77,9 +89,15 @@ def generate_data(model_spec: str | Path, docs_spec: str | Path, out_dir: str | 
     try:
         return _generate(model_spec, docs_spec, out, cfg, max_docs, show_progress)
     except BaseException:
-        if out.is_dir() and not has_committed(out):  # else a run to resume: kept
+        # else a run to resume: kept; on a cluster process 0 alone cleans up
+        if out.is_dir() and not _committed(out) and work_share()[0] == 0:
             _discard(out, None if before is None else set(os.listdir(out)) - before)
         raise
+
+
+def _committed(out: Path) -> bool:
+    parts = out / PARTS_DIR
+    return has_committed(out) or parts.is_dir() and any(has_committed(p) for p in parts.iterdir())
 
 
 def _discard(out: Path, names: Iterable[str] | None, *, drop_if_empty: bool = False) -> None:
@@ -264,38 +282,98 @@ def _generate(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: i
         for chunk in chunk_document(src, lm.tokenizer, cfg.chunk_tokens, cfg.chunk_overlap):
             docs.append(chunk)
             source_of[chunk.id] = src.id
-    write_jsonl_atomic(out / DOCUMENTS_FILE, [
-        {"id": d.id, "text": d.text, "title": d.title, "source_id": source_of[d.id]} for d in docs])
     if tests is not None:
         tests = tests_for(tests, sources)
-        write_jsonl_atomic(out / TEST_QUESTIONS_FILE, tests)
-    rows, done = load_progress(out)
+    index, count = work_share()
+    if index == 0:
+        write_jsonl_atomic(out / DOCUMENTS_FILE, [
+            {"id": d.id, "text": d.text, "title": d.title, "source_id": source_of[d.id]} for d in docs])
+        if tests is not None:
+            write_jsonl_atomic(out / TEST_QUESTIONS_FILE, tests)
+        rows, done, _ = fold_parts(out, docs)  # an interrupted cluster run's waves, and repairs
+    barrier("pdistill generate: progress repaired")
+    if index != 0:
+        rows, done = load_progress(out)  # repaired by process 0: only read
     fingerprint = model_fingerprint(lm.path)
     job = GenerationJob(model_spec, lm.path, docs_spec, max_docs, cfg, sources, docs, tests, problems)
     progress = Progress(rows, done, {"load_s": time.perf_counter() - t_start, "questions_s": 0.0,
                                      "answers_s": 0.0}, t_start)
 
     todo = [d for d in docs if d.id not in done]
-    bar = _ProgressBar(len(docs), len(docs) - len(todo), show_progress)
-    for w in range(0, len(todo), cfg.docs_per_commit):
-        wave = _run_wave(lm, todo[w:w + cfg.docs_per_commit], cfg, out / TEACHER_STATES_DIR,
-                         fingerprint, bar)
+    waves = [todo[w:w + cfg.docs_per_commit] for w in range(0, len(todo), cfg.docs_per_commit)]
+    mine = waves[index::count]
+    commit_to = out if count == 1 else out / PARTS_DIR / f"process-{index}"
+    commit_to.mkdir(parents=True, exist_ok=True)
+    bar = _ProgressBar(len(docs), len(docs) - len(todo), show_progress) if count == 1 else \
+        _ProgressBar(sum(map(len, mine)), 0, show_progress)
+    for wave_docs in mine:
+        wave = _run_wave(lm, wave_docs, cfg, out / TEACHER_STATES_DIR, fingerprint, bar)
         progress.timings["questions_s"] += wave.questions_s
         progress.timings["answers_s"] += wave.answers_s
         records = wave.done_records(source_of, cfg)
-        append_jsonl_durable(out / QA_FILE, wave.rows)  # rows first, then the done records
-        append_jsonl_durable(out / DONE_FILE, records)
-        rows += wave.rows
-        done.update((r["doc_id"], r) for r in records)
+        append_jsonl_durable(commit_to / QA_FILE, wave.rows)  # rows first, then the done records
+        append_jsonl_durable(commit_to / DONE_FILE, records)
         bar.bar.update(len(wave.docs))
-        write_manifest(out, job, progress)
+        if count == 1:
+            rows += wave.rows
+            done.update((r["doc_id"], r) for r in records)
+            write_manifest(out, job, progress)
+        else:
+            check_peers()  # a failed peer ends this process after its wave, not after its share
     bar.bar.close()
-    if not rows:
-        calls = sum(r["calls"] for r in done.values())
-        _discard(out, (*OUTPUT_FILES, DATASET_DIR, TEACHER_STATES_DIR), drop_if_empty=True)
-        raise ValueError(f"{docs_spec}: generation yielded 0 Q&A rows: {calls} question calls on "
-                         f"{len(docs)} document(s) wrote no question the parser accepts; try a "
-                         f"larger max_question_tokens (now {cfg.max_question_tokens}) or another "
-                         f"q_temperature (now {cfg.q_temperature:g})")
-    save_dataset(out / DATASET_DIR, rows)
-    return write_manifest(out, job, progress)
+    barrier("pdistill generate: waves done")
+    if index != 0:
+        barrier("pdistill generate: merged")  # the others end once process 0 has written it all
+        manifest = out / MANIFEST_FILE
+        if not manifest.exists() or not json.loads(manifest.read_text(encoding="utf-8"))["complete"]:
+            raise ValueError(f"{out}: process 0 of {count} did not complete the data; its log "
+                             "names why")
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    if count > 1:
+        rows, done, folded = fold_parts(out, docs)
+        progress = Progress(rows, done, {
+            "load_s": progress.timings["load_s"],  # the sampling seconds of every process:
+            "questions_s": sum(r["wave_questions_s"] for r in _waves(folded)),
+            "answers_s": sum(r["wave_answers_s"] for r in _waves(folded))}, t_start)
+    try:
+        if not rows:
+            calls = sum(r["calls"] for r in done.values())
+            _discard(out, (*OUTPUT_FILES, DATASET_DIR, TEACHER_STATES_DIR), drop_if_empty=True)
+            raise ValueError(f"{docs_spec}: generation yielded 0 Q&A rows: {calls} question calls "
+                             f"on {len(docs)} document(s) wrote no question the parser accepts; try "
+                             f"a larger max_question_tokens (now {cfg.max_question_tokens}) or "
+                             f"another q_temperature (now {cfg.q_temperature:g})")
+        save_dataset(out / DATASET_DIR, rows)
+        return write_manifest(out, job, progress)
+    finally:
+        barrier("pdistill generate: merged")
+
+
+def _waves(records: list[dict]) -> list[dict]:
+    """One done record per wave (a wave's timings are on each of its documents' records)."""
+    return list({r["wave"]: r for r in records}.values())
+
+
+def fold_parts(out: Path, docs: list[Document]) -> tuple[list[dict], dict[str, dict], list[dict]]:
+    """Folds the parts of a cluster run into `out`'s qa.jsonl and done.jsonl (rows in document
+    order, as one process writes them), repairing torn lines first; returns (every qa row, every
+    done record by document id, the records folded in). Killed midway, a rerun folds again: a
+    part's document already in done.jsonl is skipped."""
+    rows, done = load_progress(out)
+    parts = out / PARTS_DIR
+    if not parts.is_dir():
+        return rows, done, []
+    position = {d.id: i for i, d in enumerate(docs)}
+    new_rows, new_records = [], []
+    for part in sorted(p for p in parts.iterdir() if p.is_dir()):
+        part_rows, part_done = load_progress(part)
+        new_rows += [r for r in part_rows if r["doc_id"] not in done]
+        new_records += [r for r in part_done.values() if r["doc_id"] not in done]
+    # A document of no wave of this run (a smaller --max-docs than the interrupted run's) last.
+    order = lambda r: position.get(r["doc_id"], len(position))  # noqa: E731
+    new_rows.sort(key=order)  # stable: a document's rows keep their order
+    new_records.sort(key=order)
+    append_jsonl_durable(out / QA_FILE, new_rows)  # rows first, then the done records
+    append_jsonl_durable(out / DONE_FILE, new_records)
+    shutil.rmtree(parts)
+    return rows + new_rows, {**done, **{r["doc_id"]: r for r in new_records}}, new_records

@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from pdistill_jax.config import SamplingParams
-from pdistill_jax.model.prefill import pack_prefill, plan_prefill, prefill, prefill_rows
+from pdistill_jax.model.prefill import (PROMPT_MIN_WIDTH, bucket_length, pack_prefill,
+                                        plan_prefill, prefill, prefill_rows)
 from pdistill_jax.model.transformer import Transformer
 
 
@@ -116,6 +117,28 @@ def _generate_batch(graphdef, state, tokens, valid, src, suffix, suffix_valid, k
     return final[5], (final[7] if keep_hidden else None)
 
 
+def lower_generate_batch(graphdef: nnx.GraphDef, state: nnx.State, params: SamplingParams, *,
+                         batch_size: int, prompt_len: int, use_lora: bool = True,
+                         input_sharding=None):
+    """The program `generate` runs for one batch of `batch_size` distinct prompts of up to
+    `prompt_len` tokens (prefill, then the decode loop), lowered for `state` without running it:
+    `state` may hold jax.ShapeDtypeStructs with their shardings (`pdistill plan` passes them).
+    `input_sharding` places the small per-batch inputs (None: JAX's default device)."""
+    width = bucket_length(prompt_len, PROMPT_MIN_WIDTH)  # as `left_padded` pads a batch
+    b = batch_size
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=input_sharding)
+
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
+    return _generate_batch.lower(
+        graphdef, state, arg((b, width), jnp.int32), arg((b, width), bool), arg((b,), jnp.int32),
+        arg((b, 0), jnp.int32), arg((b, 0), bool), arg(keys.shape, keys.dtype),
+        arg((1,), jnp.int32), arg((b,), jnp.float32), arg((), jnp.float32),
+        max_new=params.max_new_tokens, top_k=int(params.top_k), use_top_p=params.top_p < 1.0,
+        use_lora=use_lora, sampled=params.temperature > 0)
+
+
 @dataclasses.dataclass
 class TokenCounts:
     """What the generate calls inside `count_tokens()` did: prompts read, tokens generated (an
@@ -145,6 +168,16 @@ def count_tokens() -> Iterator[TokenCounts]:
         _COUNTS.reset(token)
 
 
+def batch_rows(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The prompt indices of each batch `generate` runs, in the order it runs them: prompts sorted
+    by content, so that the prefixes they share sit together, batch_size at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    keyed = [tuple(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: keyed[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              end_ids: Sequence[int], seed: int = 0, batch_size: int = 16, use_lora: bool = True,
              temperatures: Sequence[float] | None = None, keep_hidden: bool = False,
@@ -157,25 +190,51 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     when the prompt holds the document). `progress(n)` is called with the number of rows
     finished after each batch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    results: list[Completion | None] = [None] * len(prompts)
+    for _, rows, completions in generate_batches(
+            model, prompts, params, end_ids=end_ids, seed=seed, batch_size=batch_size,
+            use_lora=use_lora, temperatures=temperatures, keep_hidden=keep_hidden):
+        for i, c in zip(rows, completions):
+            results[i] = c
+        if progress is not None:
+            progress(len(rows))
+    return results  # type: ignore[return-value]
+
+
+def generate_batches(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                     *, end_ids: Sequence[int], seed: int = 0, batch_size: int = 16,
+                     use_lora: bool = True, temperatures: Sequence[float] | None = None,
+                     keep_hidden: bool = False, batches: Iterable[int] | None = None
+                     ) -> Iterator[tuple[int, list[int], list[Completion]]]:
+    """`generate`, one batch at a time: (batch number in `batch_rows`, its prompt indices, their
+    completions) as each batch finishes. `batches` (batch numbers) runs only those, in that
+    order; a row's completion is the same whichever others run, since its batch, its key and its
+    padding are those of the whole call (processes of a cluster each run a share of them)."""
+    plan = batch_rows(prompts, batch_size)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("an empty prompt cannot be continued; every prompt needs at least one token")
     if temperatures is not None and len(temperatures) != len(prompts):
         raise ValueError(f"{len(temperatures)} temperatures for {len(prompts)} prompts; give one "
                          "per prompt or none")
+    return _run_batches(model, prompts, params, plan,
+                        range(len(plan)) if batches is None else list(batches), end_ids, seed,
+                        batch_size, use_lora, temperatures, keep_hidden)
+
+
+def _run_batches(model, prompts, params, plan, batches, end_ids, seed, batch_size, use_lora,
+                 temperatures, keep_hidden) -> Iterator[tuple[int, list[int], list[Completion]]]:
     temps = np.full(len(prompts), params.temperature, np.float32) if temperatures is None else \
         np.asarray(temperatures, np.float32)
-    sampled = bool(np.any(temps > 0))  # all greedy: the batches compile argmax alone
+    # All greedy: the batches compile argmax alone. Decided over the whole call, not the batches
+    # run, so that a share of them compiles (and computes) what the whole call does.
+    sampled = bool(np.any(temps > 0))
     graphdef, state = nnx.split(model)
     end = jnp.asarray(sorted(set(end_ids)), jnp.int32)
+    end_set = set(int(e) for e in end_ids)
     base_key = jax.random.key(seed)
-    # Sorted by content: prompts that share a prefix (one document) are next to each other.
     keyed = [tuple(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: keyed[i])
-    results: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for number in batches:
+        idx = plan[number]
         prefixes, row_src, suffixes = plan_prefill([keyed[i] for i in idx], batch_size)
         packed = pack_prefill(prefixes, row_src, suffixes, batch_size,
                               prefill_rows(len(prefixes), batch_size))
@@ -190,21 +249,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             use_top_p=params.top_p < 1.0, use_lora=use_lora, sampled=sampled,
             keep_hidden=keep_hidden)
         out, kept = np.asarray(out), (None if kept is None else np.asarray(kept))
-        end_set = set(int(e) for e in end_ids)
-        decoded = []
+        decoded, completions = [], []
         for row, i in enumerate(idx):
             seq = [int(t) for t in out[row] if t >= 0]
             cut = next((j for j, t in enumerate(seq) if t in end_set), None)
             decoded.append(len(seq) if cut is None else cut + 1)
             seq = seq if cut is None else seq[:cut]
             hidden = None if kept is None else kept[row, :len(seq) + 1].copy()
-            results[i] = Completion(seq, cut is not None, hidden)
+            completions.append(Completion(seq, cut is not None, hidden))
         counts = _COUNTS.get()
         if counts is not None:
             counts.prompt_tokens += sum(len(keyed[i]) for i in idx)
             counts.new_tokens += sum(decoded)
             counts.slot_steps += batch_size * max(decoded)
-        if progress is not None:
-            progress(len(idx))
-    return results  # type: ignore[return-value]
-
+        yield number, idx, completions

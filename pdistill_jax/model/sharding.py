@@ -4,10 +4,17 @@ The mesh has three axes: "data" (pure data parallelism: replicas of every weight
 (data parallel too, but weights are split along their "embed" axis and all-gathered when used)
 and "tensor" (weights split along heads / mlp / vocab). Placements are derived from the logical
 axis names every model weight carries (`axes` metadata), never hand-written per weight.
+
+Also the cluster itself: joining it (`initialize_distributed`), and the share of work, barriers
+and failure notices of the commands whose processes sample independently (generate, answer).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import threading
+import time
 from typing import Any, Sequence
 
 import jax
@@ -106,6 +113,40 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+# The mesh a traced training program splits its activations over (None: not set; nothing is
+# constrained, as when sampling on one device). Set while a step is traced (`activations_on`).
+_activation_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activations_on(mesh: Mesh):
+    """Within it, `split_batch` keeps activations split along their batch axis over the mesh's
+    data x fsdp devices. Used while a step is traced."""
+    token = _activation_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _activation_mesh.reset(token)
+
+
+def split_batch(x: jax.Array) -> jax.Array:
+    """x, constrained to stay split along its leading (batch) axis over data x fsdp.
+
+    Without it XLA's partitioner, given a batch split over fsdp and a weight split over fsdp
+    along `embed`, may keep the weight split and all-gather the whole fsdp group's activations
+    instead: each device then holds the activations of the whole batch (measured with `pdistill
+    plan` on a Llama-3-8B shape, fsdp=8: the step's temporaries were those of data=1). FSDP means
+    the opposite: gather a layer's weights, keep the batch split."""
+    mesh = _activation_mesh.get()
+    if mesh is None:
+        return x
+    shards = data_shards(mesh)
+    if shards == 1 or x.shape[0] % shards:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -170,3 +211,100 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+
+# ---------------------------------------------------------------- a share of the work per process
+# Generation and answering run one independent sampler per process; the processes meet only at
+# barriers (after reading the progress on disk, after their shares). Those are kept in the
+# distributed runtime's key-value store, not in device collectives: an all-gather that one
+# process reaches 30 s after another fails on CPU (gloo; jax 0.10.2: "Gloo context
+# initialization failed: DEADLINE_EXCEEDED"), and a share can take hours longer than another.
+# Nor its wait_at_barrier: with a peer killed it waited on (over 290 s measured, no error).
+# So every process beats a counter in the store, a failing one posts its error there, and a
+# waiting process checks both: a peer that failed or went silent ends the wait with one line.
+_PREFIX = "pdistill/"
+HEARTBEAT_S = 1.0
+SILENT_S = 30.0  # a peer whose counter stood still this long is dead
+BARRIER_POLL_S = 0.5  # two reads of the store a waiting process, on a pod of hundreds of hosts
+_peers_seen: dict[int, tuple[str, float]] = {}  # process -> (its counter, when it last moved)
+_heartbeat_started = False
+
+
+def _client():
+    from jax._src import distributed  # the client jax.distributed.initialize() connected
+
+    return distributed.global_state.client
+
+
+def work_share() -> tuple[int, int]:
+    """(this process's index, the process count), (0, 1) outside a cluster; on a cluster starts
+    this process's heartbeat, which `check_peers` and `barrier` watch. Call it right after
+    initialize_distributed, before the slow loading."""
+    global _heartbeat_started
+    index, count = jax.process_index(), jax.process_count()
+    if count > 1 and not _heartbeat_started:
+        client = _client()
+
+        def beat():
+            while True:
+                try:
+                    client.key_value_increment(f"{_PREFIX}alive/{index}", 1)
+                except Exception:  # the coordinator is gone: the waits report it
+                    return
+                time.sleep(HEARTBEAT_S)
+
+        threading.Thread(target=beat, name="pdistill-heartbeat", daemon=True).start()
+        _heartbeat_started = True
+        _peers_seen.clear()
+    return index, count
+
+
+def report_failure(message: str) -> None:
+    """Tells the cluster's other processes why this one ends (their next check_peers raises it)."""
+    try:
+        _client().key_value_set(f"{_PREFIX}failed/{jax.process_index()}", message[:2000],
+                                allow_overwrite=True)
+    except Exception:  # the coordinator is gone too: nothing to tell
+        pass
+
+
+def check_peers() -> None:
+    """Raises RuntimeError when another process of the cluster failed or went silent."""
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return
+    client = _client()
+    try:
+        failed = client.key_value_dir_get(f"{_PREFIX}failed/")
+        alive = dict(client.key_value_dir_get(f"{_PREFIX}alive/"))
+    except Exception as e:
+        raise RuntimeError(f"process {index} of {count} lost the coordinator (process 0 died?): "
+                           f"{str(e).splitlines()[0][:200]}") from None
+    for key, message in failed:
+        raise RuntimeError(f"process {key.rsplit('/', 1)[-1]} failed ({message})")
+    now = time.monotonic()
+    for peer in range(count):
+        counter = alive.get(f"{_PREFIX}alive/{peer}", "")
+        last, since = _peers_seen.get(peer, (None, now))
+        if counter != last:
+            _peers_seen[peer] = (counter, now)
+        elif peer != index and now - since > SILENT_S:
+            raise RuntimeError(f"process {peer} of {count} has been silent for {now - since:.0f} s "
+                               "(killed, or its machine is gone)")
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of the cluster has reached the barrier `name` (at once on one
+    process), raising RuntimeError if a process failed or went silent meanwhile. `name` must be
+    new to the run: each barrier is passed once."""
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return
+    client = _client()
+    client.key_value_set(f"{_PREFIX}barrier/{name}/{index}", "1")
+    while True:
+        check_peers()
+        if len(client.key_value_dir_get(f"{_PREFIX}barrier/{name}/")) == count:
+            return
+        time.sleep(BARRIER_POLL_S)

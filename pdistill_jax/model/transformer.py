@@ -1,4 +1,5 @@
-"""The LoRA-augmented decoder transformer (Llama, Mistral, Qwen2/3, Phi-3) as Flax NNX modules.
+"""The LoRA-augmented decoder transformer (Llama, Mistral, Qwen2/3, Phi-3, Gemma 3) as Flax NNX
+modules.
 
 One set of base arrays serves both roles of prompt distillation: called with `use_lora=False`
 it is the teacher (the frozen base model), with `use_lora=True` it is the student. Every
@@ -7,6 +8,10 @@ weight carries logical axis names (`axes` metadata) from which `sharding` derive
 Layers are stacked along a leading axis and run with `jax.lax.scan`, so a 30-layer model
 compiles as fast as a 1-layer one. RoPE follows Hugging Face's rotate-half convention, so
 Hugging Face q/k weights load with a transpose and no permutation.
+
+Gemma 3 is configuration, not a copy: scaled embeddings, (1 + w) norms, norms on the attention
+and MLP outputs, GELU, its query scale, and per-layer attention types (windowed layers with their
+own RoPE base between full ones) as a per-layer flag and frequencies scanned with the weights.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pdistill_jax.config import LoraConfig, ModelConfig
+from pdistill_jax.model.sharding import split_batch
 
 # A large finite negative: fully masked rows then give a uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
@@ -104,22 +110,33 @@ class LoRALinear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype, axis: str = "embed"):
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, param_dtype, axis: str = "embed",
+                 plus_one: bool = False):
+        self.eps, self.plus_one = eps, plus_one
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # As in HF: normalise in float32, cast back, then scale.
+        # As in HF: normalise in float32, cast back, then scale (Gemma: scale by 1 + w in float32,
+        # then cast; its weights are stored as the offset from 1).
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies (head_dim / 2,), with Llama 3 or linear scaling applied as in HF."""
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+def _norm(cfg: ModelConfig, dim: int, param_dtype, axis: str = "embed") -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, param_dtype, axis, cfg.norm_plus_one)
+
+
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies (head_dim / 2,), with Llama 3 or linear scaling applied as in HF.
+    local: those of the sliding-window layers of a config with layer_types (their own base, no
+    scaling)."""
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
     s = cfg.rope_scaling
-    if not s:
+    if not s or local:
         return inv
     if s["rope_type"] == "linear":
         return inv / s["factor"]
@@ -159,11 +176,9 @@ class Attention(nnx.Module):
         self.k = proj("k", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
         self.v = proj("v", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
         self.o = proj("o", cfg.num_heads * hd, d, ("heads", "embed"))
-        # Qwen3: one RMSNorm shared by all query heads and one by all key heads, over head_dim.
-        self.q_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, param_dtype, "head_dim")
-                               if cfg.qk_norm else None)
-        self.k_norm = nnx.data(RMSNorm(hd, cfg.rms_norm_eps, param_dtype, "head_dim")
-                               if cfg.qk_norm else None)
+        # Qwen3, Gemma 3: one RMSNorm shared by all query heads and one by all key heads.
+        self.q_norm = nnx.data(_norm(cfg, hd, param_dtype, "head_dim") if cfg.qk_norm else None)
+        self.k_norm = nnx.data(_norm(cfg, hd, param_dtype, "head_dim") if cfg.qk_norm else None)
 
     def __call__(self, x, positions, mask, inv_freq, cache_kv, use_lora):
         """Attention output and this call's keys/values (b, kv_heads, t, head_dim).
@@ -198,7 +213,7 @@ class Attention(nnx.Module):
                 sc = jnp.sum(q[:, :, :, None, :] * key.astype(q.dtype)[:, :, None], axis=-1).astype(jnp.float32)
             else:
                 sc = jnp.einsum("bkmd,bksd->bkms", q, key.astype(q.dtype)).astype(jnp.float32)
-            sc = sc.reshape(b, kv, groups, t, -1) / math.sqrt(cfg.head_dim)
+            sc = sc.reshape(b, kv, groups, t, -1) / cfg.attention_scale
             scores.append(jnp.where(m[:, None, None, :, :], sc, _MASK_VALUE))
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(x.dtype)
         out, start = 0, 0
@@ -227,23 +242,36 @@ class MLP(nnx.Module):
         self.gate = proj("gate", d, f, ("embed", "mlp"))
         self.up = proj("up", d, f, ("embed", "mlp"))
         self.down = proj("down", f, d, ("mlp", "embed"))
+        self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def __call__(self, x, use_lora):
-        return self.down(jax.nn.silu(self.gate(x, use_lora)) * self.up(x, use_lora), use_lora)
+        gate = self.gate(x, use_lora)
+        act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down(act * self.up(x, use_lora), use_lora)
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.attn_norm = _norm(cfg, cfg.hidden_size, param_dtype)
         self.attn = Attention(cfg, lora, dtype, param_dtype, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.mlp_norm = _norm(cfg, cfg.hidden_size, param_dtype)
         self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
+        # Gemma 3: the attention and MLP outputs are normalised too, before the residual add.
+        sandwich = cfg.sandwich_norms
+        self.attn_post_norm = nnx.data(_norm(cfg, cfg.hidden_size, param_dtype) if sandwich else None)
+        self.mlp_post_norm = nnx.data(_norm(cfg, cfg.hidden_size, param_dtype) if sandwich else None)
 
     def __call__(self, x, positions, mask, inv_freq, cache_kv, use_lora):
         """The block's output and the new tokens' keys/values."""
+        x = split_batch(x)  # the layer's input stays split over the batch (fsdp gathers weights)
         h, new_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv, use_lora)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x), use_lora), new_kv
+        h = self.mlp(self.mlp_norm(x), use_lora)
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return split_batch(x + h), new_kv
 
 
 class Transformer(nnx.Module):
@@ -267,7 +295,7 @@ class Transformer(nnx.Module):
             return Block(cfg, lora, dtype, param_dtype, r)
 
         self.layers = make_blocks(rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
+        self.norm = _norm(cfg, cfg.hidden_size, param_dtype)
         head_lora = lora if (lora is not None and "lm_head" in lora.targets) else None
         if cfg.tie_word_embeddings:
             self.lm_head = nnx.data(None)
@@ -322,43 +350,54 @@ class Transformer(nnx.Module):
             raise ValueError("lower states are for full forwards, not a KV cache")
         x = (jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype) if lower is None
              else lower.astype(self.dtype))
+        if self.cfg.scale_embeddings and lower is None:
+            # As HF: the normaliser in the compute dtype (bf16 rounds sqrt(640) = 25.30 to 25.25).
+            x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
         t = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))[None] & self._window(jnp.arange(t), jnp.arange(t))
-        inv_freq = rope_frequencies(self.cfg)
+
+        def causal(window):
+            return jnp.tril(jnp.ones((t, t), bool))[None] & self._window(positions, positions, window)
+
         graphdef, layer_state = nnx.split(self.layers)
         checkpoint = (partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
                       if self.remat else (lambda f: f))
+        view = self._layer_view
 
         if prefix is not None:
             p = prefix.k.shape[3]
-            mask = (key_valid[:, None, :p] & self._window(p + jnp.arange(t), jnp.arange(p)),
-                    causal & key_valid[:, None, p:])
+            masks, inv_freq, per_layer = self._attention_inputs(lambda w: (
+                key_valid[:, None, :p] & self._window(positions, _slot_positions(key_valid[:, :p]), w),
+                causal(w) & key_valid[:, None, p:]))
 
             def prefixed_body(lora_on):
                 @checkpoint
                 def body(h, xs):
-                    state, layer_kv = xs
-                    h, _ = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, lora_on)
+                    state, layer_kv, extra = xs
+                    mask, freqs = view(masks, inv_freq, extra)
+                    h, _ = nnx.merge(graphdef, state)(h, positions, mask, freqs, layer_kv, lora_on)
                     return h, None
                 return body
 
-            x, _ = self._scan_layers(prefixed_body, x, (layer_state, (prefix.k, prefix.v)), use_lora,
-                                     part)
+            x, _ = self._scan_layers(prefixed_body, x, (layer_state, (prefix.k, prefix.v), per_layer),
+                                     use_lora, part)
             return (x if part == "lower" else self.norm(x)), None
 
         fresh = isinstance(cache_index, int) and cache_index == 0
         if cache is None or fresh:  # nothing cached to read (a prefill fills an empty cache)
             valid = key_valid if cache is None else key_valid[:, :t]
-            mask = causal & valid[:, None, :]  # (B, T, T)
+            masks, inv_freq, per_layer = self._attention_inputs(
+                lambda w: causal(w) & valid[:, None, :])  # (B, T, T)
 
             def body(lora_on):
                 @checkpoint
-                def layer(h, state):
-                    h, kv = nnx.merge(graphdef, state)(h, positions, mask, inv_freq, None, lora_on)
+                def layer(h, xs):
+                    state, extra = xs
+                    mask, freqs = view(masks, inv_freq, extra)
+                    h, kv = nnx.merge(graphdef, state)(h, positions, mask, freqs, None, lora_on)
                     return h, (kv if cache is not None else None)
                 return layer
 
-            x, new_kv = self._scan_layers(body, x, layer_state, use_lora, part)
+            x, new_kv = self._scan_layers(body, x, (layer_state, per_layer), use_lora, part)
             if cache is None:
                 return (x if part == "lower" else self.norm(x)), None
             return self.norm(x), KVCache(*(_write(c, n, 0) for c, n in zip(cache, new_kv)))
@@ -367,28 +406,58 @@ class Transformer(nnx.Module):
         slots = key_valid.shape[1]
         cache_mask = (key_valid & (jnp.arange(slots) < cache_index)[None])[:, None, :]
         new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, t, axis=1)
-        mask = (cache_mask & self._window(cache_index + jnp.arange(t), jnp.arange(slots)),
-                causal & new_valid[:, None, :])
+        masks, inv_freq, per_layer = self._attention_inputs(lambda w: (
+            cache_mask & self._window(positions, _slot_positions(key_valid), w),
+            causal(w) & new_valid[:, None, :]))
 
         # Each layer's cache slice is a scanned input, read only; the new keys/values come out of
         # the scan and are written into the cache once, in place.
         def cached_body(lora_on):
             def layer(h, xs):
-                state, layer_kv = xs
-                return nnx.merge(graphdef, state)(h, positions, mask, inv_freq, layer_kv, lora_on)
+                state, layer_kv, extra = xs
+                mask, freqs = view(masks, inv_freq, extra)
+                return nnx.merge(graphdef, state)(h, positions, mask, freqs, layer_kv, lora_on)
             return layer
 
-        x, (nk, nv) = self._scan_layers(cached_body, x, (layer_state, (cache.k, cache.v)), use_lora)
+        x, (nk, nv) = self._scan_layers(cached_body, x, (layer_state, (cache.k, cache.v), per_layer),
+                                        use_lora)
         return self.norm(x), KVCache(_write(cache.k, nk, cache_index), _write(cache.v, nv, cache_index))
 
-    def _window(self, query_slots: jax.Array, key_slots: jax.Array) -> jax.Array:
-        """(1, T, S): which key slots each query slot sees under the config's sliding window
-        (Mistral, Phi-3): the last `sliding_window` slots up to and including its own, counted in
-        slots as Hugging Face counts them. All true without a window."""
-        w = self.cfg.sliding_window
+    def _attention_inputs(self, build):
+        """(masks, inv_freq, per-layer inputs) the layers attend with; build(window) makes the
+        mask (or cache/new mask pair) for a sliding window (None: none).
+
+        Every layer alike: the config's window and RoPE, nothing scanned per layer, so the scan
+        is the program it always was. With layer_types (Gemma 3): the windowed and the full
+        masks, and per layer a flag choosing between them and its RoPE frequencies, scanned
+        with the layer weights (one scan whatever the pattern)."""
+        cfg = self.cfg
+        if cfg.layer_types is None:
+            return build(cfg.sliding_window), rope_frequencies(cfg), None
+        local = jnp.asarray([kind == "sliding_attention" for kind in cfg.layer_types])
+        freqs = jnp.where(local[:, None], rope_frequencies(cfg, local=True)[None],
+                          rope_frequencies(cfg)[None])
+        return (build(cfg.sliding_window), build(None)), None, (local, freqs)
+
+    @staticmethod
+    def _layer_view(masks, inv_freq, per_layer):
+        """One layer's mask and RoPE frequencies inside the scan (see `_attention_inputs`)."""
+        if per_layer is None:
+            return masks, inv_freq
+        local, freqs = per_layer
+        windowed, full = masks
+        return jax.tree.map(lambda a, b: jnp.where(local, a, b), windowed, full), freqs
+
+    @staticmethod
+    def _window(query_pos: jax.Array, key_pos: jax.Array, w: int | None) -> jax.Array:
+        """(B, T, S): which keys each query sees under a sliding window of w (Mistral, Phi-3,
+        Gemma 3's local layers): the last w tokens up to and including its own. Counted in
+        positions, not slots: a prefilled row can have padding between its shared prefix and its
+        own rest, which Hugging Face's contiguous rows never have. (1, T, S), all true, without
+        a window."""
         if w is None:
-            return jnp.ones((1, query_slots.shape[0], key_slots.shape[0]), bool)
-        return (key_slots[None, :] > query_slots[:, None] - w)[None]
+            return jnp.ones((1, query_pos.shape[1], key_pos.shape[1]), bool)
+        return key_pos[:, None, :] > query_pos[:, :, None] - w
 
     def _scan_layers(self, body, x, xs, use_lora: bool, part: str = "all"):
         """Scans the blocks over the layer-stacked xs, body(lora_on) being one layer's step. With
@@ -416,6 +485,12 @@ class Transformer(nnx.Module):
                 self.lm_head_lora_b[...].astype(self.dtype)
             out = out + (self.lm_head_scale * delta).astype(out.dtype)
         return out
+
+
+def _slot_positions(key_valid: jax.Array) -> jax.Array:
+    """(B, S): the position of the token in each slot (padding slots: their next token's), as
+    every forward numbers them: the real tokens before it."""
+    return jnp.cumsum(key_valid.astype(jnp.int32), axis=1) - 1
 
 
 def _write(cache: jax.Array, new: jax.Array, index) -> jax.Array:

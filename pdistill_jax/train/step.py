@@ -28,8 +28,8 @@ from pdistill_jax.model import losses
 from pdistill_jax.config import TrainConfig
 from pdistill_jax.model.transformer import (KVCache, Transformer, causal_inputs, compute_dtype,
                                             init_cache)
-from pdistill_jax.model.sharding import (batch_sharding, check_batch_splits, is_variable, replicated,
-                                         shard_state, state_shardings)
+from pdistill_jax.model.sharding import (activations_on, batch_sharding, check_batch_splits,
+                                         is_variable, replicated, shard_state, state_shardings)
 
 STUDENT_KEYS = ("student_tokens", "student_valid", "targets", "target_mask", "student_pos")
 TEACHER_KEYS = ("teacher_tokens", "teacher_valid", "teacher_pos")
@@ -346,6 +346,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     `state` is donated (do not reuse the one passed in); `base` is read only. The batch's leading
     size is cfg.batch_size * cfg.grad_accum; gradients of grad_accum micro-batches are summed in a
     `lax.scan` and applied in one update. `student_prefix`: as for `make_loss_sums`.
+    `train_step.lower(state, base, batch)` lowers the same jitted program without running it
+    (arguments may be jax.ShapeDtypeStruct trees): train/plan.py reads its memory and FLOPs.
     """
     loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
     parts_on = has_parts(cfg)
@@ -405,17 +407,28 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     jitted = None
 
-    def train_step(state: TrainState, base: nnx.State, batch: dict):
+    def jit_for(state: TrainState, base: nnx.State):
         nonlocal jitted
-        batch = _step_inputs(batch, cfg)
-        _check_batch(batch, cfg, mesh)
         if jitted is None:  # shardings come from the state's metadata, known at the first call
             state_sh = train_state_shardings(state, mesh)
-            jitted = jax.jit(step, donate_argnums=0,
+            jitted = jax.jit(traced_on_mesh(step, mesh), donate_argnums=0,
                              in_shardings=(state_sh, state_shardings(base, mesh), batch_sharding(mesh)),
                              out_shardings=(state_sh, replicated(mesh)))
-        return jitted(state, base, batch)
+        return jitted
 
+    def train_step(state: TrainState, base: nnx.State, batch: dict):
+        batch = _step_inputs(batch, cfg)
+        _check_batch(batch, cfg, mesh)
+        return jit_for(state, base)(state, base, batch)
+
+    def lower(state: TrainState, base: nnx.State, batch: dict):
+        # The same jitted program, lowered for (possibly abstract) arguments: `pdistill plan`
+        # compiles it without weights to read its memory and FLOPs.
+        batch = _step_inputs(batch, cfg)
+        _check_batch(batch, cfg, mesh)
+        return jit_for(state, base).lower(state, base, batch)
+
+    train_step.lower = lower
     return train_step
 
 
@@ -429,6 +442,15 @@ def _part_metrics(parts: dict, sequences: jax.Array) -> dict:
     return out
 
 
+def traced_on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """fn, traced with its activations kept split over the mesh's batch axes (`split_batch`)."""
+    def traced(*args):
+        with activations_on(mesh):
+            return fn(*args)
+
+    return traced
+
+
 def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:
     """fn(lora, base, batch) jitted at its first call, with the state shardings read from the
     states' metadata then and the batch split over data x fsdp."""
@@ -437,7 +459,7 @@ def _jit_on_mesh(fn: Callable, mesh: Mesh, out_sharding) -> Callable:
     def call(lora, base, batch):
         nonlocal jitted
         if jitted is None:
-            jitted = jax.jit(fn, in_shardings=(state_shardings(lora, mesh),
+            jitted = jax.jit(traced_on_mesh(fn, mesh), in_shardings=(state_shardings(lora, mesh),
                                                state_shardings(base, mesh), batch_sharding(mesh)),
                              out_shardings=out_sharding)
         return jitted(lora, base, batch)

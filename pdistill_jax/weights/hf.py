@@ -27,15 +27,15 @@ def hf_to_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dt
     for name, array in tensors:
         if IGNORED_HF.match(name):
             continue
-        found = match_hf(name)
+        found = match_hf(name, cfg)
         if found is None:
             raise ValueError(f"{source}: unexpected tensor {name!r} for a {cfg.model_type} model")
         tensor, layer = found
         path = tensor.ours
         if path == "lm_head.kernel" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints still store the (identical) head
-        if path not in shapes:
-            raise ValueError(f"{source}: tensor {name!r} does not fit this config "
+        if not tensor.present(cfg):
+            raise ValueError(f"{source}: tensor {name!r} does not fit this {cfg.model_type} config "
                              f"(attention_bias={cfg.attention_bias})")
         array = np.asarray(array)
         want = shapes[path][::-1] if tensor.transpose else shapes[path]
@@ -177,12 +177,19 @@ _GGUF_TO_HF = [
     (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
     (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", "model.layers.{0}.mlp.{1}_proj.weight"),
 ]
-# Families whose GGUF keeps Hugging Face's fused weights (Phi-3: ffn_up is gate and up stacked).
-_GGUF_TO_HF_FUSED = {"phi3": [
+# Families whose GGUF names differ, tried first: Phi-3 keeps Hugging Face's fused weights (ffn_up
+# is gate and up stacked); Gemma 3 has four norms a layer, ffn_norm being the pre-MLP one.
+_GGUF_TO_HF_FAMILY = {"phi3": [
     (r"blk\.(\d+)\.attn_qkv\.weight", "model.layers.{0}.self_attn.qkv_proj.weight"),
     (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.gate_up_proj.weight"),
+], "gemma3_text": [
+    (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{0}.post_feedforward_layernorm.weight"),
 ]}
-_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
+# GGUF general.architecture -> our model_type.
+_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                       "gemma3": "gemma3_text"}
 
 
 def _gguf_field(reader, key, default=None):
@@ -197,6 +204,7 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
     if arch not in _GGUF_ARCHITECTURES:
         raise ValueError(f"{source}: GGUF general.architecture={arch!r} is not supported; "
                          f"use one of {', '.join(_GGUF_ARCHITECTURES)}")
+    model_type = _GGUF_ARCHITECTURES[arch]
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError(f"{source}: GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported; "
                          "pass the Hugging Face directory instead")
@@ -209,26 +217,59 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = g("vocab_size") or (len(tokens.data) if tokens is not None else None)
     hidden = int(g("embedding_length"))
+    layers = int(g("block_count"))
+    head_dim = int(g("attention.key_length", hidden // heads))
+    gemma = {}
+    if model_type == "gemma3_text":
+        gemma = _gguf_gemma3(g, layers, hidden, heads, head_dim, names, source)
     return ModelConfig(
-        model_type=arch,
+        model_type=model_type,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(g("feed_forward_length")),
-        num_layers=int(g("block_count")),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(g("attention.head_count_kv", heads)),
-        head_dim=int(g("attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rope_theta=float(g("rope.freq_base", 10000.0)),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3"),
         max_position_embeddings=int(g("context_length", 4096)),
-        sliding_window=(int(g("attention.sliding_window")) if arch == "phi3" and
+        sliding_window=(int(g("attention.sliding_window")) if arch in ("phi3", "gemma3") and
                         g("attention.sliding_window") is not None else None),
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        **gemma,
     )
+
+
+def _gguf_gemma3(g, layers: int, hidden: int, heads: int, head_dim: int, names: set,
+                 source: str) -> dict:
+    """The Gemma 3 fields llama.cpp's GGUF leaves out: its runtime fixes them for the
+    architecture (every 6th layer full, local RoPE base 10000, query scale 1/sqrt(head_dim)
+    except the 62-layer 27B's 1/sqrt(hidden / heads)), so the same values are read here."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if g(key) is not None:
+            raise ValueError(f"{source}: GGUF gemma3.{key}={g(key)} is not supported (no "
+                             "soft-capping here)")
+    if g("rope.scaling.type") not in (None, "none", "linear"):
+        raise ValueError(f"{source}: GGUF gemma3.rope.scaling.type={g('rope.scaling.type')!r} is "
+                         "not supported; only linear")
+    factor = g("rope.scaling.factor")
+    scaling = ({"rope_type": "linear", "factor": float(factor)}
+               if g("rope.scaling.type") == "linear" and factor else None)
+    pattern = g("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # newer converters write one flag per layer
+        types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        pattern = int(pattern or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    return dict(
+        rope_scaling=scaling, hidden_act="gelu_tanh", scale_embeddings=True, norm_plus_one=True,
+        sandwich_norms=True, layer_types=tuple(types), rope_local_theta=10000.0,
+        query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim))
 
 
 def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -240,7 +281,7 @@ def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 def iter_gguf(reader, cfg: ModelConfig, source: str) -> Iterator[tuple[str, np.ndarray]]:
     from gguf.quants import dequantize
 
-    table = _GGUF_TO_HF_FUSED.get(cfg.model_type, []) + _GGUF_TO_HF
+    table = _GGUF_TO_HF_FAMILY.get(cfg.model_type, []) + _GGUF_TO_HF
     for t in reader.tensors:
         for pattern, template in table:
             m = re.fullmatch(pattern, t.name)
@@ -252,6 +293,8 @@ def iter_gguf(reader, cfg: ModelConfig, source: str) -> Iterator[tuple[str, np.n
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if cfg.model_type == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute_qk(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
+        if cfg.norm_plus_one and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm scales; Hugging Face stores w
         yield name, w
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from pdistill_jax.config import LoraConfig, ModelConfig
 from pdistill_jax.files import write_dir_atomic
 from pdistill_jax.weights.hf import fuse, load_checkpoint, read_model_config
-from pdistill_jax.weights.names import BY_PATH, LAYER_PATH, expected_shapes
+from pdistill_jax.weights.names import LAYER_PATH, by_path, expected_shapes
 from pdistill_jax.weights.peft import (adapter_base_model, head_lora, layer_lora, load_peft_adapter,
                                        resolve_adapter, save_peft_adapter)
 from pdistill_jax.weights.registry import resolve_model
@@ -48,13 +48,13 @@ def params_to_hf(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarr
 
 def _unfused_to_hf(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     flat = _flatten(params)
-    shapes = expected_shapes(cfg)
+    shapes, rows = expected_shapes(cfg), by_path(cfg)
     if set(flat) != set(shapes):
         raise ValueError("parameters do not fit the config: "
                          f"missing {sorted(set(shapes) - set(flat))}, "
                          f"unexpected {sorted(set(flat) - set(shapes))}")
     for path in sorted(shapes):
-        array, tensor = flat[path], BY_PATH[path]
+        array, tensor = flat[path], rows[path]
         want = ((cfg.num_layers,) if tensor.per_layer else ()) + shapes[path]
         if tuple(array.shape) != want:
             raise ValueError(f"parameter {path!r} has shape {tuple(array.shape)}, expected {want}")

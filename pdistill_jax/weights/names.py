@@ -4,7 +4,9 @@ Hugging Face import (`hf.hf_to_params`), merged export (`merged.params_to_hf`) a
 keys, `target_modules` and LoRA dimensions (`peft`) are all read off `TENSORS`. Our kernels are
 (in, out); Hugging Face stores linear weights as (out, in), hence the transpose flag. Paths under
 `layers.` hold every layer stacked on a leading axis; their Hugging Face names have `{i}`, the
-layer index.
+layer index. A family can name a weight its own way (Gemma 3's `post_attention_layernorm` is
+the norm on the attention output, Llama's the norm before the MLP): rows carry `present`, and
+every lookup goes through the rows of one config (`tensors_of`).
 """
 from __future__ import annotations
 
@@ -61,6 +63,14 @@ def _untied_head(cfg: ModelConfig) -> bool:
     return not cfg.tie_word_embeddings
 
 
+def _sandwich(cfg: ModelConfig) -> bool:
+    return cfg.sandwich_norms
+
+
+def _plain_norms(cfg: ModelConfig) -> bool:
+    return not cfg.sandwich_norms
+
+
 _ATTN_DIMS = {"q": "D Q", "k": "D K", "v": "D K", "o": "Q D"}
 _MLP_DIMS = {"gate": "D F", "up": "D F", "down": "F D"}
 
@@ -68,7 +78,8 @@ TENSORS: tuple[Tensor, ...] = (
     Tensor("embed", "model.embed_tokens.weight", "V D"),
     Tensor("norm.weight", "model.norm.weight", "D"),
     Tensor("layers.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", "D"),
-    Tensor("layers.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "D"),
+    Tensor("layers.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "D",
+           present=_plain_norms),
     *(Tensor(f"layers.attn.{p}.kernel", f"model.layers.{{i}}.self_attn.{p}_proj.weight", dims,
              transpose=True, lora_target=p) for p, dims in _ATTN_DIMS.items()),
     *(Tensor(f"layers.mlp.{p}.kernel", f"model.layers.{{i}}.mlp.{p}_proj.weight", dims,
@@ -77,10 +88,25 @@ TENSORS: tuple[Tensor, ...] = (
              _ATTN_DIMS[p].split()[1], present=_attention_bias) for p in ("q", "k", "v")),
     *(Tensor(f"layers.attn.{p}_norm.weight", f"model.layers.{{i}}.self_attn.{p}_norm.weight", "H",
              present=_qk_norm) for p in ("q", "k")),
+    # Gemma 3: a norm before and after each of attention and the MLP.
+    Tensor("layers.attn_post_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "D",
+           present=_sandwich),
+    Tensor("layers.mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight", "D",
+           present=_sandwich),
+    Tensor("layers.mlp_post_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight", "D",
+           present=_sandwich),
     Tensor("lm_head.kernel", "lm_head.weight", "D V", transpose=True, lora_target="lm_head",
            present=_untied_head),
 )
-BY_PATH = {t.ours: t for t in TENSORS}
+
+def tensors_of(cfg: ModelConfig) -> tuple[Tensor, ...]:
+    """The rows of `cfg`'s weights, in table order: one per path and per Hugging Face name."""
+    return tuple(t for t in TENSORS if t.present(cfg))
+
+
+def by_path(cfg: ModelConfig) -> dict[str, Tensor]:
+    return {t.ours: t for t in tensors_of(cfg)}
+
 # Tensors that HF checkpoints may carry and that no model of ours uses.
 IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 def layer_pattern(template: str) -> re.Pattern:
@@ -134,12 +160,13 @@ def fused_of(cfg: ModelConfig) -> tuple[Fused, ...]:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our path -> shape of every base weight of `cfg` (layer weights without the layer axis)."""
-    return {t.ours: t.shape(cfg) for t in TENSORS if t.present(cfg)}
+    return {t.ours: t.shape(cfg) for t in tensors_of(cfg)}
 
 
-def match_hf(name: str) -> tuple[Tensor, int | None] | None:
-    """(table row, layer index or None) of a Hugging Face tensor name; None if it has no row."""
-    for pattern, tensor in _HF_PATTERNS:
+def match_hf(name: str, cfg: ModelConfig) -> tuple[Tensor, int | None] | None:
+    """(row, layer index or None) of a Hugging Face tensor name among `cfg`'s rows (or, for a
+    tensor `cfg` lacks, any row); None if no row has that name."""
+    for pattern, tensor in sorted(_HF_PATTERNS, key=lambda pt: not pt[1].present(cfg)):
         m = pattern.fullmatch(name)
         if m:
             return tensor, (int(m.group(1)) if tensor.per_layer else None)

@@ -99,6 +99,12 @@ def gguf_tokenizer(path: str | Path):
         if not any(meta.get(name) for name in field.split(" or ")):
             raise ValueError(f"{path}: GGUF has no {field}, so its tokenizer cannot be built; "
                              "use the model's Hugging Face folder")
+    if model == "llama" and meta.get("tokenizer.ggml.add_space_prefix") is False:
+        # Gemma's vocabulary (no prefix space, merges in file order, spaces spelled as spaces):
+        # a different tokenizer from the Llama 2 one built here, which would cut text wrongly.
+        raise ValueError(f"{path}: GGUF tokenizer.ggml.add_space_prefix=false (a Gemma "
+                         "vocabulary) is not supported by the GGUF tokenizer builder; use the "
+                         "model's Hugging Face folder")
     tokens = meta["tokenizer.ggml.tokens"]
     backend = builders[model](meta)
     _add_marked_tokens(backend, meta, byte_level=model == "gpt2")

@@ -95,9 +95,19 @@ def train_question_writer(out: Path, prompts: list[str] | None = None) -> Path:
     return out
 
 
+def shared_question_writer(tmp_path_factory) -> Path:
+    """The question writer of DOCS[:3], trained once a session: the modules that need it share
+    it (training is most of their setup)."""
+    out = tmp_path_factory.getbasetemp() / "question_writer"
+    if not (out / "trained").exists():
+        train_question_writer(out)
+        (out / "trained").touch()  # last: a half-written folder is trained again
+    return out
+
+
 @pytest.fixture(scope="module")
 def question_model(tmp_path_factory) -> Path:
-    return train_question_writer(tmp_path_factory.mktemp("question_writer"))
+    return shared_question_writer(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,11 @@ def test_greedy_matches_transformers_generate(setup):
     _check_greedy_matches_transformers(*setup)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_phi3"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_phi3", "tiny_gemma3"])
 def test_greedy_matches_transformers_generate_other_families(fixture, request):
     # One test per family rather than the whole module again: the sampler is architecture-blind.
-    # tiny_phi3's sliding window (6) is shorter than every prompt.
+    # tiny_phi3's sliding window (6), and tiny_gemma3's on its local layers, is shorter than
+    # every prompt.
     path = request.getfixturevalue(fixture)
     lm = load_model(path)
     prompts = [chat_prompt_ids(lm.tokenizer, q) for q in QUESTIONS]

@@ -168,3 +168,40 @@ def test_first_layer_is_checked_against_the_model(tiny_llama):
         build_model(cfg, params, LoraConfig(rank=4, first_layer=2))
     with pytest.raises(ValueError, match="first_layer"):
         LoraConfig(rank=4, first_layer=1, targets=("q", "lm_head"))
+
+
+def test_gemma3_prefill_and_cached_decode_match_transformers(tiny_gemma3):
+    """Gemma 3's windowed layers (6 slots) around a full one: the whole-sequence forward, a
+    prefill longer than the window and every cached decode step after it give transformers'
+    logits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, params = load_hf_checkpoint(tiny_gemma3)
+    assert cfg.sliding_window == 6 and cfg.layer_types.count("full_attention") == 1
+    model = build_model(cfg, params)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma3), dtype=torch.float32).eval()
+    n, prompt = 24, 10
+    ids = np.random.RandomState(7).randint(0, cfg.vocab_size, (2, n))
+    ref = _torch_logits(ref_model, ids)
+    np.testing.assert_allclose(_jax_logits(model, ids), ref, atol=1e-4, rtol=0)
+
+    cache = init_cache(cfg, 2, n)
+    key_valid = jnp.zeros((2, n), bool).at[:, :prompt].set(True)
+    pos = jnp.broadcast_to(jnp.arange(n), (2, n))
+    tokens = jnp.asarray(ids)
+    hidden, cache = model(tokens[:, :prompt], pos[:, :prompt], key_valid, cache=cache, cache_index=0)
+    np.testing.assert_allclose(np.asarray(model.logits(hidden)), ref[:, :prompt], atol=1e-4, rtol=0)
+    from flax import nnx
+
+    @nnx.jit  # one compiled decode step for every position (the sampler's own is jitted too)
+    def decode(model, token, position, key_valid, cache, index):
+        hidden, cache = model(token, position, key_valid, cache=cache, cache_index=index)
+        return model.logits(hidden)[:, 0], cache
+
+    for t in range(prompt, n):
+        key_valid = key_valid.at[:, t].set(True)
+        logits, cache = decode(model, tokens[:, t:t + 1], pos[:, t:t + 1], key_valid, cache,
+                               jnp.asarray(t))
+        np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=1e-4, rtol=0,
+                                   err_msg=f"decode step at position {t}")
+

@@ -111,9 +111,15 @@ def tiny_phi3_lora(tiny_phi3):
     return load_model(tiny_phi3, LoraConfig(rank=8, alpha=16), with_tokenizer=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3_lora(tiny_gemma3):
+    return load_model(tiny_gemma3, LoraConfig(rank=8, alpha=16), with_tokenizer=False)
+
+
 # The first KL must show something to learn; tiny_phi3's random teacher/student gap starts lower.
 @pytest.mark.parametrize("loaded, first_kl", [("tiny_lora", 0.01), ("tiny_qwen3_lora", 0.01),
-                                              ("tiny_phi3_lora", 0.005)])
+                                              ("tiny_phi3_lora", 0.005),
+                                              ("tiny_gemma3_lora", 0.01)])
 def test_kl_falls_base_frozen_lora_trained_opt_state_lora_only(loaded, first_kl, request):
     cfg = train_config(weight_decay=0.1)
     loaded, mesh, graphdef, base, state, opt = setup(request.getfixturevalue(loaded), cfg)

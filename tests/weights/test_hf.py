@@ -124,13 +124,26 @@ _GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", 
                "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 
 
+# Gemma 3's four norms a layer, as llama.cpp's gemma3 tensor names have them.
+_GEMMA3_GGUF_NAMES = {**_GGUF_NAMES, "post_attention_layernorm": "post_attention_norm",
+                      "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"}
+
+
 def _write_gguf_as_llama_cpp(model_dir: Path, arch: str, path: Path) -> Path:
     """A GGUF of a Hugging Face folder as llama.cpp's converter names it (no rotary permutation:
-    llama.cpp permutes q/k for the llama architecture only)."""
+    llama.cpp permutes q/k for the llama architecture only). Gemma 3 as its converter writes it:
+    every norm weight stored as 1 + w, the full layers' RoPE base and linear scaling, and none of
+    query_pre_attn_scalar, layer_types or the local RoPE base (llama.cpp's runtime fixes those)."""
     import gguf
     from safetensors.numpy import load_file
 
     hf = json.loads((model_dir / "config.json").read_text())
+    gemma = arch == "gemma3"
+    names = _GEMMA3_GGUF_NAMES if gemma else _GGUF_NAMES
+    if gemma:
+        full = hf["rope_parameters"]["full_attention"]
+        hf["rope_theta"] = full["rope_theta"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(hf["num_hidden_layers"])
     w.add_context_length(hf["max_position_embeddings"])
@@ -148,13 +161,18 @@ def _write_gguf_as_llama_cpp(model_dir: Path, arch: str, path: Path) -> Path:
     w.add_vocab_size(hf["vocab_size"])
     w.add_bos_token_id(hf["bos_token_id"])
     w.add_eos_token_id(hf["eos_token_id"])
+    if gemma and full.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
     for name, array in load_file(str(model_dir / "model.safetensors")).items():
         module = name.removesuffix(".weight")
+        if gemma and name.endswith("norm.weight"):
+            array = array + np.float32(1.0)
         if module.startswith("model.layers."):
             _, _, layer, rest = module.split(".", 3)
-            w.add_tensor(f"blk.{layer}.{_GGUF_NAMES[rest]}.weight", array)
-        elif module in _GGUF_NAMES:
-            w.add_tensor(f"{_GGUF_NAMES[module]}.weight", array)
+            w.add_tensor(f"blk.{layer}.{names[rest]}.weight", array)
+        elif module in names:
+            w.add_tensor(f"{names[module]}.weight", array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -188,3 +206,52 @@ def _flatten(tree, prefix=""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def test_gemma3_gguf_as_llama_cpp_writes_it_loads_as_its_safetensors(tiny_gemma3, tmp_path):
+    """llama.cpp's Gemma 3 GGUF: the +1 on every norm is undone, the four norms are told apart,
+    and the fields it leaves out take the values llama.cpp's runtime uses for gemma3."""
+    path = _write_gguf_as_llama_cpp(tiny_gemma3, "gemma3", tmp_path / "gemma3.gguf")
+    cfg, params = load_checkpoint(path)
+    want_cfg, want = load_checkpoint(tiny_gemma3)
+    fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+              "num_heads", "num_kv_heads", "head_dim", "rope_theta", "rope_scaling", "qk_norm",
+              "tie_word_embeddings", "sliding_window", "hidden_act", "scale_embeddings",
+              "norm_plus_one", "sandwich_norms")
+    assert {f: getattr(cfg, f) for f in fields} == {f: getattr(want_cfg, f) for f in fields}
+    assert cfg.layer_types == ("sliding_attention",) * 4  # llama.cpp: every 6th layer is full
+    assert (cfg.rope_local_theta, cfg.query_pre_attn_scalar) == (10000.0, 16.0)
+    flat = lambda tree: dict(_flatten(tree))  # noqa: E731
+    got, expected = flat(params), flat(want)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        if "norm" in key:  # (1 + w) - 1 in float32
+            np.testing.assert_allclose(got[key], expected[key], atol=1e-7, rtol=0, err_msg=key)
+            assert np.abs(got[key]).max() < 0.6, key  # offsets from 1, not scales
+        else:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_gemma3_config_reads_both_layouts_and_refuses_what_it_cannot_compute(tiny_gemma3):
+    hf = json.loads((tiny_gemma3 / "config.json").read_text())
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.model_type, cfg.sliding_window, cfg.query_pre_attn_scalar) == ("gemma3_text", 6, 24.0)
+    assert cfg.layer_types[2] == "full_attention" and cfg.rope_local_theta == 10000.0
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0} and cfg.tie_word_embeddings
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    assert cfg.to_hf()["architectures"] == ["Gemma3ForCausalLM"]
+    # transformers v4's layout, as Gemma 3 checkpoints on the Hub still write it.
+    v4 = {k: v for k, v in hf.items() if k not in ("rope_parameters", "layer_types")}
+    v4.update(rope_theta=1e6, rope_local_base_freq=10000.0, sliding_window_pattern=3,
+              rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert ModelConfig.from_hf(v4) == cfg
+    for field, value, message in [
+            ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 is not supported"),
+            ("final_logit_softcapping", 30.0, "final_logit_softcapping=30.0 is not supported"),
+            ("use_bidirectional_attention", True, "use_bidirectional_attention=true is not"),
+            ("hidden_activation", "gelu", "hidden_activation='gelu' is not supported"),
+            ("layer_types", ["full_attention"], "layer_types must be a list of 4")]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_hf({**hf, field: value})
+    with pytest.raises(ValueError, match="model_type='gemma3' is not supported"):
+        ModelConfig.from_hf({**hf, "model_type": "gemma3"})  # the multimodal wrapper's config

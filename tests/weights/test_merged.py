@@ -56,7 +56,8 @@ def trained_adapter(model_spec, out: Path, targets, rank=4, alpha=8.0, seed=0, s
     return lm
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_phi3"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_phi3",
+                                     "tiny_gemma3"])
 def test_params_to_hf_inverts_the_import_table(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     cfg, params = load_checkpoint(model_dir)
@@ -110,6 +111,7 @@ def test_merge_lora_folds_the_adapter_in_float32(tiny_qwen2):
     ("tiny_qwen2", PROJECTIONS),
     ("tiny_qwen3", PROJECTIONS),
     ("tiny_phi3", PROJECTIONS),
+    ("tiny_gemma3", PROJECTIONS),
 ])
 def test_merged_model_matches_student_logits_and_greedy_tokens(fixture, targets, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)

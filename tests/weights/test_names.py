@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 
 from pdistill_jax.config import LORA_TARGETS, ModelConfig
-from pdistill_jax.weights.names import (BY_PATH, HF_MODULE, LAYER_PATH, LORA_TENSORS, TENSORS,
-                                        expected_shapes, hf_module_paths, match_hf, target_dims)
+from pdistill_jax.weights.names import (HF_MODULE, LAYER_PATH, LORA_TENSORS, by_path,
+                                        expected_shapes, hf_module_paths, match_hf, target_dims,
+                                        tensors_of)
 
 CFG = ModelConfig(model_type="qwen2", vocab_size=11, hidden_size=6, intermediate_size=10,
                   num_layers=2, num_heads=3, num_kv_heads=1, head_dim=4, tie_word_embeddings=False,
@@ -40,16 +41,16 @@ def test_shapes_in_table_order():
     ("model.layers.1.mlp.down_proj.weight", "layers.mlp.down.kernel", 1, True),
 ])
 def test_hf_names_both_ways(name, path, layer, transpose):
-    tensor, i = match_hf(name)
+    tensor, i = match_hf(name, CFG)
     assert (tensor.ours, i, tensor.transpose) == (path, layer, transpose)
-    assert BY_PATH[path].hf_name(layer) == name
+    assert by_path(CFG)[path].hf_name(layer) == name
 
 
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.o_proj.bias",
                                   "model.layers.x.mlp.up_proj.weight",
                                   "model.embed_tokens.weight.extra", "embed"])
 def test_unknown_hf_names_match_nothing(name):
-    assert match_hf(name) is None
+    assert match_hf(name, CFG) is None
 
 
 def test_lora_targets_peft_modules_and_dims():
@@ -69,4 +70,22 @@ def test_lora_targets_peft_modules_and_dims():
         (6, 12), (6, 4), (6, 4), (12, 6), (6, 10), (6, 10), (10, 6), (6, 11)]
     tied = dataclasses.replace(CFG, tie_word_embeddings=True)
     assert target_dims(tied, "lm_head") == (6, 11)  # a tied head is adapted all the same
-    assert len(TENSORS) == len(BY_PATH)
+    assert len(tensors_of(CFG)) == len(by_path(CFG))
+
+
+def test_gemma3_rows_name_its_four_norms():
+    """Gemma 3's post_attention_layernorm is the norm on the attention output; Llama's is the
+    norm before the MLP. Each config reads the name its own way."""
+    gemma = dataclasses.replace(CFG, model_type="gemma3_text", attention_bias=False,
+                                sandwich_norms=True, qk_norm=True)
+    rows = by_path(gemma)
+    assert rows["layers.mlp_norm.weight"].hf == "model.layers.{i}.pre_feedforward_layernorm.weight"
+    assert rows["layers.attn_post_norm.weight"].hf == \
+        "model.layers.{i}.post_attention_layernorm.weight"
+    assert rows["layers.mlp_post_norm.weight"].hf == \
+        "model.layers.{i}.post_feedforward_layernorm.weight"
+    name = "model.layers.1.post_attention_layernorm.weight"
+    assert match_hf(name, gemma)[0].ours == "layers.attn_post_norm.weight"
+    assert match_hf(name, CFG)[0].ours == "layers.mlp_norm.weight"
+    assert "layers.attn_post_norm.weight" not in expected_shapes(CFG)
+    assert len(tensors_of(gemma)) == len(rows) == len(expected_shapes(gemma))

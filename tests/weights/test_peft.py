@@ -72,7 +72,7 @@ def student(model_dir, targets, rank=4, alpha=8.0, seed=0):
 
 CASES = [("tiny_llama", PROJECTIONS), ("tiny_llama", PROJECTIONS + ("lm_head",)),
          ("tiny_qwen2", PROJECTIONS), ("tiny_qwen2", PROJECTIONS + ("lm_head",)),
-         ("tiny_qwen3", PROJECTIONS)]
+         ("tiny_qwen3", PROJECTIONS), ("tiny_gemma3", PROJECTIONS + ("lm_head",))]
 
 
 @pytest.mark.parametrize("fixture, targets", CASES)
@@ -429,3 +429,35 @@ def test_upper_layer_adapter_is_peft_layers_to_transform(tiny_llama, tmp_path):
     (out / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] is not supported"):
         load_peft_adapter(out, lm.cfg)
+
+
+def test_gemma3_adapter_in_peft_generates_what_answer_generates(tiny_gemma3, tmp_path):
+    """The exported Gemma 3 adapter on transformers' Gemma3ForCausalLM, through real peft,
+    greedily continues a chat prompt exactly as our model loaded with that adapter (what
+    `answer --adapter` loads) does, and differently from the base."""
+    from peft import PeftModel
+
+    from pdistill_jax.config import SamplingParams
+    from pdistill_jax.model.sampler import generate
+    from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
+
+    lm = student(tiny_gemma3, PROJECTIONS, seed=5)
+    out = save_peft_adapter(tmp_path / "adapter", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                            lm.model.lora_config, str(tiny_gemma3))
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == \
+        sorted(HF_MODULE[t] for t in PROJECTIONS)
+    loaded = load_model(None, adapter=out)  # the base named in the adapter, as answer does
+    prompt = chat_prompt_ids(loaded.tokenizer, "What is the capital of Velloria?")
+    end = end_token_ids(loaded.tokenizer, loaded.cfg)
+    ours = generate(loaded.model, [prompt], SamplingParams(max_new_tokens=12), end_ids=end,
+                    use_lora=True)[0]
+
+    def greedy(model):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12,
+                                 do_sample=False, eos_token_id=end, pad_token_id=end[0])
+        out = out[0, len(prompt):].tolist()
+        return out[:-1] if out and out[-1] in end else out
+
+    theirs = greedy(PeftModel.from_pretrained(torch_base(tiny_gemma3), str(out)).eval())
+    assert theirs == ours.tokens and theirs != greedy(torch_base(tiny_gemma3))

@@ -114,6 +114,14 @@ def test_unsupported_gguf_tokenizer_model_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "tokenizers").exists()
 
 
+def test_gemma_vocabulary_in_gguf_is_refused_by_name(tmp_path, monkeypatch):
+    # llama.cpp writes Gemma's sentencepiece vocabulary with add_space_prefix=false.
+    monkeypatch.setenv("PDISTILL_CACHE", str(tmp_path / "cache"))
+    gguf = tiny_models.write_tokenizer_gguf(tmp_path / "g.gguf", "llama", add_space_prefix=False)
+    with pytest.raises(ValueError, match="add_space_prefix=false .* not supported"):
+        load_tokenizer(gguf)
+
+
 @pytest.mark.parametrize("model,missing", [
     ("gpt2", "tokenizer.ggml.merges"),
     ("llama", "tokenizer.ggml.merges or tokenizer.ggml.scores")])
