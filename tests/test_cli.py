@@ -11,6 +11,7 @@ import pytest
 from pdistill_jax.cli import COMMANDS, HelpFormatter, build_parser, main
 from pdistill_jax.config import LoraConfig, TrainConfig
 from pdistill_jax.config import GenerateConfig
+from pdistill_jax.pipeline.recipes import recipe_field
 from pdistill_jax.weights.registry import DEFAULT_MODEL
 
 
@@ -75,14 +76,20 @@ def test_help_shows_the_config_dataclasses_defaults():
     def shown(p, flag):
         return _shown_help(p, _flags(p)[flag])
 
-    assert shown(train, "--epochs").endswith(f"(default: {TrainConfig().epochs}, from TrainConfig)")
-    assert f"(default: {TrainConfig().lr}, from TrainConfig)" in shown(train, "--lr")
-    assert f"(default: {LoraConfig().rank}, from LoraConfig)" in shown(train, "--rank")
-    assert "(default: q,k,v,o,gate,up,down, from LoraConfig)" in shown(train, "--targets")
+    def recipes(kind, field, lora=False):  # what --help must say the two recipes set it to
+        small, paper = (recipe_field(r, kind, field, lora) for r in ("small", "paper"))
+        return f"(default: the recipe's: small {small}, paper {paper})"
+
+    assert shown(train, "--epochs").endswith(recipes("train", "epochs"))
+    assert recipes("train", "lr") in shown(train, "--lr")
+    assert "(default: the recipe's: small 32, paper 1024)" in shown(train, "--rank")
+    assert "small the top third of the layers, paper 0" in shown(train, "--first-layer")
+    # a field neither recipe sets shows its dataclass's default
+    assert f"(default: {TrainConfig().grad_accum}, from TrainConfig)" in shown(train, "--grad-accum")
     assert "(default: data=-1,fsdp=1,tensor=1, from TrainConfig)" in shown(train, "--mesh")
     assert "Q&A rows per micro-batch" in shown(train, "--batch-size")
-    assert (f"(default: {GenerateConfig().questions_per_doc}, from GenerateConfig)"
-            in shown(generate, "--questions-per-doc"))
+    assert recipes("generate", "questions_per_doc") in shown(generate, "--questions-per-doc")
+    assert (f"(default: {GenerateConfig().seed}, from GenerateConfig)" in shown(generate, "--seed"))
 
 
 def test_help_of_every_command_prints(capsys):

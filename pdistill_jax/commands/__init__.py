@@ -60,3 +60,53 @@ def add_model_argument(p, default_text: str | None = None) -> None:
 
 def add_no_progress_argument(p) -> None:
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+
+
+def recipe_default(cls: type, name: str) -> str:
+    """The help suffix of a flag whose default a recipe may set: '(default: the recipe's: small 10,
+    paper 30)', or where neither recipe sets it, the dataclass's (config_default)."""
+    kind = "generate" if cls.__name__ == "GenerateConfig" else "train"
+    lora = cls.__name__ == "LoraConfig"
+    from pdistill_jax.pipeline.recipes import recipe_field
+
+    values = {r: recipe_field(r, kind, name, lora) for r in ("small", "paper")}
+    if all(v is None for v in values.values()):
+        return config_default(cls, name)
+    fallback = show_value(field_default(cls, name))
+    return "(default: the recipe's: " + ", ".join(
+        f"{r} {fallback if v is None else show_value(v)}" for r, v in values.items()) + ")"
+
+
+def add_recipe_argument(p, cls_name: str) -> None:
+    from pdistill_jax.pipeline.recipes import RECIPES, SMALL_MODEL_PARAMS
+
+    p.add_argument("--recipe", choices=RECIPES,
+                   help=f"the settings to start from without --config: small (measured on the "
+                        f"embedded 135M model) or paper (the authors' 8B settings); "
+                        f"auto = small for models under {SMALL_MODEL_PARAMS / 1e9:g}B parameters, "
+                        f"else paper; fields no recipe sets keep {cls_name}'s defaults "
+                        f"(default: auto; pdistill_jax/pipeline/recipes.py)")
+
+
+def recipe_layer(args, model, kind: str) -> dict[str, Any]:
+    """The recipe's fields for `kind` ("generate" or "train") and `model`, or {} with --config
+    (the file replaces the recipe) or without a model (library callers: the dataclass defaults).
+    Which recipe and why is left in args.recipe_note, for the command's closing report."""
+    if model is None:
+        return {}
+    if args.config:
+        if args.recipe is not None:
+            raise ValueError(f"--recipe {args.recipe} and --config {args.config}: give one "
+                             "(the config file replaces the recipe; flags override either)")
+        return {}
+    from pdistill_jax.pipeline import recipes
+    from pdistill_jax.weights.hf import read_model_config
+    from pdistill_jax.weights.registry import resolve_model
+
+    cfg = read_model_config(resolve_model(model))
+    name, why = recipes.choose(args.recipe or "auto", cfg)
+    # Told with the command's result, not before it: a bad input must stay a one-line error.
+    args.recipe_note = f"recipe {name} ({why})"
+    if kind == "generate":
+        return recipes.generate_settings(name)
+    return recipes.train_settings(name, cfg)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import DOCS_HELP, add_model_argument, add_no_progress_argument, config_default, given_flags
+from . import (DOCS_HELP, add_model_argument, add_no_progress_argument, add_recipe_argument,
+               given_flags, recipe_default, recipe_layer)
 
 # GenerateConfig fields that have a flag of the same name; a flag left out keeps the value of
 # --config (or the default).
@@ -16,15 +17,16 @@ def add_arguments(p) -> None:
     from pdistill_jax.config import QUESTION_MODES, GenerateConfig
 
     def default(name):
-        return config_default(GenerateConfig, name)
+        return recipe_default(GenerateConfig, name)
 
     add_model_argument(p)
     p.add_argument("--docs", required=True, help=DOCS_HELP)
     p.add_argument("--out", required=True, help="output folder; rerun the same command to resume "
                                                 "(on a cluster too: docs/distributed.md)")
     p.add_argument("--config", help="YAML file of GenerateConfig fields "
-                                    "(configs/generate_default.yaml); flags override it "
-                                    "(default: none, GenerateConfig's defaults)")
+                                    "(configs/generate_default.yaml) in place of the recipe; "
+                                    "flags override it (default: none, the recipe)")
+    add_recipe_argument(p, "GenerateConfig")
     p.add_argument("--questions-per-doc", type=int,
                    help=f"distinct questions wanted per document (chunk) {default('questions_per_doc')}")
     p.add_argument("--question-mode", choices=QUESTION_MODES,
@@ -63,11 +65,16 @@ def main(args) -> int:
     initialize_distributed()  # a cluster's processes each generate a share (before any JAX call)
     index, count = work_share()
 
-    from pdistill_jax.config import GenerateConfig, load_yaml
+    from pdistill_jax.config import GenerateConfig, from_dict, load_yaml
     from pdistill_jax.datagen.generate import generate_data
 
-    cfg = load_yaml(GenerateConfig, args.config) if args.config else GenerateConfig()
     changes = given_flags(args, FLAGS)
+    if args.config:
+        recipe_layer(args, args.model, "generate")  # refuses --recipe beside --config
+        cfg = load_yaml(GenerateConfig, args.config)
+    else:  # a bad flag is refused before the recipe resolves (fetches) the model
+        dataclasses.replace(GenerateConfig(), **changes)
+        cfg = from_dict(GenerateConfig, recipe_layer(args, args.model, "generate"))
     cfg = dataclasses.replace(cfg, **changes)
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs {args.max_docs}: must be >= 1")
@@ -83,5 +90,6 @@ def main(args) -> int:
           f"{y['parsed_per_call']:.2f} questions parsed per call; "
           + (f"{c['paraphrases_kept']} of {c['paraphrases_asked']} paraphrases kept; "
              if cfg.paraphrases_per_question else "")
-          + f"{c['load_problems']} input problem(s)")
+          + f"{c['load_problems']} input problem(s)"
+          + (f"; {args.recipe_note}" if getattr(args, "recipe_note", None) else ""))
     return 0

@@ -13,7 +13,8 @@ import sys
 
 from pdistill_jax.log import logger
 from pdistill_jax.weights.registry import DEFAULT_MODEL
-from . import add_model_argument, add_no_progress_argument, config_default, given_flags
+from . import (add_model_argument, add_no_progress_argument, add_recipe_argument, config_default,
+               given_flags, recipe_default, recipe_layer)
 
 _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
@@ -27,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from pdistill_jax.config import COMPUTE_DTYPES, OBJECTIVES, LoraConfig, TrainConfig
 
     def default(name, cls=TrainConfig):
-        return config_default(cls, name)
+        return recipe_default(cls, name)
 
     add_model_argument(p, f"{DEFAULT_MODEL}, the registered default; with --resume, the run's")
     p.add_argument("--data", help="folder written by `pdistill generate` (its qa.jsonl) or a JSONL "
@@ -35,9 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the resumed run's; required without --resume)")
     p.add_argument("--out", required=True,
                    help="run folder (config, metrics, checkpoints, adapter)")
-    p.add_argument("--config", help="YAML of TrainConfig fields, e.g. configs/train_default.yaml; "
-                                    "flags override it (default: none, TrainConfig's defaults; "
-                                    "with --resume, the run's config.yaml)")
+    p.add_argument("--config", help="YAML of TrainConfig fields, e.g. configs/train_default.yaml, "
+                                    "in place of the recipe; flags override it (default: none, "
+                                    "the recipe; with --resume, the run's config.yaml)")
+    add_recipe_argument(p, "TrainConfig")
     p.add_argument("--objective", choices=OBJECTIVES,
                    help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline "
                         f"{default('objective')}")
@@ -107,8 +109,9 @@ def train_inputs(args: argparse.Namespace, run_config: dict | None) -> tuple[str
     return model, data
 
 
-def resolve_config(args: argparse.Namespace, run_config: dict | None):
-    """TrainConfig from (the run's saved config when resuming) < --config YAML < flags.
+def resolve_config(args: argparse.Namespace, run_config: dict | None, model: str | None = None):
+    """TrainConfig from (the run's saved config when resuming, else without --config the recipe
+    for `model`, pdistill_jax/pipeline/recipes.py) < --config YAML < flags.
 
     TrainConfig checks the values; one read from --config is reported with its file and line.
     """
@@ -125,18 +128,27 @@ def resolve_config(args: argparse.Namespace, run_config: dict | None):
     if lora_flags:
         flags["lora"] = lora_flags
     loaded, lines = read_yaml(args.config) if args.config else ({}, {})
-    merged: dict = {}
-    for layer in ((run_config or {}).get("train") or {}, loaded, flags):
-        lora = layer.get("lora")
-        if isinstance(lora, dict) and isinstance(merged.get("lora"), dict):
-            lora = {**merged["lora"], **lora}  # --rank alone keeps the YAML's targets
-        merged.update(layer)
-        if "lora" in layer:
-            merged["lora"] = lora
     # A value a flag replaced is no longer the file's: its errors must not point at the file.
     overridden = set(flags) | {f"lora.{k}" for k in lora_flags}
     lines = {k: n for k, n in lines.items() if k not in overridden}
-    return from_dict(TrainConfig, merged, args.config, lines=lines)
+
+    def combine(base: dict):
+        merged: dict = {}
+        for layer in (base, loaded, flags):
+            lora = layer.get("lora")
+            if isinstance(lora, dict) and isinstance(merged.get("lora"), dict):
+                lora = {**merged["lora"], **lora}  # --rank alone keeps the YAML's targets
+            merged.update(layer)
+            if "lora" in layer:
+                merged["lora"] = lora
+        return from_dict(TrainConfig, merged, args.config, lines=lines)
+
+    if run_config is not None:
+        if getattr(args, "recipe", None) is not None:
+            raise ValueError("--recipe: a resumed run keeps the settings in its config.yaml")
+        return combine(run_config.get("train") or {})
+    combine({})  # a bad flag or file is refused before the recipe resolves (fetches) the model
+    return combine(recipe_layer(args, model, "train"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -145,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
 
     run_config = read_run_config(args.out) if args.resume else None
     model, data = train_inputs(args, run_config)
-    cfg = resolve_config(args, run_config)
+    cfg = resolve_config(args, run_config, model)
     if cfg.system is None and run_config is None:
         from pdistill_jax.datagen.dataset import generation_system_message
 
@@ -156,5 +168,7 @@ def main(args: argparse.Namespace) -> int:
     summary = train(model, data, args.out, cfg, resume=args.resume,
                     init_adapter=args.init_adapter, stop_after=args.stop_after,
                     progress=not args.no_progress)
+    if getattr(args, "recipe_note", None):
+        summary = {**summary, "settings": args.recipe_note}
     print(json.dumps(summary, indent=2), file=sys.stdout)
     return 0

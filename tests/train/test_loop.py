@@ -14,6 +14,8 @@ from pdistill_jax.commands.train import add_arguments, resolve_config
 from pdistill_jax.config import LoraConfig, TrainConfig, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# TrainConfig's own defaults (in place of the recipe a bare `pdistill train` starts from)
+TRAIN_DEFAULTS = str(ROOT / "configs" / "train_default.yaml")
 FACTS = [("Tarsk", "1873", "Ottilie Marrowgate"), ("Hesk", "1902", "Bram Quill"),
          ("Velloria", "1655", "Ada Finch"), ("Marrow", "1790", "Tobias Lark")]
 
@@ -41,7 +43,7 @@ def trained(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     qa, run = write_qa(tmp / "qa.jsonl"), tmp / "run"
     args = ["train", "--model", str(tiny_llama), "--data", str(qa), "--out", str(run),
-            "--mesh", "data=2", "--batch-size", "4", "--epochs", "6", "--rank", "8",
+            "--config", TRAIN_DEFAULTS, "--mesh", "data=2", "--batch-size", "4", "--epochs", "6", "--rank", "8",
             "--targets", "q,k,v,o,gate,up,down", "--lr", "2e-2", "--save-every", "5",
             "--system", "Answer briefly.", "--no-progress"]
     assert main(args + ["--stop-after", "12"]) == 0
@@ -110,7 +112,8 @@ def test_init_adapter_starts_from_the_trained_adapter(trained, tiny_llama, tmp_p
     qa, run, _, args = trained
     run2 = tmp_path / "run2"
     assert main(["train", "--model", str(tiny_llama), "--data", str(qa), "--out", str(run2),
-                 "--mesh", "data=2", "--batch-size", "4", "--epochs", "1", "--rank", "4",
+                 "--config", TRAIN_DEFAULTS, "--mesh", "data=2", "--batch-size", "4",
+                 "--epochs", "1", "--rank", "4",
                  "--lr", "2e-2", "--system", "Answer briefly.", "--init-adapter", str(run),
                  "--no-progress"]) == 0
     # Same seed and data: step 1 of both runs sees the same batch, and a step's loss is computed
@@ -164,7 +167,7 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused_in_one_line(tiny_lla
 
 def nan_args(model, qa: Path, run: Path, lr: str) -> list[str]:
     return ["train", "--model", str(model), "--data", str(qa), "--out", str(run),
-            "--mesh", "data=1", "--batch-size", "4", "--epochs", "3", "--rank", "4", "--lr", lr, "--save-every", "1",
+            "--config", TRAIN_DEFAULTS, "--mesh", "data=1", "--batch-size", "4", "--epochs", "3", "--rank", "4", "--lr", lr, "--save-every", "1",
             "--no-progress"]
 
 
