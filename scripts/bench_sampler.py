@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--distinct", type=int, default=0, help="distinct prompts (0 = every row its own)")
+    ap.add_argument("--attention", choices=("auto", "einsum", "dot_product"), default="auto",
+                    help="attention kernel of the prefill (decode steps always use the einsum)")
     a = ap.parse_args()
 
     import jax
@@ -82,7 +84,7 @@ def main() -> None:
     from pdistill_jax.model.sampler import generate
     from pdistill_jax.config import SamplingParams
 
-    lm = load_model(a.model)
+    lm = load_model(a.model, attention=a.attention)
     rng = np.random.default_rng(0)
     distinct = a.distinct or a.batch
     pool = [list(map(int, rng.integers(100, lm.cfg.vocab_size, a.prompt_tokens))) for _ in range(distinct)]
@@ -107,7 +109,8 @@ def main() -> None:
 
     compute_s = read["flops_per_step"] / matmul_peak(2048)["flops_per_s"]
     print(json.dumps({
-        "jax": jax.__version__, "platform": jax.devices()[0].platform, "batch": a.batch,
+        "jax": jax.__version__, "platform": jax.devices()[0].platform, "attention": a.attention,
+        "batch": a.batch,
         "prompt_tokens": a.prompt_tokens, "distinct_prompts": distinct, "new_tokens": a.new_tokens,
         "temperature": a.temperature, "top_k": a.top_k, "prefill_s": round(times[1], 2),
         "batch_s": round(full, 2), "decode_ms_per_step": round(1000 * decode_s, 1),

@@ -21,7 +21,8 @@ machine's f32 matmul peak (as --matmul-peak) and reports computed FLOP/s as a fr
 
 Usage:
   python scripts/bench_step.py [--batch 8 --doc-tokens 256 --qa-tokens 64 --answer-tokens 32
-                               --rank 16 --first-layer 0 --steps 5 --dtype float32 --remat]
+                               --rank 16 --first-layer 0 --steps 5 --dtype float32 --remat
+                               --attention auto|einsum|dot_product]
   python scripts/bench_step.py --matmul-peak [--matmul-size 2048]
 """
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--attention", choices=("auto", "einsum", "dot_product"), default="auto",
+                    help="attention kernel (auto: einsum on CPU, dot_product_attention elsewhere)")
     ap.add_argument("--first-layer", type=int, default=0,
                     help="the adapter on layers first-layer.. only (the backward stops there)")
     ap.add_argument("--tau", type=float, default=2.0)
@@ -105,6 +108,7 @@ def main() -> None:
     from pdistill_jax.config import LoraConfig, TrainConfig
     from pdistill_jax.weights.load import load_model
     from pdistill_jax.model.sharding import global_batch, make_mesh
+    from pdistill_jax.model.transformer import attention_kernel
     from pdistill_jax.train.step import init_train_state, make_train_step
 
     if a.answer_tokens >= a.qa_tokens:
@@ -114,7 +118,7 @@ def main() -> None:
                       weight_decay=0.01, batch_size=a.batch, tau=a.tau, compute_dtype=a.dtype,
                       remat=a.remat)
     loaded = load_model(a.model, cfg.lora, dtype=dtype, param_dtype=dtype, remat=a.remat,
-                        with_tokenizer=False)
+                        attention=a.attention, with_tokenizer=False)
     mcfg = loaded.cfg
     mesh = make_mesh((-1, 1, 1))
     graphdef, base, state, opt = init_train_state(loaded.model, cfg, 1000, mesh)
@@ -150,6 +154,7 @@ def main() -> None:
     print(json.dumps({
         "impl": "pdistill_jax", "jax": jax.__version__, "platform": jax.devices()[0].platform,
         "devices": jax.device_count(), "model": a.model, "dtype": a.dtype, "remat": a.remat,
+        "attention": attention_kernel(a.attention),
         "batch": b, "doc_tokens": d, "qa_tokens": q, "answer_tokens": n_ans, "rank": a.rank,
         "first_layer": a.first_layer,
         "first_step_s": round(compile_s, 2), "step_s_median": round(med, 3),

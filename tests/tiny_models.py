@@ -156,6 +156,39 @@ def _sentencepiece_vocab():
     return tokens, scores, types
 
 
+def _gemma_vocab():
+    """(tokens, scores, token types) as llama.cpp writes a Gemma vocabulary: <pad>, <eos>, <bos>,
+    <unk>, <mask>, the turn markers, the 256 byte tokens, then pieces in merge order, spaces
+    spelled \u2581 except in tokens of spaces only, which are written as real spaces; scores that
+    do not follow the merge order (Gemma's do not)."""
+    import random
+
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(" ", "\u2581")  # no pre-tokenizer: Gemma splits nothing
+    tok.train_from_iterator(CORPUS + TRICKY_TEXTS * 5, trainers.BpeTrainer(vocab_size=VOCAB))
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    vocab = tok.get_vocab()
+    pieces = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
+    pieces = [" " * len(t) if set(t) == {"\u2581"} and len(t) > 1 else t for t in pieces]
+    assert any(t.startswith("  ") for t in pieces), "the corpus must give a token of spaces"
+    tokens = specials + byte_tokens + pieces
+    scores = [0.0] * (len(specials) + 256) + [-float(i) for i in random.Random(0).sample(
+        range(len(pieces)), len(pieces))]
+    types = [3, 3, 3, 2, 4, 4, 4] + [6] * 256 + [1] * len(pieces)
+    return tokens, scores, types
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
 LLAMA2_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'system' %}"
@@ -168,12 +201,15 @@ def write_tokenizer_gguf(path: Path, kind: str = "gpt2", pre: str | None = None,
                          add_bos: bool | None = None, chat_template: str | None = CHATML,
                          add_space_prefix: bool | None = None) -> Path:
     """A GGUF file whose metadata holds a tiny tokenizer, written as llama.cpp's converter does:
-    kind "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2; `pre` names the split) or
-    "llama" (a sentencepiece vocabulary with scores and no merges: Llama 2, Mistral)."""
+    kind "gpt2" (byte-level BPE with merges: SmolLM2, Llama 3, Qwen2; `pre` names the split),
+    "llama" (a sentencepiece vocabulary with scores and no merges: Llama 2, Mistral), "phi3"
+    (that vocabulary in a phi3 file) or "gemma" (Gemma 3's vocabulary in a gemma3 file)."""
     from gguf import GGUFWriter
 
     path = Path(path)
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), {"gemma": "gemma3", "phi3": "phi3"}.get(kind, "llama"))
+    if kind == "phi3":  # Phi-3's file: a Llama 2 style vocabulary in a phi3 architecture
+        kind = "llama"
     if kind == "gpt2":
         tokens, merges, types = _byte_level_vocab()
         writer.add_tokenizer_model("gpt2")
@@ -185,16 +221,23 @@ def write_tokenizer_gguf(path: Path, kind: str = "gpt2", pre: str | None = None,
         writer.add_eos_token_id(2)
         writer.add_unk_token_id(0)
         writer.add_pad_token_id(0)
-    elif kind == "llama":
-        tokens, scores, types = _sentencepiece_vocab()
+    elif kind in ("llama", "gemma"):  # sentencepiece: scores, no merges
+        gemma = kind == "gemma"
+        tokens, scores, types = _gemma_vocab() if gemma else _sentencepiece_vocab()
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre(pre or "default")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_unk_token_id(0)
+        bos, eos, unk = (2, 1, 3) if gemma else (1, 2, 0)
+        writer.add_bos_token_id(bos)
+        writer.add_eos_token_id(eos)
+        writer.add_unk_token_id(unk)
+        if gemma:
+            writer.add_pad_token_id(0)
+            writer.add_add_space_prefix(False)
+            if add_bos is None:
+                writer.add_add_bos_token(True)
     else:
         writer.add_tokenizer_model(kind)
         writer.add_token_list(["<unk>", "a"])

@@ -162,9 +162,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+ATTENTION_KERNELS = ("auto", "einsum", "dot_product")
+
+
+def attention_kernel(name: str) -> str:
+    """The kernel a setting of `attention` runs on this backend. "dot_product" is
+    `jax.nn.dot_product_attention` (cuDNN's fused kernel on a GPU, XLA's elsewhere); "einsum" the
+    explicit matmuls and softmax, kept on CPU where it measured faster (docs/benchmarks.md)."""
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"attention={name!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+    if name == "auto":
+        return "einsum" if jax.default_backend() == "cpu" else "dot_product"
+    return name
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs,
+                 attention: str = "auto"):
+        self.cfg, self.attention = cfg, attention_kernel(attention)
         d, hd = cfg.hidden_size, cfg.head_dim
 
         def proj(name, i, o, axes, bias=False):
@@ -196,6 +211,13 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if self.attention == "dot_product" and t > 1:
+            # Training, the teacher pass and prefill: the memory wall of long prompts. A decode
+            # step (t = 1) has (b, heads, 1, slots) scores only and keeps the einsum below,
+            # which reads the cache in place instead of in this kernel's layout.
+            out = _dot_product_attention(q, k, v, mask, cache_kv, 1.0 / cfg.attention_scale)
+            return self.o(out.reshape(b, t, -1), use_lora), (k.transpose(0, 2, 1, 3),
+                                                            v.transpose(0, 2, 1, 3))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, t, d): the cache layout
         # Heads-major layout with the query heads sharing a kv head stacked along the query axis:
         # one (g*t, d) x (d, s) matmul per (batch, kv head), faster on XLA:CPU than contracting
@@ -230,6 +252,23 @@ class Attention(nnx.Module):
         return self.o(out, use_lora), (k, v)
 
 
+def _dot_product_attention(q, k, v, mask, cache_kv, scale):
+    """`jax.nn.dot_product_attention` over the keys read (a prefix or cache, then the new
+    tokens'), with the masks `Attention` takes; q: (b, t, heads, d), k/v: (b, t, kv_heads, d)."""
+    b, t = q.shape[:2]
+    if cache_kv is None:
+        keys, values, masks = k, v, mask
+    else:  # the read-only slots come first, in (b, kv, s, d) layout
+        keys = jnp.concatenate([cache_kv[0].transpose(0, 2, 1, 3).astype(q.dtype), k], axis=1)
+        values = jnp.concatenate([cache_kv[1].transpose(0, 2, 1, 3).astype(q.dtype), v], axis=1)
+        old, new = mask
+        masks = jnp.concatenate([jnp.broadcast_to(old, (b, t, old.shape[-1])),
+                                 jnp.broadcast_to(new, (b, t, t))], axis=-1)
+    masks = jnp.broadcast_to(masks, (b, t, keys.shape[1]))[:, None]  # (b, 1, t, s)
+    return jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                        mask=masks, scale=scale)
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -251,9 +290,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs,
+                 attention: str = "auto"):
         self.attn_norm = _norm(cfg, cfg.hidden_size, param_dtype)
-        self.attn = Attention(cfg, lora, dtype, param_dtype, rngs)
+        self.attn = Attention(cfg, lora, dtype, param_dtype, rngs, attention)
         self.mlp_norm = _norm(cfg, cfg.hidden_size, param_dtype)
         self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
         # Gemma 3: the attention and MLP outputs are normalised too, before the residual add.
@@ -279,7 +319,8 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *,
                  dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs | None = None):
+                 attention: str = "auto", rngs: nnx.Rngs | None = None):
+        """attention: the kernel (`ATTENTION_KERNELS`; "auto" chooses by backend)."""
         rngs = rngs or nnx.Rngs(params=0, lora=0)
         self.cfg, self.lora_config, self.dtype, self.remat = cfg, lora, dtype, remat
         if lora is not None and lora.first_layer >= cfg.num_layers:
@@ -292,7 +333,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(r):
-            return Block(cfg, lora, dtype, param_dtype, r)
+            return Block(cfg, lora, dtype, param_dtype, r, attention)
 
         self.layers = make_blocks(rngs)
         self.norm = _norm(cfg, cfg.hidden_size, param_dtype)

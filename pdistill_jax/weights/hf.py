@@ -205,9 +205,6 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
         raise ValueError(f"{source}: GGUF general.architecture={arch!r} is not supported; "
                          f"use one of {', '.join(_GGUF_ARCHITECTURES)}")
     model_type = _GGUF_ARCHITECTURES[arch]
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(f"{source}: GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported; "
-                         "pass the Hugging Face directory instead")
     if any(t.name.startswith("rope_factors_") for t in reader.tensors):
         raise ValueError(f"{source}: GGUF with rope_factors (Phi-3 longrope) is not supported; "
                          "use a Phi-3 model without it (the 4k-context ones)")
@@ -219,9 +216,17 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
     hidden = int(g("embedding_length"))
     layers = int(g("block_count"))
     head_dim = int(g("attention.key_length", hidden // heads))
-    gemma = {}
+    extra = {}  # family fields GGUF metadata does not spell out
     if model_type == "gemma3_text":
-        gemma = _gguf_gemma3(g, layers, hidden, heads, head_dim, names, source)
+        extra = _gguf_gemma3(g, layers, hidden, heads, head_dim, names, source)
+    theta = float(g("rope.freq_base", 10000.0))
+    if "rope_freqs.weight" in names:  # Llama 3.1 / 3.2: the scaling as per-frequency divisors
+        if model_type != "llama":
+            raise ValueError(f"{source}: GGUF tensor rope_freqs.weight in a {arch} model is not "
+                             "supported (only Llama 3's rope scaling)")
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        extra["rope_scaling"] = llama3_scaling_from_factors(
+            np.asarray(factors.data, np.float64).reshape(-1), theta, head_dim, source)
     return ModelConfig(
         model_type=model_type,
         vocab_size=int(vocab),
@@ -231,7 +236,7 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(g("attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_theta=theta,
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
@@ -241,7 +246,7 @@ def read_gguf_config(reader, source: str) -> ModelConfig:
                         g("attention.sliding_window") is not None else None),
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-        **gemma,
+        **extra,
     )
 
 
@@ -272,6 +277,67 @@ def _gguf_gemma3(g, layers: int, hidden: int, heads: int, head_dim: int, names: 
         query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim))
 
 
+# llama.cpp's converter writes Llama 3's rope scaling as one divisor per frequency
+# (`rope_freqs.weight`) and drops the parameters; it always takes the original context as 8192.
+_LLAMA3_CONTEXT = 8192
+
+
+def llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float,
+                   context: float = _LLAMA3_CONTEXT) -> np.ndarray:
+    """The divisor of each inverse frequency under Llama 3 rope scaling (llama.cpp's rope_freqs)."""
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, blended))
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int,
+                                source: str) -> dict | None:
+    """The Hugging Face `rope_scaling` dict that gives these per-frequency divisors.
+
+    The divisors fix the frequencies but not the parameters: only context/low and context/high
+    matter, so the context is taken as llama.cpp's 8192 and low/high solved for. Candidates are
+    tried in turn (Llama 3's own 1 and 4; a fit of the blended band; one band point with Llama
+    3's high = 4 x low; thresholds inside an empty band) and the first that reproduces every
+    divisor is returned."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv.shape:
+        raise ValueError(f"{source}: GGUF rope_freqs.weight has {factors.size} values for "
+                         f"{inv.size} rotary frequencies (head_dim {head_dim})")
+    if np.allclose(factors, 1.0, rtol=1e-6, atol=0):
+        return None
+    factor = float(factors.max())
+    wavelen = 2 * np.pi / inv
+    kept, slowed = np.isclose(factors, 1.0, rtol=1e-5), np.isclose(factors, factor, rtol=1e-5)
+    band = ~kept & ~slowed
+    candidates = [(1.0, 4.0)]
+    smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)  # 0 at slowed, 1 at kept
+    x = _LLAMA3_CONTEXT / wavelen[band]  # smooth = (x - low) / (high - low)
+    if band.sum() >= 2:
+        slope, intercept = np.polyfit(x, smooth, 1)
+        candidates.append((-intercept / slope, (1 - intercept) / slope))
+    elif band.sum() == 1:
+        low = float(x[0] / (3 * smooth[0] + 1))
+        candidates.append((low, 4 * low))
+    elif kept.any() and slowed.any():
+        # No frequency in the band: put its edges inside the gap between kept and slowed.
+        short, long_ = wavelen[kept].max(), wavelen[slowed].min()
+        edges = short * (long_ / short) ** np.array([1 / 3, 2 / 3])
+        candidates.append((_LLAMA3_CONTEXT / edges[1], _LLAMA3_CONTEXT / edges[0]))
+    for low, high in candidates:
+        for digits in (5, None):  # 511.99999 back to 512 where that still fits
+            lo, hi = (low, high) if digits is None else (float(f"{low:.{digits}g}"),
+                                                         float(f"{high:.{digits}g}"))
+            if hi <= lo or lo <= 0:
+                continue
+            if np.allclose(llama3_factors(inv, factor, lo, hi), factors, rtol=1e-5, atol=0):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(lo),
+                        "high_freq_factor": float(hi),
+                        "original_max_position_embeddings": _LLAMA3_CONTEXT}
+    raise ValueError(f"{source}: GGUF rope_freqs.weight is not a Llama 3 rope scaling this "
+                     "loader can express; pass the model's Hugging Face directory instead")
+
+
 def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's interleaving of each head's rotary halves (HF rotate-half order)."""
     half = w.shape[0] // heads // 2
@@ -283,6 +349,8 @@ def iter_gguf(reader, cfg: ModelConfig, source: str) -> Iterator[tuple[str, np.n
 
     table = _GGUF_TO_HF_FAMILY.get(cfg.model_type, []) + _GGUF_TO_HF
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # the rope scaling, read into the config
         for pattern, template in table:
             m = re.fullmatch(pattern, t.name)
             if m:

@@ -32,7 +32,7 @@ class LoadedModel:
 
 def build_model(cfg: ModelConfig, base_params: dict, lora: LoraConfig | None = None, *,
                 seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: bool = False) -> Transformer:
+                remat: bool = False, attention: str = "auto") -> Transformer:
     """A Transformer holding `base_params` and, if `lora` is given, a freshly initialised adapter.
 
     The module is built abstractly (no random base weights are ever materialised); only the
@@ -40,7 +40,7 @@ def build_model(cfg: ModelConfig, base_params: dict, lora: LoraConfig | None = N
     """
     def make():
         return Transformer(cfg, lora, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                           rngs=nnx.Rngs(params=0, lora=seed))
+                           attention=attention, rngs=nnx.Rngs(params=0, lora=seed))
 
     abstract = nnx.eval_shape(make)
     graphdef, lora_state, base_state = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
@@ -83,7 +83,7 @@ def _read(path: Path, what: str, read):
 
 def load_model(spec: str | Path | None, lora: LoraConfig | None = None, *, adapter=None,
                seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-               with_tokenizer: bool = True) -> LoadedModel:
+               attention: str = "auto", with_tokenizer: bool = True) -> LoadedModel:
     """The model `spec` names, with a fresh LoRA of shape `lora`, or with `adapter`'s.
 
     adapter: a PEFT folder or a training run folder; its LoRA config and (float32) weights take
@@ -101,7 +101,7 @@ def load_model(spec: str | Path | None, lora: LoraConfig | None = None, *, adapt
     # Reused numpy weights are safe to share: build_model only reads them into jax arrays.
     cfg, params = _read(path, "weights", lambda: load_checkpoint(path, np.float32))
     model = build_model(cfg, params, lora, seed=seed, dtype=dtype, param_dtype=param_dtype,
-                        remat=remat)
+                        remat=remat, attention=attention)
     if pure is not None:
         state = nnx.state(model, nnx.LoRAParam)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))

@@ -16,7 +16,7 @@ from pdistill_jax.weights.registry import cache_dir
 
 DOC_SEPARATOR = "\n\n---\n\n"  # teacher/RAG prompt: {document}{DOC_SEPARATOR}{question}
 
-_CACHE_FORMAT = "gguf-v2"  # part of the cache key: a change to the builder never reuses old files
+_CACHE_FORMAT = "gguf-v3"  # part of the cache key: a change to the builder never reuses old files
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's tokenizer.ggml.token_type values
 
 
@@ -78,7 +78,7 @@ def read_gguf_tokenizer_fields(path: str | Path) -> dict:
 
     reader = GGUFReader(str(path))
     return {key: field.contents() for key, field in reader.fields.items()
-            if key.startswith("tokenizer.")}
+            if key.startswith("tokenizer.") or key == "general.architecture"}
 
 
 def gguf_tokenizer(path: str | Path):
@@ -88,6 +88,7 @@ def gguf_tokenizer(path: str | Path):
     meta = read_gguf_tokenizer_fields(path)
     model = meta.get("tokenizer.ggml.model")
     builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+    gemma = model == "llama" and meta.get("general.architecture") in _GEMMA_ARCHITECTURES
     if model not in builders:
         raise ValueError(f"{path}: GGUF tokenizer.ggml.model={model!r} is not supported; use a "
                          f"GGUF whose tokenizer is one of {sorted(builders)}, or the model's "
@@ -99,19 +100,24 @@ def gguf_tokenizer(path: str | Path):
         if not any(meta.get(name) for name in field.split(" or ")):
             raise ValueError(f"{path}: GGUF has no {field}, so its tokenizer cannot be built; "
                              "use the model's Hugging Face folder")
-    if model == "llama" and meta.get("tokenizer.ggml.add_space_prefix") is False:
-        # Gemma's vocabulary (no prefix space, merges in file order, spaces spelled as spaces):
-        # a different tokenizer from the Llama 2 one built here, which would cut text wrongly.
-        raise ValueError(f"{path}: GGUF tokenizer.ggml.add_space_prefix=false (a Gemma "
-                         "vocabulary) is not supported by the GGUF tokenizer builder; use the "
-                         "model's Hugging Face folder")
+    if model == "llama" and not gemma and meta.get("tokenizer.ggml.add_space_prefix") is False:
+        # A sentencepiece vocabulary without the prefix space outside the Gemma family: neither
+        # the Llama 2 tokenizer built here nor Gemma's, and either would cut text wrongly.
+        raise ValueError(f"{path}: GGUF tokenizer.ggml.add_space_prefix=false in a "
+                         f"{meta.get('general.architecture')!r} model is not supported by the "
+                         "GGUF tokenizer builder (only Gemma's); use the model's Hugging Face "
+                         "folder")
     tokens = meta["tokenizer.ggml.tokens"]
-    backend = builders[model](meta)
+    backend = _gemma_bpe(meta) if gemma else builders[model](meta)
+    if model == "llama" and meta.get("general.architecture") == "phi3":
+        _prefix_space_by_normalizer(backend)
     _add_marked_tokens(backend, meta, byte_level=model == "gpt2")
     special = {name: tokens[meta[f"tokenizer.ggml.{key}"]]
                for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                                  ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
                if meta.get(f"tokenizer.ggml.{key}") is not None}
+    if gemma and "<mask>" in tokens:
+        special["mask_token"] = "<mask>"  # Gemma's tokenizer names one; llama.cpp keeps no id
     # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
@@ -172,6 +178,47 @@ def _sentencepiece_bpe(meta: dict):
                                                  split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+    return tok
+
+
+def _prefix_space_by_normalizer(tok) -> None:
+    """Phi-3: its tokenizer.json prepends the prefix space and spells spaces as \u2581 in a
+    normalizer, with no pre-tokenizer (transformers' GGUF loader rebuilds it so too). It differs
+    from Llama 2's Metaspace only on text that starts with a space ("  hi": three \u2581, not two)."""
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = None
+
+
+# general.architecture values whose sentencepiece vocabulary is Gemma's (transformers' GGUF
+# loader chooses its Gemma builder by the same names).
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+
+def _gemma_bpe(meta: dict):
+    """Gemma's sentencepiece vocabulary as BPE with byte fallback: no prefix space, every space a
+    \u2581 before the merges, nothing split off. llama.cpp writes a token of two or more spaces as
+    real spaces ("  "), so those are spelled back as \u2581s. The file lists no merges and Gemma's
+    scores do not follow its merge order; the file's order does, so that order ranks the merges."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t
+              for t in meta["tokenizer.ggml.tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in meta:
+        merges = _merges(meta)
+    else:
+        merges = merges_from_scores(vocab, {t: -float(i) for i, t in enumerate(tokens)})
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                               dropout=None, unk_token=None if unk is None else tokens[unk]))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    # As Gemma's own tokenizer.json: a split on " " after the normalizer left none, i.e. none.
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
     return tok
 
 

@@ -105,3 +105,36 @@ def test_gemma3_270m_gguf_greedy_matches_transformers(gemma3_270m):
           f"(logits up to {np.abs(want).max():.1f})")
     # Measured 5e-5 on logits up to 32 (float32 summation order over 18 layers).
     np.testing.assert_allclose(got, want, atol=5e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_tokenizer_matches_transformers(gemma3_270m, tmp_path, monkeypatch):
+    """The tokenizer built from the file's own metadata (no torch) against transformers' GGUF
+    loader, on Gemma's real 262k vocabulary: the spellings of runs of spaces, the merges ranked
+    by file order, byte fallback, the turn markers kept whole."""
+    from tiny_models import TRICKY_TEXTS
+    from transformers import AutoTokenizer
+
+    from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids, load_tokenizer
+
+    monkeypatch.setenv("PDISTILL_CACHE", str(tmp_path / "cache"))
+    ours = load_tokenizer(gemma3_270m)
+    ref = AutoTokenizer.from_pretrained(str(gemma3_270m.parent), gguf_file=gemma3_270m.name)
+    docs = Path(__file__).resolve().parents[2] / "pdistill_jax" / "assets" / "demo" / "documents.jsonl"
+    texts = TRICKY_TEXTS + ["    four spaces\n\n\n\tand   three", docs.read_text()[:4000]]
+    for text in texts:
+        ids = ref(text)["input_ids"]
+        assert ours(text)["input_ids"] == ids, text
+        assert ours.decode(ids) == ref.decode(ids), text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert len(ours) == len(ref) and ours.all_special_ids == ref.all_special_ids
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    if ref.chat_template is not None:  # this base model's file carries none
+        for system in (None, "Give short, direct answers."):
+            assert chat_prompt_ids(ours, "Where is Tarsk?", system) == \
+                chat_prompt_ids(ref, "Where is Tarsk?", system)
+    assert end_token_ids(ours) == end_token_ids(ref)
+    turn = ours.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
+    assert ours("<start_of_turn>user\nHi<end_of_turn>", add_special_tokens=False)["input_ids"][0] == turn[0]
+    assert turn[1] in ours("Hi<end_of_turn>", add_special_tokens=False)["input_ids"]

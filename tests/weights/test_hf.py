@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_models import build_model
+
 from pdistill_jax.config import ModelConfig
 from pdistill_jax.weights.hf import load_checkpoint, load_hf_checkpoint
 from pdistill_jax.weights.registry import resolve_model
@@ -130,11 +132,38 @@ _GEMMA3_GGUF_NAMES = {**_GGUF_NAMES, "post_attention_layernorm": "post_attention
                       "post_feedforward_layernorm": "post_ffw_norm"}
 
 
+def _permute_qk_as_llama_cpp(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaving of each head's rotary halves (its llama architecture only)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_freqs_as_llama_cpp(hf: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs.weight for a Llama 3 rope scaling: one divisor per frequency, from
+    float32 frequencies and its fixed original context of 8192 (as its converter computes it)."""
+    s, dim = hf["rope_scaling"], hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    freqs = 1.0 / (hf["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    context = hf.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = context / s["low_freq_factor"], context / s["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / float(freq)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(s["factor"])
+        else:
+            smooth = (context / wavelen - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.asarray(out, np.float32)
+
+
 def _write_gguf_as_llama_cpp(model_dir: Path, arch: str, path: Path) -> Path:
-    """A GGUF of a Hugging Face folder as llama.cpp's converter names it (no rotary permutation:
-    llama.cpp permutes q/k for the llama architecture only). Gemma 3 as its converter writes it:
-    every norm weight stored as 1 + w, the full layers' RoPE base and linear scaling, and none of
-    query_pre_attn_scalar, layer_types or the local RoPE base (llama.cpp's runtime fixes those)."""
+    """A GGUF of a Hugging Face folder as llama.cpp's converter writes it: its tensor names; for
+    the llama architecture q/k rows permuted and a Llama 3 rope scaling as rope_freqs.weight (the
+    parameters dropped). Gemma 3 as its converter writes it: every norm weight stored as 1 + w,
+    the full layers' RoPE base and linear scaling, and none of query_pre_attn_scalar,
+    layer_types or the local RoPE base (llama.cpp's runtime fixes those)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -164,10 +193,15 @@ def _write_gguf_as_llama_cpp(model_dir: Path, arch: str, path: Path) -> Path:
     if gemma and full.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(full["factor"])
+    if arch == "llama" and (hf.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_rope_freqs_as_llama_cpp(hf))
     for name, array in load_file(str(model_dir / "model.safetensors")).items():
         module = name.removesuffix(".weight")
         if gemma and name.endswith("norm.weight"):
             array = array + np.float32(1.0)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = hf["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            array = _permute_qk_as_llama_cpp(array, heads)
         if module.startswith("model.layers."):
             _, _, layer, rest = module.split(".", 3)
             w.add_tensor(f"blk.{layer}.{names[rest]}.weight", array)
@@ -198,6 +232,69 @@ def test_gguf_written_as_llama_cpp_does_loads_as_its_safetensors(fixture, arch, 
     assert got.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("head_dim", [
+    16,   # Llama 3.2's scaling at a tiny head_dim: no frequency in the blended band
+    64])  # Llama 3.2's own head_dim: three frequencies blended
+def test_llama3_gguf_with_rope_freqs_loads_with_the_frequencies_transformers_uses(head_dim, tmp_path):
+    """Llama 3.1/3.2 GGUFs carry the rope scaling as per-frequency divisors only: the config
+    read back must give transformers' frequencies, and the weights the safetensors' ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdistill_jax.model.transformer import rope_frequencies
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model_dir = tmp_path / "llama32"
+    hf_model = build_model(model_dir, arch="llama", tie=True, head_dim=head_dim,
+                           rope_theta=500000.0, rope_scaling=scaling)
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf.setdefault("rope_theta", 500000.0)
+    hf.setdefault("rope_scaling", scaling)
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    path = _write_gguf_as_llama_cpp(model_dir, "llama", tmp_path / "llama32.gguf")
+    cfg, params = load_checkpoint(path)
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == scaling["factor"]
+    np.testing.assert_allclose(np.asarray(rope_frequencies(cfg)),
+                               hf_model.model.rotary_emb.inv_freq.numpy(), rtol=2e-6)
+    # The config it exports gives transformers the same frequencies again.
+    exported = LlamaForCausalLM(LlamaConfig(**cfg.to_hf()))
+    np.testing.assert_allclose(exported.model.rotary_emb.inv_freq.numpy(),
+                               hf_model.model.rotary_emb.inv_freq.numpy(), rtol=2e-6)
+    _, want = load_checkpoint(model_dir)
+    got, expected = dict(_flatten(params)), dict(_flatten(want))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("theta, head_dim, factor, low, high, context", [
+    (500000.0, 64, 32.0, 1.0, 4.0, 8192),   # Llama 3.2
+    (500000.0, 128, 8.0, 1.0, 4.0, 8192),   # Llama 3.1
+    (500000.0, 128, 8.0, 2.0, 8.0, 8192),   # not Llama 3's own low/high: fitted from the band
+    (10000.0, 16, 32.0, 1.0, 4.0, 16),      # one frequency in the band
+    (10000.0, 8, 8.0, 1.0, 4.0, 16)])       # none in the band
+def test_llama3_scaling_is_recovered_from_rope_freqs(theta, head_dim, factor, low, high, context):
+    from pdistill_jax.weights.hf import llama3_factors, llama3_scaling_from_factors
+
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    stored = llama3_factors(inv, factor, low, high, context).astype(np.float32)
+    got = llama3_scaling_from_factors(stored.astype(np.float64), theta, head_dim, "m.gguf")
+    again = llama3_factors(inv, got["factor"], got["low_freq_factor"], got["high_freq_factor"],
+                           got["original_max_position_embeddings"])
+    np.testing.assert_allclose(again, stored, rtol=1e-6)
+    if context == 8192:  # the same parameters, not only the same frequencies
+        assert (got["low_freq_factor"], got["high_freq_factor"]) == (low, high)
+
+
+def test_rope_freqs_that_are_no_llama3_scaling_are_refused():
+    from pdistill_jax.weights.hf import llama3_scaling_from_factors
+
+    with pytest.raises(ValueError, match="rope_freqs.weight is not a Llama 3 rope scaling"):
+        llama3_scaling_from_factors(np.array([1.0, 3.0, 2.0, 8.0]), 10000.0, 8, "m.gguf")
+    with pytest.raises(ValueError, match="rope_freqs.weight has 3 values for 4 rotary"):
+        llama3_scaling_from_factors(np.ones(3), 10000.0, 8, "m.gguf")
 
 
 def _flatten(tree, prefix=""):

@@ -23,9 +23,14 @@ CONVERSATIONS = [
 ]
 # (kind, tokenizer.ggml.pre, tokenizer.ggml.add_bos_token): SmolLM2's layout (no split regex of its
 # own), Llama 3's and Qwen2's splits with and without BOS, and Llama 2's sentencepiece vocabulary
-# with the BOS flag missing (llama.cpp then adds BOS) and off.
+# with the BOS flag missing (llama.cpp then adds BOS) and off; Phi-3's (that vocabulary, its prefix
+# space from a normalizer); Gemma 3's (no prefix space, spaces stored as spaces, merges in file
+# order, scores in another).
 LAYOUTS = [("gpt2", None, None), ("gpt2", "llama-bpe", True), ("gpt2", "qwen2", False),
-           ("llama", None, None), ("llama", None, False)]
+           ("llama", None, None), ("llama", None, False), ("phi3", None, False),
+           ("gemma", None, None)]
+TEMPLATES = {"gpt2": tiny_models.CHATML, "llama": tiny_models.LLAMA2_TEMPLATE,
+             "phi3": tiny_models.LLAMA2_TEMPLATE, "gemma": tiny_models.GEMMA_TEMPLATE}
 
 
 def reference_tokenizer(gguf: Path):
@@ -64,7 +69,7 @@ def ggufs(tmp_path_factory):
     d = tmp_path_factory.mktemp("ggufs")
     return {layout: tiny_models.write_tokenizer_gguf(
         d / f"{layout[0]}-{layout[1]}-{layout[2]}.gguf", *layout,
-        chat_template=tiny_models.LLAMA2_TEMPLATE if layout[0] == "llama" else tiny_models.CHATML)
+        chat_template=TEMPLATES[layout[0]])
         for layout in LAYOUTS}
 
 
@@ -80,7 +85,11 @@ def test_gguf_tokenizer_matches_transformers_gguf_loader(ggufs, layout):
         assert ours("<repo_name>", add_special_tokens=False)["input_ids"] == [3]
         assert ours.decode([3, 42], skip_special_tokens=True) == ours.decode([42])
         assert len(ours("<think>", add_special_tokens=False)["input_ids"]) == 1
-    adds_bos = layout[0] == "llama" if layout[2] is None else layout[2]
+    if layout[0] == "gemma":  # runs of spaces are single tokens, found under their real spelling
+        spaces = ours("a   b", add_special_tokens=False)["input_ids"]
+        assert len(spaces) < 5 and ours.decode(spaces) == "a   b"
+        assert "\u2581\u2581" in ours.get_vocab()
+    adds_bos = layout[0] in ("llama", "gemma") if layout[2] is None else layout[2]
     assert (ours("hello")["input_ids"][0] == ours.bos_token_id) == adds_bos
     text = "line one\nline two  日本 🦊"
     assert ours.decode(ours(text, add_special_tokens=False)["input_ids"]) == text
@@ -114,11 +123,12 @@ def test_unsupported_gguf_tokenizer_model_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "tokenizers").exists()
 
 
-def test_gemma_vocabulary_in_gguf_is_refused_by_name(tmp_path, monkeypatch):
-    # llama.cpp writes Gemma's sentencepiece vocabulary with add_space_prefix=false.
+def test_prefixless_sentencepiece_outside_gemma_is_refused_by_name(tmp_path, monkeypatch):
+    # add_space_prefix=false is Gemma's; in a llama-architecture file it is a vocabulary neither
+    # builder makes.
     monkeypatch.setenv("PDISTILL_CACHE", str(tmp_path / "cache"))
     gguf = tiny_models.write_tokenizer_gguf(tmp_path / "g.gguf", "llama", add_space_prefix=False)
-    with pytest.raises(ValueError, match="add_space_prefix=false .* not supported"):
+    with pytest.raises(ValueError, match="add_space_prefix=false in a 'llama' model is not supported"):
         load_tokenizer(gguf)
 
 
