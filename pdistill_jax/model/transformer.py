@@ -167,8 +167,9 @@ ATTENTION_KERNELS = ("auto", "einsum", "dot_product")
 
 def attention_kernel(name: str) -> str:
     """The kernel a setting of `attention` runs on this backend. "dot_product" is
-    `jax.nn.dot_product_attention` (cuDNN's fused kernel on a GPU, XLA's elsewhere); "einsum" the
-    explicit matmuls and softmax, kept on CPU where it measured faster (docs/benchmarks.md)."""
+    `jax.nn.dot_product_attention` with its default implementation (XLA's, on every backend in
+    JAX 0.10; cuDNN's needs implementation="cudnn", not chosen here until tested on a GPU);
+    "einsum" the explicit matmuls and softmax, kept on CPU (docs/benchmarks.md)."""
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"attention={name!r}; use one of {', '.join(ATTENTION_KERNELS)}")
     if name == "auto":
