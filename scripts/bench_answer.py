@@ -22,7 +22,8 @@ from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_token_ids
 
 def bench_jax(lm, prompts, end, batch, max_new):
     params = SamplingParams(max_new_tokens=max_new)
-    generate(lm.model, prompts[:batch], params, end_ids=end, batch_size=batch, use_lora=False)  # compile
+    # compile: the same call (the slots' cache length follows the call's longest prompt group)
+    generate(lm.model, prompts, params, end_ids=end, batch_size=batch, use_lora=False)
     t = time.perf_counter()
     outs = generate(lm.model, prompts, params, end_ids=end, batch_size=batch, use_lora=False)
     dt = time.perf_counter() - t

@@ -3,7 +3,7 @@ twice, at `a_temperature` (`answer`, the prefix on which prompt distillation com
 student) and at `sft_temperature` (`sft_answer`, the target of the SFT baseline)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -18,6 +18,16 @@ def teacher_message(document: str, question: str) -> str:
     return f"{document}{DOC_SEPARATOR}{question}"
 
 
+class AnswerCall(NamedTuple):
+    """One logical call of the teacher: its (document, question) items, its seed, its answer
+    length (None: cfg.max_answer_tokens). Several run through the same decode slots
+    (`teacher_answers_many`), each row sampling as it would in a call of its own."""
+
+    items: Sequence[tuple[Document, str]]
+    seed: int
+    max_tokens: int | None = None
+
+
 def teacher_answers(lm, items: Sequence[tuple[Document, str]], cfg: GenerateConfig, seed: int,
                     on_batch: Callable[[str, int, int], None] | None = None,
                     on_teacher_state: Callable[[list[int], np.ndarray], None] | None = None
@@ -29,40 +39,60 @@ def teacher_answers(lm, items: Sequence[tuple[Document, str]], cfg: GenerateConf
     hidden states the answer and its end were predicted from, (answer ids + 1, D): what PD
     training's teacher computes.
     """
+    return teacher_answers_many(lm, [AnswerCall(items, seed)], cfg, on_batch, on_teacher_state)[0]
+
+
+def teacher_answers_many(lm, calls: Sequence[AnswerCall], cfg: GenerateConfig,
+                         on_batch: Callable[[str, int, int], None] | None = None,
+                         on_teacher_state: Callable[[list[int], np.ndarray], None] | None = None
+                         ) -> list[list[dict]]:
+    """`teacher_answers` of every call, sampled together: one set of decode slots, where a
+    short answer's slot goes to the next row at once while long restatements go on."""
     from pdistill_jax.model.sampler import generate
 
-    if not items:
-        return []
     tokenizer = lm.tokenizer
-    prompts = [chat_prompt_ids(tokenizer, teacher_message(d.text, q), cfg.system) for d, q in items]
-    n = len(prompts)
     # At one temperature a single answer serves both objectives (PD and SFT then train on the
     # same text); otherwise the PD answer (hot) and the SFT answer (cold) continue the same
     # teacher prompt, asked together so that the sampler prefills the prompt once for both.
     shared = cfg.a_temperature == cfg.sft_temperature
-    temperatures = [cfg.a_temperature] * n + ([] if shared else [cfg.sft_temperature] * n)
+    prompts, temperatures, limits, keys, spans = [], [], [], [], []
+    for call in calls:
+        mine = [chat_prompt_ids(tokenizer, teacher_message(d.text, q), cfg.system)
+                for d, q in call.items]
+        n = len(mine)
+        temps = [cfg.a_temperature] * n + ([] if shared else [cfg.sft_temperature] * n)
+        spans.append((len(prompts), n))
+        prompts += mine if shared else mine + mine
+        temperatures += temps
+        limits += [call.max_tokens or cfg.max_answer_tokens] * len(temps)
+        # the rows of a call of its own: its seed, its own row numbers
+        keys += [(derive_seed(call.seed, "answers"), i) for i in range(len(temps))]
+    if not prompts:
+        return [[] for _ in calls]
     done_rows = 0
 
     def progress(rows):
         nonlocal done_rows
         done_rows += rows
         if on_batch:
-            on_batch("answers", done_rows, len(temperatures))
+            on_batch("answers", done_rows, len(prompts))
 
-    outs = generate(lm.model, prompts if shared else prompts + prompts,
+    outs = generate(lm.model, prompts,
                     SamplingParams(cfg.a_temperature, cfg.a_top_k, 1.0, cfg.max_answer_tokens),
-                    end_ids=end_token_ids(tokenizer, lm.cfg), seed=derive_seed(seed, "answers"),
-                    batch_size=cfg.batch_size, temperatures=temperatures,
+                    end_ids=end_token_ids(tokenizer, lm.cfg), batch_size=cfg.batch_size,
+                    temperatures=temperatures, max_new_tokens=limits, row_keys=keys,
                     keep_hidden=on_teacher_state is not None, progress=progress)
-    if on_teacher_state is not None:
-        for prompt, pd in zip(prompts, outs[:n]):
-            on_teacher_state(prompt + pd.tokens, pd.hidden)
-    rows = []
-    for (doc, question), pd, sft in zip(items, outs[:n], outs[n:] if not shared else outs):
-        rows.append({
+    results = []
+    for call, (start, n) in zip(calls, spans):
+        pds = outs[start:start + n]
+        sfts = pds if shared else outs[start + n:start + 2 * n]
+        if on_teacher_state is not None:
+            for prompt, pd in zip(prompts[start:start + n], pds):
+                on_teacher_state(prompt + pd.tokens, pd.hidden)
+        results.append([{
             "doc_id": doc.id, "document": doc.text, "question": question,
             "answer": tokenizer.decode(pd.tokens, skip_special_tokens=True).strip(),
             "sft_answer": tokenizer.decode(sft.tokens, skip_special_tokens=True).strip(),
             "answer_finished": pd.finished, "sft_finished": sft.finished,
-        })
-    return rows
+        } for (doc, question), pd, sft in zip(call.items, pds, sfts)])
+    return results

@@ -41,7 +41,7 @@ from typing import Iterable
 import numpy as np
 
 from pdistill_jax.config import GenerateConfig
-from pdistill_jax.datagen.answers import teacher_answers
+from pdistill_jax.datagen.answers import AnswerCall, teacher_answers_many
 from pdistill_jax.datagen.dataset import (DATASET_DIR, DOCUMENTS_FILE, DONE_FILE, MANIFEST_FILE,
                                           OUTPUT_FILES, QA_FILE, TEST_QUESTIONS_FILE, check_settings,
                                           has_committed, load_progress, run_settings, save_dataset)
@@ -49,7 +49,7 @@ from pdistill_jax.datagen.documents import Document, chunk_document, load_docume
 from pdistill_jax.datagen.manifest import GenerationJob, Progress, write_manifest
 from pdistill_jax.datagen.paraphrases import paraphrase_questions
 from pdistill_jax.datagen.questions import DocQuestions, ask_questions
-from pdistill_jax.datagen.restatements import restatement_rows
+from pdistill_jax.datagen.restatements import restated_rows, restatement_call, without_loops
 from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, model_fingerprint,
                                                  save_teacher_states, teacher_sequence_key,
@@ -197,25 +197,57 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
     def on_teacher_state(ids, hidden):
         states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
 
-    rows = teacher_answers(lm, items, cfg, seed, bar.on_batch, on_teacher_state if keep else None)
+    # Every teacher call of the wave shares one set of decode slots; each keeps its own seed, so
+    # that the first answers are those of a run without paraphrases, further answers or
+    # restatements (and a row's answer that of a call of its own).
+    more = cfg.answers_per_question - 1
+    order = _row_questions(docs, asked, paraphrased)
+    calls = {"answers": AnswerCall(items, seed)}
     if paraphrased is not None:
-        # A call of their own (own seed), so that the original questions' answers are those of a
-        # run without paraphrases.
-        bar.questions += len(rewrites)
-        extra = teacher_answers(lm, rewrites, cfg, derive_seed(seed, "paraphrase answers"),
-                                bar.on_batch, on_teacher_state if keep else None)
-        rows = _with_paraphrases(docs, asked, paraphrased, rows, extra)
-    if cfg.answers_per_question > 1:
-        rows = _with_more_answers(lm, docs, rows, cfg, derive_seed(seed, "more answers"), bar,
-                                  on_teacher_state if keep else None)
+        calls["rewrites"] = AnswerCall(rewrites, derive_seed(seed, "paraphrase answers"))
+    if more:
+        calls["more"] = AnswerCall([(d, q) for d, q in order for _ in range(more)],
+                                   derive_seed(seed, "more answers"))
     if cfg.restatements_per_doc:
-        restated = _restatements(lm, docs, cfg, derive_seed(seed, "restatements"), bar,
-                                 on_teacher_state if keep else None)
+        restate_seed = derive_seed(seed, "restatements")
+        calls["restatements"] = restatement_call(docs, cfg, restate_seed)
+        if more:
+            calls["more restatements"] = AnswerCall(
+                [item for item in calls["restatements"].items for _ in range(more)],
+                derive_seed(restate_seed, "more answers"), cfg.max_restatement_tokens)
+    bar.questions += sum(len(c.items) for name, c in calls.items() if name != "answers")
+    answered = dict(zip(calls, teacher_answers_many(lm, list(calls.values()), cfg, bar.on_batch,
+                                                    on_teacher_state if keep else None)))
+    rows = answered["answers"]
+    if paraphrased is not None:
+        rows = _with_paraphrases(docs, asked, paraphrased, rows, answered["rewrites"])
+    if more:
+        rows = _with_more_answers(rows, answered["more"], more)
+    if cfg.restatements_per_doc:
+        restated = restated_rows(docs, answered["restatements"])
+        if more:
+            further = iter(without_loops(r) for r in answered["more restatements"])
+            restated = {d: _with_more_answers(mine, [next(further) for _ in range(more * len(mine))],
+                                              more) for d, mine in restated.items()}
         rows = [r for d in docs for r in [*(r for r in rows if r["doc_id"] == d.id),
                                            *restated[d.id]]]
     if states:
         save_teacher_states(states_dir / f"wave-{seed}.npz", states)
     return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1, paraphrased)
+
+
+def _row_questions(docs: list[Document], asked: dict[str, DocQuestions],
+                   paraphrased: dict[str, list[DocQuestions]] | None
+                   ) -> list[tuple[Document, str]]:
+    """(document, question) of every question row in the order `_with_paraphrases` gives them:
+    each original question, then its rewrites."""
+    out = []
+    for d in docs:
+        for n, question in enumerate(asked[d.id].questions):
+            out.append((d, question))
+            if paraphrased is not None:
+                out += [(d, p) for p in paraphrased[d.id][n].questions]
+    return out
 
 
 def _with_paraphrases(docs: list[Document], asked: dict[str, DocQuestions],
@@ -232,35 +264,16 @@ def _with_paraphrases(docs: list[Document], asked: dict[str, DocQuestions],
     return out
 
 
-def _with_more_answers(lm, docs: list[Document], rows: list[dict], cfg: GenerateConfig, seed: int,
-                       bar: _ProgressBar, on_teacher_state) -> list[dict]:
-    """Every row followed by answers_per_question - 1 more answers to its question, sampled in
-    one call (the document's prompt prefilled once for all of them), each marked "answer_index"."""
-    more = cfg.answers_per_question - 1
-    doc_of = {d.id: d for d in docs}
-    items = [(doc_of[r["doc_id"]], r["question"]) for r in rows for _ in range(more)]
-    bar.questions += len(items)
-    extra = iter(teacher_answers(lm, items, cfg, seed, bar.on_batch, on_teacher_state))
+def _with_more_answers(rows: list[dict], extra: list[dict], more: int) -> list[dict]:
+    """Every row followed by its `more` further answers to the same question (`extra`, in
+    row order), each marked "answer_index"."""
+    extra = iter(extra)
     out = []
     for r in rows:
         out.append(r)
         keep = {k: r[k] for k in ("paraphrase_of", "restatement") if k in r}
         out += [{**next(extra), **keep, "answer_index": i} for i in range(1, more + 1)]
     return out
-
-
-def _restatements(lm, docs: list[Document], cfg: GenerateConfig, seed: int, bar: _ProgressBar,
-                  on_teacher_state) -> dict[str, list[dict]]:
-    """{doc id: its restatement rows}, each with its further answers after it (a call of their
-    own: the first restatements are those of a run with one answer a question)."""
-    restated = restatement_rows(lm, docs, cfg, seed, bar.on_batch, on_teacher_state)
-    bar.questions += sum(map(len, restated.values()))
-    if cfg.answers_per_question == 1:
-        return restated
-    longer = dataclasses.replace(cfg, max_answer_tokens=cfg.max_restatement_tokens)
-    rows = _with_more_answers(lm, docs, [r for d in docs for r in restated[d.id]], longer,
-                              derive_seed(seed, "more answers"), bar, on_teacher_state)
-    return {d.id: [r for r in rows if r["doc_id"] == d.id] for d in docs}
 
 
 def _generate(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: int | None,

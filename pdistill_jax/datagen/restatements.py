@@ -12,12 +12,11 @@ training, the SFT baseline and exposures per fact treat them as every other row.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 from pdistill_jax.config import MAX_RESTATEMENTS, GenerateConfig
-from pdistill_jax.datagen.answers import teacher_answers
+from pdistill_jax.datagen.answers import AnswerCall
 from pdistill_jax.datagen.documents import Document, split_sentences
 
 # The requests, in the order restatements_per_doc takes them: the student sees only this, so it
@@ -71,26 +70,27 @@ def restatement_requests(doc: Document, count: int) -> list[str]:
     return [r.format(topic=topic_of(doc)) for r in RESTATEMENT_REQUESTS[:count]]
 
 
-def restatement_rows(lm, docs: Sequence[Document], cfg: GenerateConfig, seed: int,
-                     on_batch: Callable[[str, int, int], None] | None = None,
-                     on_teacher_state=None) -> dict[str, list[dict]]:
-    """{doc id: its restatement rows} (lm: a LoadedModel): the teacher answers every request with
-    the document in its prompt, up to max_restatement_tokens; each row records "restatement",
-    the request's number (1, 2, ...). An answer that loops is cut before the loop
-    (`cut_at_repetition`) and marked unfinished (no end token is trained after it)."""
+def restatement_call(docs: Sequence[Document], cfg: GenerateConfig, seed: int) -> AnswerCall:
+    """The teacher call that restates `docs`: every request of every document, the document in
+    the teacher's prompt, up to max_restatement_tokens."""
     items = [(d, request) for d in docs
              for request in restatement_requests(d, cfg.restatements_per_doc)]
-    longer = dataclasses.replace(cfg, max_answer_tokens=cfg.max_restatement_tokens)
-    rows = teacher_answers(lm, items, longer, seed, on_batch, on_teacher_state)
+    return AnswerCall(items, seed, cfg.max_restatement_tokens)
+
+
+def restated_rows(docs: Sequence[Document], answered: Sequence[dict]) -> dict[str, list[dict]]:
+    """{doc id: its restatement rows} from the teacher's answers to `restatement_call`'s items:
+    each row records "restatement", the request's number (1, 2, ...). An answer that loops is
+    cut before the loop (`cut_at_repetition`) and marked unfinished (no end token is trained
+    after it)."""
     out: dict[str, list[dict]] = {d.id: [] for d in docs}
-    for row in rows:
-        row = _without_loops(row)
+    for row in answered:
         mine = out[row["doc_id"]]
-        mine.append({**row, "restatement": len(mine) + 1})
+        mine.append({**without_loops(row), "restatement": len(mine) + 1})
     return out
 
 
-def _without_loops(row: dict) -> dict:
+def without_loops(row: dict) -> dict:
     """The row with its answers cut before a repetition, each cut one marked unfinished."""
     for text, finished in (("answer", "answer_finished"), ("sft_answer", "sft_finished")):
         cut = cut_at_repetition(row[text])

@@ -54,7 +54,7 @@ def _exposures(questions: list[dict], rows: list[dict], cfg: RunConfig) -> dict:
 
 
 def _throughput(out: Path, records: dict[str, dict]) -> dict:
-    """Per stage: tokens generated per second and how much of the decode batches' slots they used
+    """Per stage: tokens generated per second and how much of the decode slots' steps they used
     (sampling stages), or training examples per second (the steady rate, compile excluded, from
     the trainer's summary.json)."""
     rates = {}
@@ -77,15 +77,16 @@ def _time_lines(summary: dict) -> list[str]:
     times, rates = summary.get("timings_s", {}), summary.get("throughput", {})
     known = [t for t in times.values() if t is not None]
     lines = ["", "## Time", "", f"{sum(known):.0f} s in the stages made by this run's command(s). "
-             "Sampling stages: tokens generated per second, and the share of the static decode "
-             "batches' slots those tokens used (the rest waited for the batch's longest row). "
+             "Sampling stages: tokens generated per second, and the share of the decode "
+             "slots' steps those tokens used (the rest: slots left idle when no row was left "
+             "to enter them). "
              "Training: examples per second after compilation.", "",
              "| stage | seconds | share | throughput |", "|---|---|---|---|"]
     for name, seconds in times.items():
         rate = rates.get(name, {})
         if "new_tokens_per_s" in rate:
             speed = (f"{rate['new_tokens']} tokens, {rate['new_tokens_per_s']:g} tokens/s, "
-                     f"{100 * rate['batch_use']:.0f}% of batch slots used")
+                     f"{100 * rate['batch_use']:.0f}% of decode slots used")
         elif rate.get("examples_per_s") is not None:
             speed = f"{rate['steps']} steps, {rate['examples_per_s']:g} examples/s"
         else:

@@ -314,7 +314,8 @@ def plan(model_cfg: ModelConfig, cfg: TrainConfig, shapes: PlanShapes = PlanShap
                               whole, state_shardings(whole, mesh))
         params = SamplingParams(max_new_tokens=shapes.max_new_tokens)
         lowered = lower_generate_batch(nnx.graphdef(nnx.merge(graphdef, lora, base)), placed,
-                                       params, batch_size=shapes.sample_batch,
+                                       params, cfg=model_cfg, dtype=compute_dtype(cfg.compute_dtype),
+                                       batch_size=shapes.sample_batch,
                                        prompt_len=shapes.prompt_len,
                                        input_sharding=replicated(mesh))
         sampler = compile_program("sampler", lowered, unknown_trips=shapes.max_new_tokens)

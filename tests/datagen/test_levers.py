@@ -215,7 +215,7 @@ def test_more_answers_follow_each_row_and_leave_the_first_alone(writer, docs_fil
 
 
 def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
-    from pdistill_jax.datagen.restatements import _without_loops, cut_at_repetition
+    from pdistill_jax.datagen.restatements import without_loops, cut_at_repetition
 
     loop = ("Pipwhistle:\n1. The island of Dunmerrow is small.\n2. It has a bird.\n"
             "3. The island of  Dunmerrow is small.\n4. The island of Dunmerrow is small.")
@@ -226,7 +226,7 @@ def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
     assert cut_at_repetition(whole) == whole
     row = {"answer": loop, "sft_answer": "Fine as it is.", "answer_finished": True,
            "sft_finished": True}
-    assert _without_loops(row) == {**row, "answer": cut_at_repetition(loop),
+    assert without_loops(row) == {**row, "answer": cut_at_repetition(loop),
                                    "answer_finished": False}
 
 
@@ -316,15 +316,15 @@ def test_killed_run_with_both_levers_resumes_as_if_never_interrupted(writer, doc
                                                                      tmp_path, monkeypatch):
     import pdistill_jax.datagen.generate as gen
 
-    real, calls = gen.teacher_answers, []
+    real, calls = gen.teacher_answers_many, []
 
     def killed_in_wave_two(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # wave 2's answers: its questions and paraphrases are sampled
+        if len(calls) == 2:  # wave 2's teacher call: its questions and paraphrases are sampled
             raise KeyboardInterrupt  # like a kill, nothing of the wave in flight is committed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "teacher_answers", killed_in_wave_two)
+    monkeypatch.setattr(gen, "teacher_answers_many", killed_in_wave_two)
     out = tmp_path / "data"
     with pytest.raises(KeyboardInterrupt):
         generate_data(writer, docs_file, out, BOTH, show_progress=False)

@@ -206,12 +206,12 @@ def test_sampling_distribution(temperature, top_k, top_p, expected):
     import jax
     import jax.numpy as jnp
 
-    from pdistill_jax.model.sampler import _choose
+    from pdistill_jax.model.token_choice import choose_token
 
     perm = np.array([3, 0, 5, 1, 4, 2])  # token i has probability p[perm[i]]: no sorted input
     logits = jnp.log(jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))[perm]
     n = 20000
-    draw = jax.jit(jax.vmap(lambda k: _choose(logits, k, temperature, top_k, top_p < 1.0, top_p)))
+    draw = jax.jit(jax.vmap(lambda k: choose_token(logits, k, temperature, top_k, top_p < 1.0, top_p)))
     freq = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), n))), minlength=6) / n
     want = np.array(expected) / np.sum(expected)
     assert np.abs(freq[np.argsort(perm)] - want).max() < 0.015

@@ -69,9 +69,13 @@ def _check_plan(out: dict, fsdp: int, dtype: str, sample: int) -> None:
         jnp.dtype(dtype).itemsize
     if sample:
         sampler = out["programs"]["sampler"]
-        # The sampler reads the base and the adapter, and a few small per-batch inputs.
+        # The decode program reads the base and the adapter, and the slots' state: each slot's
+        # KV cache (the bucketed 256-token prompt, then 16 new tokens) and a few small arrays.
         weights_bytes = expected["base"] + expected["lora"]
-        assert weights_bytes <= sampler["argument_bytes"] <= weights_bytes + 2 ** 20
+        cfg = ModelConfig.from_hf(LLAMA3_8B)
+        cache = 2 * cfg.num_layers * sample * cfg.num_kv_heads * (256 + 16) * cfg.head_dim * \
+            jnp.dtype(dtype).itemsize
+        assert weights_bytes + cache <= sampler["argument_bytes"] <= weights_bytes + cache + 2 ** 20
         assert sampler["flops"] > 0
     else:
         assert "sampler" not in out["programs"]
