@@ -123,10 +123,11 @@ def generate_batches(model: Transformer, prompts: Sequence[Sequence[int]], param
                      batches: Iterable[int] | None = None
                      ) -> Iterator[tuple[int, list[int], list[Completion]]]:
     """`generate`, a group at a time: (group number in `batch_rows`, its prompt indices, their
-    completions) as each group's rows have all ended. The groups are prefilled together and
-    decoded through `batch_size` continuous slots (`model/slots.py`). `batches` (group numbers)
-    runs only those; a row's completion is the same whichever others run, since its group, its
-    key and its padding are those of the whole call (processes of a cluster each run a share)."""
+    completions) as each group's rows have all ended. The groups are prefilled one after another
+    (those with the longest max_new_tokens first) and decoded through `batch_size` continuous
+    slots (`model/slots.py`). `batches` (group numbers) runs only those, in that order; a row's
+    completion is the same whichever others run, since its group, its key and its padding are
+    those of the whole call (processes of a cluster each run a share)."""
     plan = batch_rows(prompts, batch_size)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("an empty prompt cannot be continued; every prompt needs at least one token")
@@ -142,9 +143,10 @@ def generate_batches(model: Transformer, prompts: Sequence[Sequence[int]], param
     seeds, indices = ((np.full(len(prompts), seed), np.arange(len(prompts))) if row_keys is None
                       else (np.array([s for s, _ in row_keys]), np.array([i for _, i in row_keys])))
     keys = row_key_data(seeds, indices) if len(prompts) else np.zeros((0, 2), np.uint32)
-    return _run(model, prompts, params, plan, range(len(plan)) if batches is None else list(batches),
-                end_ids, keys, batch_size, use_lora, temperatures, limits.astype(np.int32),
-                keep_hidden)
+    if batches is None:  # groups with long rows first, so that they do not end the call alone
+        batches = sorted(range(len(plan)), key=lambda n: -int(limits[plan[n]].max()))
+    return _run(model, prompts, params, plan, list(batches), end_ids, keys, batch_size, use_lora,
+                temperatures, limits.astype(np.int32), keep_hidden)
 
 
 def _run(model, prompts, params, plan, batches, end_ids, keys, batch_size, use_lora, temperatures,

@@ -63,6 +63,7 @@ class Slots(NamedTuple):
 
 def empty_slots(cfg, batch: int, length: int, max_new: int, dim: int, dtype,
                 keep_hidden: bool) -> Slots:
+    """`batch` free slots of `length` cache slots each, room for max_new tokens a row."""
     zeros = partial(jnp.zeros, dtype=jnp.int32)
     return Slots(init_cache(cfg, batch, length, dtype), jnp.zeros((batch, length), bool),
                  zeros(batch), zeros(batch), jnp.zeros((batch, dim), dtype), zeros(batch),
