@@ -77,8 +77,8 @@ def count_tokens() -> Iterator[TokenCounts]:
 
 
 def batch_rows(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """The prompt indices of each batch `generate` runs, in the order it runs them: prompts sorted
-    by content, so that the prefixes they share sit together, batch_size at a time."""
+    """The prompt indices of each group `generate` prefills together: prompts sorted by content,
+    so that the prefixes they share sit together, batch_size at a time."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     keyed = [tuple(p) for p in prompts]
@@ -98,9 +98,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     params.max_new_tokens row by row (the same prompt sampled hot and cold shares its prefill;
     short answers and long restatements share the decode slots). `row_keys`, one (seed, index)
     per prompt: the row samples as row `index` of a call with that seed would (default: (seed,
-    its own index)), so that several calls' rows can share one call's slots. keep_hidden: each completion
-    also carries the final hidden states its tokens were drawn from (the distillation teacher's,
-    when the prompt holds the document). `progress(n)` is called with the number of rows
+    its own index)), so that several calls' rows can share one call's slots. keep_hidden: each
+    completion also carries the final hidden states its tokens were drawn from (the
+    distillation teacher's, when the prompt holds the document). `progress(n)` is called with the number of rows
     finished each time a group of them has.
     """
     results: list[Completion | None] = [None] * len(prompts)
@@ -142,7 +142,7 @@ def generate_batches(model: Transformer, prompts: Sequence[Sequence[int]], param
         raise ValueError(f"max_new_tokens must be >= 1 for every prompt, got {int(limits.min())}")
     seeds, indices = ((np.full(len(prompts), seed), np.arange(len(prompts))) if row_keys is None
                       else (np.array([s for s, _ in row_keys]), np.array([i for _, i in row_keys])))
-    keys = row_key_data(seeds, indices) if len(prompts) else np.zeros((0, 2), np.uint32)
+    keys = row_key_data(seeds, indices)
     if batches is None:  # groups with long rows first, so that they do not end the call alone
         batches = sorted(range(len(plan)), key=lambda n: -int(limits[plan[n]].max()))
     return _run(model, prompts, params, plan, list(batches), end_ids, keys, batch_size, use_lora,

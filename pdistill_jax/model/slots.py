@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pdistill_jax.model.prefill import (PROMPT_MIN_WIDTH, PrefillBatch, bucket_length,
-                                        pack_prefill, plan_prefill, prefill, prefill_rows)
+from pdistill_jax.model.prefill import (PrefillBatch, pack_prefill, plan_prefill, prefill,
+                                        prefill_rows)
 from pdistill_jax.model.token_choice import choose_tokens
 from pdistill_jax.model.transformer import KVCache, init_cache
 
@@ -61,14 +61,19 @@ class Slots(NamedTuple):
     kept: jax.Array  # (B, max_new + 1, D) with keep_hidden (the states each token came from)
 
 
-def empty_slots(cfg, batch: int, length: int, max_new: int, dim: int, dtype,
-                keep_hidden: bool) -> Slots:
+def _key_shape() -> tuple[int, ...]:
+    """The shape of one key's data under the configured PRNG implementation."""
+    return jax.random.key_data(jax.random.key(0)).shape
+
+
+def empty_slots(cfg, batch: int, length: int, max_new: int, dtype, keep_hidden: bool) -> Slots:
     """`batch` free slots of `length` cache slots each, room for max_new tokens a row."""
     zeros = partial(jnp.zeros, dtype=jnp.int32)
+    dim = cfg.hidden_size
     return Slots(init_cache(cfg, batch, length, dtype), jnp.zeros((batch, length), bool),
                  zeros(batch), zeros(batch), jnp.zeros((batch, dim), dtype), zeros(batch),
                  zeros(batch), jnp.ones(batch, bool),
-                 jnp.zeros((batch, *jax.random.key_data(jax.random.key(0)).shape), jnp.uint32),
+                 jnp.zeros((batch, *_key_shape()), jnp.uint32),
                  jnp.zeros(batch, jnp.float32),
                  jnp.full((batch, max_new), -1, jnp.int32),
                  jnp.zeros((batch, max_new + 1, dim) if keep_hidden else (batch, 0, dim), dtype))
@@ -158,8 +163,7 @@ def lower_decode(graphdef: nnx.GraphDef, state: nnx.State, cfg, dtype, *, batch_
     def arg(a):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=input_sharding)
 
-    slots = jax.eval_shape(lambda: empty_slots(cfg, batch_size, slot_len, max_new,
-                                               cfg.hidden_size, dtype, False))
+    slots = jax.eval_shape(lambda: empty_slots(cfg, batch_size, slot_len, max_new, dtype, False))
     return _decode.lower(graphdef, state, jax.tree.map(arg, slots),
                          arg(jax.ShapeDtypeStruct((1,), jnp.int32)),
                          arg(jax.ShapeDtypeStruct((), jnp.float32)),
@@ -174,7 +178,7 @@ _fold_rows = jax.jit(jax.vmap(lambda key, i: jax.random.key_data(jax.random.fold
 def row_key_data(seeds: Sequence[int], indices: Sequence[int]) -> np.ndarray:
     """(N, 2) uint32: each row's key fold_in(key(seed), index), as key data."""
     seeds, indices = np.asarray(seeds), np.asarray(indices, np.int32)
-    out = np.zeros((len(seeds), 2), np.uint32)
+    out = np.zeros((len(seeds), *_key_shape()), np.uint32)
     for seed in np.unique(seeds):
         mine = np.flatnonzero(seeds == seed)
         out[mine] = np.asarray(_fold_rows(jax.random.key(int(seed)), jnp.asarray(indices[mine])))
@@ -198,7 +202,8 @@ def run_in_slots(model, prompts: Sequence[tuple[int, ...]], plan: Sequence[list[
                  on_steps: Callable[[int], None] | None = None) -> Iterator[Finished]:
     """Decodes the groups `batches` (numbers into `plan`, prefilled in that order) through
     `batch_size` slots; yields each group once all its rows have ended. temps, limits, keys
-    (key data, `row_key_data`): per prompt. on_steps(n) is told the decode steps of every `_decode` call."""
+    (key data, `row_key_data`): per prompt. on_steps(n) is told the decode steps of every
+    `_decode` call."""
     graphdef, state = nnx.split(model)
     b = batch_size
     packed: dict[int, PrefillBatch] = {}
@@ -210,8 +215,7 @@ def run_in_slots(model, prompts: Sequence[tuple[int, ...]], plan: Sequence[list[
         return
     width = max(p.tokens.shape[1] + p.suffix.shape[1] for p in packed.values())
     max_new = int(max(limits[i] for n in batches for i in plan[n]))
-    slots = empty_slots(model.cfg, b, width + max_new, max_new, model.cfg.hidden_size,
-                        model.dtype, keep_hidden)
+    slots = empty_slots(model.cfg, b, width + max_new, max_new, model.dtype, keep_hidden)
     end = jnp.asarray(sorted(set(end_ids)), jnp.int32)
     refill = max(1, b // 8)  # slots freed before the host refills them: few round trips
 
