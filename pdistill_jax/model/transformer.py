@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pdistill_jax.config import LoraConfig, ModelConfig
@@ -140,15 +141,20 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
         return inv
     if s["rope_type"] == "linear":
         return inv / s["factor"]
-    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * jnp.pi / inv
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv / factor + smooth * inv
-    out = jnp.where(wavelen > old_len / low, inv / factor, inv)
-    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-    return jnp.where(medium, blended, out)
+    return inv / llama3_divisors(inv, s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                                 s["original_max_position_embeddings"])
+
+
+def llama3_divisors(inv_freq, factor: float, low: float, high: float, context: float):
+    """The divisor of each inverse frequency under Llama 3 rope scaling: wavelengths longer than
+    context / low are slowed by `factor`, those shorter than context / high kept, the band
+    between blended. numpy in, numpy out: the GGUF converter fits these to llama.cpp's
+    rope_freqs in float64."""
+    where = np.where if isinstance(inv_freq, np.ndarray) else jnp.where
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return where(wavelen < context / high, 1.0, where(wavelen > context / low, factor, blended))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

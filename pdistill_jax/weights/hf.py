@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pdistill_jax.config import ModelConfig
+from pdistill_jax.model.transformer import llama3_divisors
 from pdistill_jax.weights.names import IGNORED_HF, expected_shapes, fused_of, match_hf
 
 
@@ -282,15 +283,6 @@ def _gguf_gemma3(g, layers: int, hidden: int, heads: int, head_dim: int, names: 
 _LLAMA3_CONTEXT = 8192
 
 
-def llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float,
-                   context: float = _LLAMA3_CONTEXT) -> np.ndarray:
-    """The divisor of each inverse frequency under Llama 3 rope scaling (llama.cpp's rope_freqs)."""
-    wavelen = 2 * np.pi / inv_freq
-    smooth = (context / wavelen - low) / (high - low)
-    blended = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, blended))
-
-
 def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int,
                                 source: str) -> dict | None:
     """The Hugging Face `rope_scaling` dict that gives these per-frequency divisors.
@@ -330,7 +322,7 @@ def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int
                                                          float(f"{high:.{digits}g}"))
             if hi <= lo or lo <= 0:
                 continue
-            if np.allclose(llama3_factors(inv, factor, lo, hi), factors, rtol=1e-5, atol=0):
+            if np.allclose(llama3_divisors(inv, factor, lo, hi, _LLAMA3_CONTEXT), factors, rtol=1e-5, atol=0):
                 return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(lo),
                         "high_freq_factor": float(hi),
                         "original_max_position_embeddings": _LLAMA3_CONTEXT}

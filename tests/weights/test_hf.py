@@ -276,12 +276,13 @@ def test_llama3_gguf_with_rope_freqs_loads_with_the_frequencies_transformers_use
     (10000.0, 16, 32.0, 1.0, 4.0, 16),      # one frequency in the band
     (10000.0, 8, 8.0, 1.0, 4.0, 16)])       # none in the band
 def test_llama3_scaling_is_recovered_from_rope_freqs(theta, head_dim, factor, low, high, context):
-    from pdistill_jax.weights.hf import llama3_factors, llama3_scaling_from_factors
+    from pdistill_jax.model.transformer import llama3_divisors
+    from pdistill_jax.weights.hf import llama3_scaling_from_factors
 
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    stored = llama3_factors(inv, factor, low, high, context).astype(np.float32)
+    stored = llama3_divisors(inv, factor, low, high, context).astype(np.float32)
     got = llama3_scaling_from_factors(stored.astype(np.float64), theta, head_dim, "m.gguf")
-    again = llama3_factors(inv, got["factor"], got["low_freq_factor"], got["high_freq_factor"],
+    again = llama3_divisors(inv, got["factor"], got["low_freq_factor"], got["high_freq_factor"],
                            got["original_max_position_embeddings"])
     np.testing.assert_allclose(again, stored, rtol=1e-6)
     if context == 8192:  # the same parameters, not only the same frequencies
