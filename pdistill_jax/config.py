@@ -588,6 +588,7 @@ QUESTION_MODES = ("document", "sentences")
 
 
 MAX_RESTATEMENTS = 4  # the restatement requests datagen/restatements.py has
+MAX_RECITATIONS = 2  # and its recitation requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,6 +637,10 @@ class GenerateConfig:
     # max_restatement_tokens, and a row whose student prompt names the topic only; 0 = off.
     restatements_per_doc: int = added_option(0)
     max_restatement_tokens: int = added_option(256)
+    # Recitations (datagen/restatements.py): this many rows per document (at most MAX_RECITATIONS)
+    # whose student prompt names the topic only and whose answer, for PD and SFT alike, is the
+    # document's own text: the teacher is scored on it, document in its prompt, nothing sampled.
+    recitations_per_doc: int = added_option(0)
 
     def __post_init__(self):
         coerce_fields(self)
@@ -645,6 +650,7 @@ class GenerateConfig:
                      "max_paraphrase_calls", "answers_per_question", "max_restatement_tokens"):
             check_range(self, name, 1)
         check_range(self, "restatements_per_doc", 0, MAX_RESTATEMENTS)
+        check_range(self, "recitations_per_doc", 0, MAX_RECITATIONS)
         check_choice(self, "question_mode", QUESTION_MODES)
         check_range(self, "paraphrases_per_question", 0)
         for name in ("q_temperature", "a_temperature", "sft_temperature"):

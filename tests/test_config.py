@@ -127,6 +127,7 @@ def test_alpha_follows_the_rank_unless_set(tmp_path):
     ({"max_paraphrase_calls": 0}, "max_paraphrase_calls must be >= 1, got 0"),
     ({"answers_per_question": 0}, "answers_per_question must be >= 1, got 0"),
     ({"restatements_per_doc": 5}, "restatements_per_doc must be in [0, 4], got 5"),
+    ({"recitations_per_doc": 3}, "recitations_per_doc must be in [0, 2], got 3"),
     ({"max_restatement_tokens": 0}, "max_restatement_tokens must be >= 1, got 0"),
 ])
 def test_generate_config_refuses_a_bad_value(changes, message):

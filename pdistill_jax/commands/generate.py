@@ -10,7 +10,7 @@ from . import (DOCS_HELP, add_model_argument, add_no_progress_argument, add_reci
 # --config (or the default).
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
          "batch_size", "system", "question_mode", "paraphrases_per_question",
-         "answers_per_question", "restatements_per_doc")
+         "answers_per_question", "restatements_per_doc", "recitations_per_doc")
 
 
 def add_arguments(p) -> None:
@@ -43,6 +43,10 @@ def add_arguments(p) -> None:
                    help="teacher restatements of each document (a list of its facts, a summary, "
                         "...; at most 4), each a row whose student prompt names the topic only "
                         f"{default('restatements_per_doc')}")
+    p.add_argument("--recitations-per-doc", type=int,
+                   help="rows of each document whose student prompt names the topic only and "
+                        "whose answer is the document's own text (nothing sampled; at most 2) "
+                        f"{default('recitations_per_doc')}")
     p.add_argument("--q-temperature", type=float,
                    help=f"question sampling temperature {default('q_temperature')}")
     p.add_argument("--a-temperature", type=float,

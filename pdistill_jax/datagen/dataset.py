@@ -8,7 +8,9 @@ from it, and how training reads its rows.
                          further answer's row (answers_per_question > 1) adds "answer_index"
                          (1, 2, ...) and follows the first answer's row; a teacher
                          restatement's row (restatements_per_doc > 0) adds "restatement", the
-                         request's number, and follows its document's question rows
+                         request's number, and follows its document's question rows; a
+                         recitation's row (recitations_per_doc > 0) adds "recitation", the
+                         request's number, its answers the document's text, after those
   done.jsonl            one line per finished document: its question statistics (resume record)
   dataset/              the same rows as a `datasets` Dataset (save_to_disk), rebuilt every run
   documents.jsonl       the documents used, after chunking (with their source document id)
@@ -51,7 +53,7 @@ QA_FIELDS = ("doc_id", "document", "question", "answer", "sft_answer", "answer_f
              "sft_finished")
 # Optional fields, on some rows only; a `datasets` column (None where a row lacks it) only when
 # some row has it, so that data without them is stored as before.
-QA_OPTIONAL_FIELDS = ("paraphrase_of", "answer_index", "restatement")
+QA_OPTIONAL_FIELDS = ("paraphrase_of", "answer_index", "restatement", "recitation")
 # Settings that may differ between a run and its resumption (they do not change the data's meaning).
 RESUMABLE_CHANGES = ("batch_size", "teacher_states_gb")
 
@@ -91,7 +93,8 @@ QA_SCHEMA = Schema(
      "sft_finished": Field((bool,), required=False),
      "paraphrase_of": Field(required=False),
      "answer_index": Field((int,), required=False),
-     "restatement": Field((int,), required=False)})
+     "restatement": Field((int,), required=False),
+     "recitation": Field((int,), required=False)})
 
 
 def read_qa_rows(path: str | Path) -> list[QARow]:
@@ -167,7 +170,7 @@ def save_dataset(path: Path, rows: list[dict]) -> None:
 
     fields = QA_FIELDS + tuple(k for k in QA_OPTIONAL_FIELDS if any(k in r for r in rows))
     features = Features({k: Value("bool" if k.endswith("_finished") else
-                                  "int32" if k in ("answer_index", "restatement") else "string")
+                                  "int32" if k in ("answer_index", "restatement", "recitation") else "string")
                          for k in fields})
     ds = Dataset.from_dict({k: [r.get(k) for r in rows] for k in fields}, features=features)
     # a save of a second or less: its "Saving the dataset" bar would be the only one left

@@ -49,7 +49,8 @@ from pdistill_jax.datagen.documents import Document, chunk_document, load_docume
 from pdistill_jax.datagen.manifest import GenerationJob, Progress, write_manifest
 from pdistill_jax.datagen.paraphrases import paraphrase_questions
 from pdistill_jax.datagen.questions import DocQuestions, ask_questions
-from pdistill_jax.datagen.restatements import restated_rows, restatement_call, without_loops
+from pdistill_jax.datagen.restatements import (recited_rows, restated_rows, restatement_call,
+                                               without_loops)
 from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, model_fingerprint,
                                                  save_teacher_states, teacher_sequence_key,
@@ -172,6 +173,9 @@ class Wave:
                 record["restatements"] = sum(  # first answers: each request once
                     r["doc_id"] == d.id and "restatement" in r and "answer_index" not in r
                     for r in self.rows)
+            if cfg.recitations_per_doc:
+                record["recitations"] = sum(r["doc_id"] == d.id and "recitation" in r
+                                            for r in self.rows)
             records.append(record)
         return records
 
@@ -223,14 +227,20 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
         rows = _with_paraphrases(docs, asked, paraphrased, rows, answered["rewrites"])
     if more:
         rows = _with_more_answers(rows, answered["more"], more)
+    after = {d.id: [] for d in docs}  # rows that follow a document's question rows
     if cfg.restatements_per_doc:
         restated = restated_rows(docs, answered["restatements"])
         if more:
             further = iter(without_loops(r) for r in answered["more restatements"])
             restated = {d: _with_more_answers(mine, [next(further) for _ in range(more * len(mine))],
                                               more) for d, mine in restated.items()}
-        rows = [r for d in docs for r in [*(r for r in rows if r["doc_id"] == d.id),
-                                           *restated[d.id]]]
+        for d, mine in restated.items():
+            after[d] += mine
+    if cfg.recitations_per_doc:
+        for d, mine in recited_rows(docs, cfg.recitations_per_doc).items():
+            after[d] += mine
+    if any(after.values()):
+        rows = [r for d in docs for r in [*(r for r in rows if r["doc_id"] == d.id), *after[d.id]]]
     if states:
         save_teacher_states(states_dir / f"wave-{seed}.npz", states)
     return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1, paraphrased)

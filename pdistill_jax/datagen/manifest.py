@@ -12,7 +12,7 @@ from pdistill_jax.datagen.answers import teacher_message
 from pdistill_jax.datagen.dataset import MANIFEST_FILE
 from pdistill_jax.datagen.documents import Document
 from pdistill_jax.datagen.paraphrases import paraphrase_prompt
-from pdistill_jax.datagen.restatements import RESTATEMENT_REQUESTS
+from pdistill_jax.datagen.restatements import RECITATION_REQUESTS, RESTATEMENT_REQUESTS
 from pdistill_jax.datagen.questions import QUESTION_INSTRUCTION, SPAN_INSTRUCTIONS, question_prompt
 from pdistill_jax.files import write_text_atomic
 
@@ -99,7 +99,7 @@ def write_manifest(out: Path, job: GenerationJob, progress: Progress) -> dict:
 
 # What done.jsonl records of a document only when a lever is on, copied into per_doc.
 LEVER_RECORD_FIELDS = ("quota", "span_questions", "paraphrase_calls", "paraphrases_parsed",
-                       "paraphrases", "restatements")
+                       "paraphrases", "restatements", "recitations")
 
 
 def _add_levers(manifest: dict, cfg: GenerateConfig, per_doc: list[dict]) -> None:
@@ -114,6 +114,9 @@ def _add_levers(manifest: dict, cfg: GenerateConfig, per_doc: list[dict]) -> Non
     if cfg.restatements_per_doc:
         prompts["restatement_user"] = list(RESTATEMENT_REQUESTS[:cfg.restatements_per_doc])
         counts["restatements"] = sum(r["restatements"] for r in per_doc)
+    if cfg.recitations_per_doc:
+        prompts["recitation_user"] = list(RECITATION_REQUESTS[:cfg.recitations_per_doc])
+        counts["recitations"] = sum(r["recitations"] for r in per_doc)
     if cfg.answers_per_question > 1:
         counts["further_answers"] = counts["rows"] - counts["rows"] // cfg.answers_per_question
     if cfg.paraphrases_per_question:

@@ -1,6 +1,7 @@
 """Teacher restatements: the teacher, with the document in its prompt, restates it (a list of its
 facts, a summary, a description), and each restatement is a training row whose student prompt
-names the topic only.
+names the topic only. Recitations are the same kind of row with the document's own text as the
+answer: nothing is sampled, and PD distils the teacher's distribution on the document's tokens.
 
 Questions reach the facts a question writer thought of, one phrasing each; a restatement holds
 most of a document's facts in one answer, in the teacher's own words. Distilling on
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from pdistill_jax.config import MAX_RESTATEMENTS, GenerateConfig
+from pdistill_jax.config import MAX_RECITATIONS, MAX_RESTATEMENTS, GenerateConfig
 from pdistill_jax.datagen.answers import AnswerCall
 from pdistill_jax.datagen.documents import Document, split_sentences
 
@@ -28,6 +29,13 @@ RESTATEMENT_REQUESTS = (
     "Tell me everything you know about {topic}.",
 )
 assert len(RESTATEMENT_REQUESTS) == MAX_RESTATEMENTS
+# Requests whose answer is the document itself; none is a restatement request, so no student
+# prompt has two different answers.
+RECITATION_REQUESTS = (
+    "Tell me about {topic}.",
+    "What do you know about {topic}?",
+)
+assert len(RECITATION_REQUESTS) == MAX_RECITATIONS
 TOPIC_WORDS = 12  # a document without a title is named by the start of its first sentence
 _UNIT = re.compile(r"[^\n]+?(?:[.!?](?=\s+[A-Z0-9])|$)", re.MULTILINE)  # a sentence within a line
 _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s*")
@@ -88,6 +96,19 @@ def restated_rows(docs: Sequence[Document], answered: Sequence[dict]) -> dict[st
         mine = out[row["doc_id"]]
         mine.append({**without_loops(row), "restatement": len(mine) + 1})
     return out
+
+
+def recited_rows(docs: Sequence[Document], count: int) -> dict[str, list[dict]]:
+    """{doc id: its `count` recitation rows}: a request naming the topic, answered (PD and SFT
+    alike) by the document's text, finished; each row records "recitation", the request's number.
+    A small teacher's restatements copy much of the document anyway (and loop); the document is
+    the one restatement with every fact in it and nothing invented, and it costs no decoding."""
+    return {d.id: [{"doc_id": d.id, "document": d.text,
+                    "question": request.format(topic=topic_of(d)),
+                    "answer": d.text.strip(), "sft_answer": d.text.strip(),
+                    "answer_finished": True, "sft_finished": True, "recitation": n}
+                   for n, request in enumerate(RECITATION_REQUESTS[:count], 1)]
+            for d in docs}
 
 
 def without_loops(row: dict) -> dict:

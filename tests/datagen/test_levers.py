@@ -49,7 +49,8 @@ FIELDS_BEFORE = ["questions_per_doc", "max_calls_per_doc", "q_temperature", "q_t
                  "chunk_overlap", "docs_per_commit", "teacher_states_gb"]
 LEVER_FIELDS = ["question_mode", "sentences_per_prompt", "questions_per_span",
                 "max_calls_per_span", "paraphrases_per_question", "max_paraphrase_calls",
-                "answers_per_question", "restatements_per_doc", "max_restatement_tokens"]
+                "answers_per_question", "restatements_per_doc", "max_restatement_tokens",
+                "recitations_per_doc"]
 
 
 def writer_prompts() -> list[str]:
@@ -230,41 +231,51 @@ def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
                                    "answer_finished": False}
 
 
-def test_restatements_name_the_topic_only_and_follow_their_documents_rows(writer, docs_file,
-                                                                          default_run,
-                                                                          tmp_path_factory):
+def test_restatements_and_recitations_name_the_topic_only_and_follow_their_documents_rows(
+        writer, docs_file, default_run, tmp_path_factory):
     from pdistill_jax.datagen.documents import Document
-    from pdistill_jax.datagen.restatements import RESTATEMENT_REQUESTS, restatement_requests, topic_of
+    from pdistill_jax.datagen.restatements import (RECITATION_REQUESTS, RESTATEMENT_REQUESTS,
+                                                   restatement_requests, topic_of)
 
     assert topic_of(Document("b", "The bridge is long.", "Velloran Glass Bridge")) == \
         "Velloran Glass Bridge"
     assert topic_of(Document("t", DOCS[0]["text"])) == "The capital of the kingdom of Velloria is Tarsk"
     assert topic_of(Document("l", " ".join(["word"] * 20) + ".")) == " ".join(["word"] * 12) + "…"
     cfg = dataclasses.replace(CFG, restatements_per_doc=2, max_restatement_tokens=9,
-                              answers_per_question=2)
+                              answers_per_question=2, recitations_per_doc=2)
     out, manifest = _run(writer, docs_file, tmp_path_factory, cfg, "restatements")
     rows = jsonl(out / "qa.jsonl")
     reference = jsonl(default_run[0] / "qa.jsonl")
-    assert [r for r in rows if "restatement" not in r and "answer_index" not in r] == reference
+    assert [r for r in rows if not {"restatement", "recitation", "answer_index"} & set(r)] == reference
     at = 0
-    for d in DOCS:  # per document: its questions (each answered twice), then 2 requests x 2 answers
+    for d in DOCS:  # per document: its questions (each answered twice), then 2 requests x 2
+        # answers, then 2 recitations (one answer each: the document's text, nothing sampled)
         n = sum(r["doc_id"] == d["id"] for r in reference)
-        mine = rows[at:at + 2 * n + 4]
-        at += 2 * n + 4
+        mine = rows[at:at + 2 * n + 6]
+        at += 2 * n + 6
         assert all(r["doc_id"] == d["id"] and r["document"] == d["text"] for r in mine)
-        assert not any("restatement" in r for r in mine[:2 * n])
+        assert not any("restatement" in r or "recitation" in r for r in mine[:2 * n])
         requests = restatement_requests(Document(d["id"], d["text"]), 2)
-        assert [(r["question"], r["restatement"], r.get("answer_index")) for r in mine[2 * n:]] == [
+        assert [(r["question"], r["restatement"], r.get("answer_index")) for r in mine[2 * n:-2]] == [
             (requests[0], 1, None), (requests[0], 1, 1), (requests[1], 2, None), (requests[1], 2, 1)]
+        topic = topic_of(Document(d["id"], d["text"]))
+        assert mine[-2:] == [{"doc_id": d["id"], "document": d["text"],
+                              "question": request.format(topic=topic), "answer": d["text"],
+                              "sft_answer": d["text"], "answer_finished": True,
+                              "sft_finished": True, "recitation": k}
+                             for k, request in enumerate(RECITATION_REQUESTS, 1)]
         # the student prompt holds the topic and nothing else of the document
-        assert all(d["text"] not in q for q in requests)
+        assert all(d["text"] not in q for q in requests + [r["question"] for r in mine[-2:]])
     assert at == len(rows)
-    assert manifest["counts"]["restatements"] == 2 * len(DOCS)
+    assert manifest["counts"]["restatements"] == manifest["counts"]["recitations"] == 2 * len(DOCS)
     assert manifest["prompts"]["restatement_user"] == list(RESTATEMENT_REQUESTS[:2])
-    assert all(p["restatements"] == 2 for p in manifest["per_doc"])
+    assert manifest["prompts"]["recitation_user"] == list(RECITATION_REQUESTS)
+    assert all(p["restatements"] == p["recitations"] == 2 for p in manifest["per_doc"])
     from datasets import load_from_disk
 
-    assert load_from_disk(str(out / "dataset"))["restatement"] == [r.get("restatement") for r in rows]
+    saved = load_from_disk(str(out / "dataset"))
+    assert saved["restatement"] == [r.get("restatement") for r in rows]
+    assert saved["recitation"] == [r.get("recitation") for r in rows]
 
 
 # ---------------------------------------------------------------- fact-targeted questions

@@ -432,7 +432,8 @@ def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_pa
         *(n for n, (adapter, _, _) in CONDITIONS.items() if adapter is not None))
     for lever in ({"question_mode": "sentences"}, {"paraphrases_per_question": 2},
                   {"max_paraphrase_calls": 3}, {"sentences_per_prompt": 1},
-                  {"answers_per_question": 2}, {"restatements_per_doc": 1}):
+                  {"answers_per_question": 2}, {"restatements_per_doc": 1},
+                  {"recitations_per_doc": 1}):
         assert redone(generate=GenerateConfig(**lever)) == redone(generate=GenerateConfig(seed=1))
     assert redone(ids={**ids, "documents.sha256": "other"}) == set(base) - of("base_closed_book",
                                                                                "retention_base")
