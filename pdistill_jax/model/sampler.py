@@ -78,7 +78,8 @@ def count_tokens() -> Iterator[TokenCounts]:
 
 def batch_rows(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """The prompt indices of each group `generate` prefills together: prompts sorted by content,
-    so that the prefixes they share sit together, batch_size at a time."""
+    so that the prefixes they share sit together, batch_size at a time (`generate` then runs the
+    groups with the longest row limit first)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     keyed = [tuple(p) for p in prompts]
@@ -100,8 +101,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     per prompt: the row samples as row `index` of a call with that seed would (default: (seed,
     its own index)), so that several calls' rows can share one call's slots. keep_hidden: each
     completion also carries the final hidden states its tokens were drawn from (the
-    distillation teacher's, when the prompt holds the document). `progress(n)` is called with the number of rows
-    finished each time a group of them has.
+    distillation teacher's, when the prompt holds the document). `progress(n)` is called with
+    the number of rows finished each time a group of them has.
     """
     results: list[Completion | None] = [None] * len(prompts)
     for _, rows, completions in generate_batches(
