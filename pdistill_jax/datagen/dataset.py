@@ -169,9 +169,9 @@ def save_dataset(path: Path, rows: list[dict]) -> None:
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     fields = QA_FIELDS + tuple(k for k in QA_OPTIONAL_FIELDS if any(k in r for r in rows))
-    features = Features({k: Value("bool" if k.endswith("_finished") else
-                                  "int32" if k in ("answer_index", "restatement", "recitation") else "string")
-                         for k in fields})
+    # each column's type from the field's in QA_SCHEMA (doc_id, str or int, is stored as a string)
+    column = {(bool,): "bool", (int,): "int32"}
+    features = Features({k: Value(column.get(QA_SCHEMA.fields[k].types, "string")) for k in fields})
     ds = Dataset.from_dict({k: [r.get(k) for r in rows] for k in fields}, features=features)
     # a save of a second or less: its "Saving the dataset" bar would be the only one left
     # on stderr under --no-progress
