@@ -19,6 +19,8 @@ from pdistill_jax.datagen.generate import generate_data
 from test_cluster import _launch, _wait
 from test_generate import CFG, DOCS, jsonl, shared_question_writer
 
+pytestmark = pytest.mark.cluster  # python -m pytest -m cluster (CI runs it: .ci/run)
+
 TIMINGS = ("wave_questions_s", "wave_answers_s")
 # 4 documents, one a wave: 2 waves a process. Fewer question calls than test_generate's CFG: each
 # new prompt width is a compile in every process of every launch.

@@ -18,6 +18,8 @@ import pytest
 from pdistill_jax.cli import main
 from test_loop import metrics, write_qa
 
+pytestmark = pytest.mark.cluster  # python -m pytest -m cluster (CI runs it: .ci/run)
+
 PROCESSES = 2
 
 
