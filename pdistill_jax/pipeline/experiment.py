@@ -32,6 +32,7 @@ CONDITIONS = {
     "pd_rag_bm25": ("pd", "bm25", "test"),
     "retention_base": (None, "none", "retention"),
     "retention_pd": ("pd", "none", "retention"),
+    "retention_sft": ("sft", "none", "retention"),
 }
 
 TRAIN_NEUTRAL = ("mesh", "remat", "teacher_cache_gb", "save_every", "keep_checkpoints", "log_every")

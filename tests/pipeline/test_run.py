@@ -71,7 +71,7 @@ def test_run_writes_every_stage_and_a_report(run_dir):
         assert json.loads((out / "eval" / name / "results.json").read_text())["n"] == len(rows)
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["match_accuracy"]) == list(CONDITIONS)  # answered grouped by model, reported in order
-    assert len(summary["acceptance"]) == 5
+    assert len(summary["acceptance"]) == 6
     assert set(summary["timings_s"]) == {"generate", "train_pd", "train_sft"} | {
         f"{kind} {name}" for kind in ("answer", "evaluate") for name in CONDITIONS}
     report = (out / "report.md").read_text()
@@ -356,7 +356,7 @@ def test_outputs_without_a_record_are_refused_and_left_alone(run_dir, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"pdistill run: error: {out}: data, train_pd, train_sft, predictions/base_closed_book.jsonl " \
-           f"and 17 more were made by an older pdistill that kept no record of the settings, so they " \
+           f"and 19 more were made by an older pdistill that kept no record of the settings, so they " \
            f"cannot be checked against this config; delete them (or all of {out}) to redo them, or " \
            f"choose a new --out\n" in err
     assert _snapshot(out) == before  # run_config.yaml too
@@ -398,6 +398,11 @@ def test_acceptance_fails_every_check_when_nothing_scores(tmp_path):
     working = _results(base_closed_book=0.0, rag_gold=0.5, sft_closed_book=0.2, pd_closed_book=0.45,
                        pd_rag_gold=0.6)
     assert all(summarize(working, cover)["acceptance"].values())
+    kept = summarize({**working, **_results(retention_base=0.8, retention_pd=0.73)}, cover)
+    assert len(kept["acceptance"]) == 6 and all(kept["acceptance"].values())
+    forgot = summarize({**working, **_results(retention_base=0.8, retention_pd=0.7)}, cover)
+    assert [c for c, ok in forgot["acceptance"].items() if not ok] == [
+        "PD retention >= 0.9 x base retention"]
 
 
 def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_path):
@@ -437,5 +442,6 @@ def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_pa
         assert redone(generate=GenerateConfig(**lever)) == redone(generate=GenerateConfig(seed=1))
     assert redone(ids={**ids, "documents.sha256": "other"}) == set(base) - of("base_closed_book",
                                                                                "retention_base")
-    assert redone(ids={**ids, "retention_questions.sha256": "other"}) == of("retention_base", "retention_pd")
+    assert redone(ids={**ids, "retention_questions.sha256": "other"}) == of("retention_base", "retention_pd",
+                                                                                  "retention_sft")
     assert redone(system="Be brief.") == set(base)
