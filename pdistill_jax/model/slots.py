@@ -128,7 +128,7 @@ def _decode(graphdef, state, slots: Slots, end_ids, top_p, want, *, top_k: int,
     def body(carry):
         steps, s = carry
         live = ~s.done
-        logits = model.logits(s.hidden, use_lora)
+        logits = model.logits(s.hidden, use_lora, jnp.float32)  # float32 whatever the weights
         if sampled:
             keys = jax.vmap(lambda k, n: jax.random.fold_in(jax.random.wrap_key_data(k), n))(
                 s.key, s.n)

@@ -41,9 +41,25 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
+ACCELERATORS = ("gpu", "tpu", "cuda", "rocm")  # backends where "auto" means bfloat16
+
+
+def resolve_dtype(name: str, accelerator: bool | None = None) -> str:
+    """A compute_dtype or decode_dtype setting as the dtype it names: "auto" is "bfloat16" on an
+    accelerator (by default: JAX's default backend is a GPU or TPU) and "float32" on CPU; any
+    other name is itself. Commands resolve it when they start, so what they record names the
+    dtype used."""
+    if name != "auto":
+        return name
+    if accelerator is None:
+        accelerator = jax.default_backend() in ACCELERATORS
+    return "bfloat16" if accelerator else "float32"
+
+
 def compute_dtype(name: str):
-    """The jnp dtype of a compute_dtype setting ("float32" | "bfloat16")."""
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+    """The jnp dtype of a compute_dtype or decode_dtype setting ("float32" | "bfloat16" |
+    "auto")."""
+    return jnp.bfloat16 if resolve_dtype(name) == "bfloat16" else jnp.float32
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
@@ -77,12 +93,25 @@ def _lora_delta_bwd(res, g):
 _lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
+def _matmul(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """x @ w with the result in out_dtype. A bfloat16 product accumulates in float32 either way
+    (XLA's dots do on CPU, GPU and TPU) and is rounded to the compute dtype once; asking for a
+    float32 result (the sampler's logits) keeps it unrounded. The plain product otherwise, so
+    that training's programs, and their gradients, are what they were."""
+    if out_dtype == jnp.result_type(x, w):
+        return x @ w
+    return jnp.matmul(x, w, preferred_element_type=out_dtype)
+
+
 class LoRALinear(nnx.Module):
     """y = x W (+ b) (+ scale * (x A) B when the adapter is on). W is (in, out), A (in, r), B (r, out)."""
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
-                 bias: bool, lora: LoraConfig | None, dtype, param_dtype, rngs: nnx.Rngs):
+                 bias: bool, lora: LoraConfig | None, dtype, param_dtype, rngs: nnx.Rngs,
+                 lora_dtype=None):
         self.dtype = dtype
+        # the dtype the adapter's products run in; None = the compute dtype (`Transformer`)
+        self.lora_dtype = lora_dtype
         self.kernel = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (in_features, out_features), param_dtype),
             axes=axes)
@@ -100,12 +129,16 @@ class LoRALinear(nnx.Module):
             self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32),
                                         axes=("lora", axes[1]))
 
-    def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
-        y = x @ self.kernel[...].astype(self.dtype)
+    def __call__(self, x: jax.Array, use_lora: bool = True, out_dtype=None) -> jax.Array:
+        """out_dtype: the output's dtype (default: the compute dtype; see `_matmul`)."""
+        out_dtype = out_dtype or self.dtype
+        y = _matmul(x, self.kernel[...].astype(self.dtype), out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(out_dtype)
         if use_lora and self.lora_a is not None:
-            delta = _lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype))
+            dtype = self.lora_dtype or self.dtype
+            delta = _lora_delta(x.astype(dtype), self.lora_a[...].astype(dtype),
+                                self.lora_b[...].astype(dtype))
             y = y + (self.lora_scale * delta).astype(y.dtype)
         return y
 
@@ -185,14 +218,14 @@ def attention_kernel(name: str) -> str:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs,
-                 attention: str = "auto"):
+                 attention: str = "auto", lora_dtype=None):
         self.cfg, self.attention = cfg, attention_kernel(attention)
         d, hd = cfg.hidden_size, cfg.head_dim
 
         def proj(name, i, o, axes, bias=False):
             use = lora if (lora is not None and name in lora.targets) else None
             return LoRALinear(i, o, axes, bias=bias, lora=use, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+                              param_dtype=param_dtype, rngs=rngs, lora_dtype=lora_dtype)
 
         self.q = proj("q", d, cfg.num_heads * hd, ("embed", "heads"), cfg.attention_bias)
         self.k = proj("k", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.attention_bias)
@@ -236,25 +269,28 @@ class Attention(nnx.Module):
             keys, values, masks = [k], [v], [mask]
         else:
             keys, values, masks = [cache_kv[0], k], [cache_kv[1], v], list(mask)
+        # A decode step (t = 1) multiplies and sums in float32 whatever the compute dtype: the
+        # cache is still read in its own dtype, converted inside the fused loop.
+        acc = jnp.float32 if t == 1 else x.dtype
         scores = []
         for key, m in zip(keys, masks):
             if t == 1:
-                sc = jnp.sum(q[:, :, :, None, :] * key.astype(q.dtype)[:, :, None], axis=-1).astype(jnp.float32)
+                sc = jnp.sum(q.astype(acc)[:, :, :, None, :] * key.astype(acc)[:, :, None], axis=-1)
             else:
                 sc = jnp.einsum("bkmd,bksd->bkms", q, key.astype(q.dtype)).astype(jnp.float32)
             sc = sc.reshape(b, kv, groups, t, -1) / cfg.attention_scale
             scores.append(jnp.where(m[:, None, None, :, :], sc, _MASK_VALUE))
-        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(x.dtype)
+        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(acc)
         out, start = 0, 0
         for value in values:  # the probabilities split back over cache and new keys
             s = value.shape[2]
             p = probs[..., start:start + s].reshape(b, kv, groups * t, s)
             if t == 1:
-                out = out + jnp.sum(p[..., None] * value.astype(x.dtype)[:, :, None], axis=-2)
+                out = out + jnp.sum(p[..., None] * value.astype(acc)[:, :, None], axis=-2)
             else:
                 out = out + jnp.einsum("bkms,bksd->bkmd", p, value.astype(x.dtype))
             start += s
-        out = out.reshape(b, kv, groups, t, cfg.head_dim)
+        out = out.astype(x.dtype).reshape(b, kv, groups, t, cfg.head_dim)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.o(out, use_lora), (k, v)
 
@@ -277,13 +313,14 @@ def _dot_product_attention(q, k, v, mask, cache_kv, scale):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs,
+                 lora_dtype=None):
         d, f = cfg.hidden_size, cfg.intermediate_size
 
         def proj(name, i, o, axes):
             use = lora if (lora is not None and name in lora.targets) else None
             return LoRALinear(i, o, axes, bias=False, lora=use, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+                              param_dtype=param_dtype, rngs=rngs, lora_dtype=lora_dtype)
 
         self.gate = proj("gate", d, f, ("embed", "mlp"))
         self.up = proj("up", d, f, ("embed", "mlp"))
@@ -298,11 +335,11 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, dtype, param_dtype, rngs,
-                 attention: str = "auto"):
+                 attention: str = "auto", lora_dtype=None):
         self.attn_norm = _norm(cfg, cfg.hidden_size, param_dtype)
-        self.attn = Attention(cfg, lora, dtype, param_dtype, rngs, attention)
+        self.attn = Attention(cfg, lora, dtype, param_dtype, rngs, attention, lora_dtype)
         self.mlp_norm = _norm(cfg, cfg.hidden_size, param_dtype)
-        self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs)
+        self.mlp = MLP(cfg, lora, dtype, param_dtype, rngs, lora_dtype)
         # Gemma 3: the attention and MLP outputs are normalised too, before the residual add.
         sandwich = cfg.sandwich_norms
         self.attn_post_norm = nnx.data(_norm(cfg, cfg.hidden_size, param_dtype) if sandwich else None)
@@ -326,10 +363,14 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None = None, *,
                  dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 attention: str = "auto", rngs: nnx.Rngs | None = None):
-        """attention: the kernel (`ATTENTION_KERNELS`; "auto" chooses by backend)."""
+                 attention: str = "auto", lora_dtype=None, rngs: nnx.Rngs | None = None):
+        """attention: the kernel (`ATTENTION_KERNELS`; "auto" chooses by backend). lora_dtype:
+        the dtype the adapter's products run in, None = the compute dtype (training); a model
+        that decodes from bfloat16 weights asks for float32 (`weights.load.decode_options`): the
+        adapter's few products cost little there and its float32 weights stay unrounded."""
         rngs = rngs or nnx.Rngs(params=0, lora=0)
         self.cfg, self.lora_config, self.dtype, self.remat = cfg, lora, dtype, remat
+        self.lora_dtype = lora_dtype
         if lora is not None and lora.first_layer >= cfg.num_layers:
             raise ValueError(f"lora.first_layer={lora.first_layer} must be below the model's "
                              f"{cfg.num_layers} layers (0 = every layer carries the adapter)")
@@ -340,7 +381,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(r):
-            return Block(cfg, lora, dtype, param_dtype, r, attention)
+            return Block(cfg, lora, dtype, param_dtype, r, attention, lora_dtype)
 
         self.layers = make_blocks(rngs)
         self.norm = _norm(cfg, cfg.hidden_size, param_dtype)
@@ -359,7 +400,8 @@ class Transformer(nnx.Module):
                 self.lm_head_scale = head_lora.scale
         else:
             self.lm_head = LoRALinear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
-                                      lora=head_lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                      lora=head_lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                      lora_dtype=lora_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array, *,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0,
@@ -527,14 +569,18 @@ class Transformer(nnx.Module):
         x, high = jax.lax.scan(body(True), x, jax.tree.map(lambda a: a[first:], xs))
         return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), low, high)
 
-    def logits(self, hidden: jax.Array, use_lora: bool = True) -> jax.Array:
-        """LM head. Call it on the positions you need only: the vocabulary projection dominates."""
+    def logits(self, hidden: jax.Array, use_lora: bool = True, out_dtype=None) -> jax.Array:
+        """LM head. Call it on the positions you need only: the vocabulary projection dominates.
+        out_dtype: the logits' dtype (default: the compute dtype); the sampler asks for float32,
+        so that bfloat16 rounding (1/16 apart at 10) never ties or reorders the candidates it
+        chooses between."""
         if self.lm_head is not None:
-            return self.lm_head(hidden, use_lora)
-        out = hidden @ self.embed[...].astype(self.dtype).T
+            return self.lm_head(hidden, use_lora, out_dtype)
+        out = _matmul(hidden, self.embed[...].astype(self.dtype).T, out_dtype or self.dtype)
         if use_lora and self.lm_head_lora_a is not None:
-            delta = (hidden @ self.lm_head_lora_a[...].astype(self.dtype)) @ \
-                self.lm_head_lora_b[...].astype(self.dtype)
+            dtype = self.lora_dtype or self.dtype
+            delta = (hidden.astype(dtype) @ self.lm_head_lora_a[...].astype(dtype)) @ \
+                self.lm_head_lora_b[...].astype(dtype)
             out = out + (self.lm_head_scale * delta).astype(out.dtype)
         return out
 

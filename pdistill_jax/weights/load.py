@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from pdistill_jax.config import LoraConfig, ModelConfig
-from pdistill_jax.model.transformer import Transformer
+from pdistill_jax.model.transformer import Transformer, compute_dtype
 from pdistill_jax.weights.hf import load_checkpoint, read_model_config
 from pdistill_jax.weights.peft import adapter_base_model, load_peft_adapter
 from pdistill_jax.weights.registry import resolve_model
@@ -32,7 +32,7 @@ class LoadedModel:
 
 def build_model(cfg: ModelConfig, base_params: dict, lora: LoraConfig | None = None, *,
                 seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: bool = False, attention: str = "auto") -> Transformer:
+                remat: bool = False, attention: str = "auto", lora_dtype=None) -> Transformer:
     """A Transformer holding `base_params` and, if `lora` is given, a freshly initialised adapter.
 
     The module is built abstractly (no random base weights are ever materialised); only the
@@ -40,7 +40,8 @@ def build_model(cfg: ModelConfig, base_params: dict, lora: LoraConfig | None = N
     """
     def make():
         return Transformer(cfg, lora, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                           attention=attention, rngs=nnx.Rngs(params=0, lora=seed))
+                           attention=attention, lora_dtype=lora_dtype,
+                           rngs=nnx.Rngs(params=0, lora=seed))
 
     abstract = nnx.eval_shape(make)
     graphdef, lora_state, base_state = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
@@ -49,6 +50,16 @@ def build_model(cfg: ModelConfig, base_params: dict, lora: LoraConfig | None = N
     if lora is not None:
         lora_state = jax.jit(lambda: nnx.state(make(), nnx.LoRAParam))()
     return nnx.merge(graphdef, lora_state, base_state)
+
+
+def decode_options(decode_dtype: str) -> dict:
+    """load_model's dtype arguments for a model that answers or generates under a decode_dtype
+    setting (config.AnswerConfig): the base weights cast once, here, to that dtype and computed
+    in it, so a decode step reads half the bytes in bfloat16; the adapter's products in float32
+    (its weights are float32 whatever the setting). The sampler's logits are float32 either way
+    (model/slots.py). float32 is the float32 model it always was."""
+    dtype = compute_dtype(decode_dtype)
+    return {"dtype": dtype, "param_dtype": dtype, "lora_dtype": jnp.float32}
 
 
 _reused: dict | None = None  # a dict inside `reuse_loaded_checkpoints`, else None
@@ -83,7 +94,7 @@ def _read(path: Path, what: str, read):
 
 def load_model(spec: str | Path | None, lora: LoraConfig | None = None, *, adapter=None,
                seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-               attention: str = "auto", with_tokenizer: bool = True) -> LoadedModel:
+               attention: str = "auto", lora_dtype=None, with_tokenizer: bool = True) -> LoadedModel:
     """The model `spec` names, with a fresh LoRA of shape `lora`, or with `adapter`'s.
 
     adapter: a PEFT folder or a training run folder; its LoRA config and (float32) weights take
@@ -101,7 +112,7 @@ def load_model(spec: str | Path | None, lora: LoraConfig | None = None, *, adapt
     # Reused numpy weights are safe to share: build_model only reads them into jax arrays.
     cfg, params = _read(path, "weights", lambda: load_checkpoint(path, np.float32))
     model = build_model(cfg, params, lora, seed=seed, dtype=dtype, param_dtype=param_dtype,
-                        remat=remat, attention=attention)
+                        remat=remat, attention=attention, lora_dtype=lora_dtype)
     if pure is not None:
         state = nnx.state(model, nnx.LoRAParam)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))

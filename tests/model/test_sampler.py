@@ -215,3 +215,41 @@ def test_sampling_distribution(temperature, top_k, top_p, expected):
     freq = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), n))), minlength=6) / n
     want = np.array(expected) / np.sum(expected)
     assert np.abs(freq[np.argsort(perm)] - want).max() < 0.015
+
+
+def test_bfloat16_decoding_keeps_most_greedy_answers(setup):
+    # `answer --decode-dtype bfloat16`: base weights held in bfloat16 (half the bytes a decode
+    # step reads), the adapter in float32, logits in float32; on these tiny models the greedy
+    # answers agree with float32's on most rows (the demo's count is a benchmark, not a test).
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pdistill_jax.config import LoraConfig
+    from pdistill_jax.weights.load import decode_options
+
+    path, lm, _, end = setup
+    prompts = [chat_prompt_ids(lm.tokenizer, q) for q in QUESTIONS + tiny_models_corpus()]
+    lora = LoraConfig(rank=4, targets=("q", "v", "down"))
+    lm32 = load_model(path, lora, seed=1, **decode_options("float32"))
+    lm16 = load_model(path, lora, seed=1, **decode_options("bfloat16"))
+    _, adapter, base = nnx.split(lm16.model, nnx.LoRAParam, nnx.Param)
+    assert {leaf.dtype for leaf in jax.tree.leaves(base)} == {np.dtype(jnp.bfloat16)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(adapter)} == {np.dtype(np.float32)}
+    hidden = jnp.zeros((1, lm16.cfg.hidden_size), jnp.bfloat16)
+    assert lm16.model.logits(hidden, True, jnp.float32).dtype == jnp.float32
+    # the adapter on (B away from zero), so that its float32 weights take part
+    nudged = jax.tree.map(lambda a: a + 0.02, nnx.state(lm32.model, nnx.LoRAParam))
+    nnx.update(lm32.model, nudged)
+    nnx.update(lm16.model, nudged)
+    params = SamplingParams(max_new_tokens=12)
+    full = generate(lm32.model, prompts, params, end_ids=end, batch_size=4)
+    light = generate(lm16.model, prompts, params, end_ids=end, batch_size=4)
+    assert sum(a.tokens == b.tokens for a, b in zip(full, light)) >= 0.8 * len(prompts)
+    assert sum(a.tokens[:1] == b.tokens[:1] for a, b in zip(full, light)) >= 0.9 * len(prompts)
+
+
+def tiny_models_corpus() -> list[str]:
+    import tiny_models
+
+    return sorted(set(tiny_models.CORPUS))

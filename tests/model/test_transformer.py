@@ -205,3 +205,15 @@ def test_gemma3_prefill_and_cached_decode_match_transformers(tiny_gemma3):
         np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=1e-4, rtol=0,
                                    err_msg=f"decode step at position {t}")
 
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu(monkeypatch):
+    from pdistill_jax.model.transformer import compute_dtype, resolve_dtype
+
+    assert resolve_dtype("auto") == "float32" and compute_dtype("auto") == jnp.float32  # tests: CPU
+    assert [resolve_dtype(n) for n in ("float32", "bfloat16")] == ["float32", "bfloat16"]
+    assert resolve_dtype("auto", accelerator=True) == "bfloat16"  # what `pdistill plan` plans
+    for backend in ("gpu", "tpu", "cuda", "rocm"):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert resolve_dtype("auto") == "bfloat16" and compute_dtype("auto") == jnp.bfloat16
+        assert resolve_dtype("float32") == "float32"
