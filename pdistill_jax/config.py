@@ -463,7 +463,10 @@ class LoraConfig:
 # ---------------------------------------------------------------- training
 
 OBJECTIVES = ("kl", "reverse_kl", "jsd", "ce")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# auto: bfloat16 on a GPU or TPU, float32 on CPU (`model.transformer.resolve_dtype`, resolved
+# when a command starts, so saved configs and stage records name the dtype that was used).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+DECODE_DTYPES = COMPUTE_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,7 +488,10 @@ class TrainConfig:
     max_seq_len: int = 1024  # teacher sequences longer than this are truncated (document side) or skipped
     system: str | None = None  # system message; None = the chat template's default
     seed: int = 0
-    compute_dtype: str = "float32"  # float32 | bfloat16 (LoRA and optimizer state stay float32)
+    # auto | float32 | bfloat16 (LoRA, optimizer state and the losses stay float32). auto:
+    # bfloat16 on a GPU or TPU, whose matrix units run it at several times float32's rate and
+    # where it halves the bytes a step reads; float32 on CPU, as before auto existed.
+    compute_dtype: str = "auto"
     remat: bool = False
     mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
     save_every: int = 200  # steps between Orbax checkpoints (and one at the end)
@@ -567,9 +573,16 @@ class AnswerConfig:
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     batch_size: int = 16  # questions answered at once
     seed: int = 0  # of answer sampling (temperature > 0)
+    # The dtype the base weights are held and computed in while decoding: auto | float32 |
+    # bfloat16 (auto: bfloat16 on a GPU or TPU, float32 on CPU). bfloat16 halves the bytes a
+    # decode step reads; products still accumulate in float32, logits are float32 and the LoRA
+    # adapter stays float32. The default stays float32 everywhere until bfloat16 is measured
+    # faster and its greedy answers counted against float32's (issue 19).
+    decode_dtype: str = added_option("float32")
 
     def __post_init__(self):
         check_choice(self, "context", CONTEXTS)
+        check_choice(self, "decode_dtype", DECODE_DTYPES)
         check_choice(self, "prompt_format", PROMPT_FORMATS)
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise _fail("batch_size", "an integer >= 1", self.batch_size)
@@ -641,9 +654,14 @@ class GenerateConfig:
     # whose student prompt names the topic only and whose answer, for PD and SFT alike, is the
     # document's own text: the teacher is scored on it, document in its prompt, nothing sampled.
     recitations_per_doc: int = added_option(0)
+    # The dtype of the question writer's and the teacher's weights while sampling (AnswerConfig's
+    # decode_dtype). Under bfloat16 the teacher states kept for training are bfloat16's, and a
+    # training in another compute dtype computes its own (datagen/teacher_states.py).
+    decode_dtype: str = added_option("float32")
 
     def __post_init__(self):
         coerce_fields(self)
+        check_choice(self, "decode_dtype", DECODE_DTYPES)
         for name in ("questions_per_doc", "max_calls_per_doc", "max_question_tokens",
                      "max_answer_tokens", "batch_size", "docs_per_commit", "chunk_tokens",
                      "sentences_per_prompt", "questions_per_span", "max_calls_per_span",
@@ -693,11 +711,15 @@ class RunConfig:
     # The system message of every stage (questions, teacher answers, both trainings, answering):
     # the method uses one everywhere. None = the chat template's default.
     system: str | None = None
+    # The answering stages' decode_dtype (AnswerConfig's); generation has its own,
+    # generate.decode_dtype. Recorded in the answer stages' fingerprints when not float32.
+    decode_dtype: str = added_option("float32")
 
     def __post_init__(self):
         coerce_fields(self)
         for name in ("max_new_tokens", "answer_batch_size"):
             check_range(self, name, 1)
+        check_choice(self, "decode_dtype", DECODE_DTYPES)
         check_range(self, "bm25_top_k", 0)  # 0: no BM25 conditions (rag_bm25, pd_rag_bm25)
         for name, cls in (("generate", GenerateConfig), ("pd", TrainConfig), ("sft", TrainConfig)):
             value = getattr(self, name)

@@ -58,6 +58,18 @@ def add_model_argument(p, default_text: str | None = None) -> None:
         p.add_argument("--model", help=f"the model: {MODEL_HELP} (default: {default_text})")
 
 
+def add_decode_dtype_argument(p, default: str | None, default_text: str | None = None) -> None:
+    """--decode-dtype, the same help everywhere. Not an argparse choice: a bad value is refused by
+    the config's check, in one line. default None: the config's (default_text says which)."""
+    from pdistill_jax.config import DECODE_DTYPES
+
+    p.add_argument("--decode-dtype", default=default,
+                   help=f"dtype of the base weights while decoding: {' | '.join(DECODE_DTYPES)}; "
+                        "bfloat16 reads half the bytes a step (sums, logits and LoRA stay "
+                        "float32); auto = bfloat16 on a GPU/TPU, float32 on CPU"
+                        + (f" {default_text}" if default_text else ""))
+
+
 def add_no_progress_argument(p) -> None:
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
 

@@ -3,7 +3,7 @@ import dataclasses
 from pathlib import Path
 
 from pdistill_jax.config import CONTEXTS, PROMPT_FORMATS, AnswerConfig, SamplingParams
-from . import DOCS_HELP, add_model_argument, add_no_progress_argument
+from . import DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_progress_argument
 
 
 def add_arguments(p):
@@ -35,6 +35,7 @@ def add_arguments(p):
                    help="questions answered at once")
     p.add_argument("--seed", type=int, default=AnswerConfig.seed,
                    help="seed of answer sampling (with --temperature > 0)")
+    add_decode_dtype_argument(p, AnswerConfig.decode_dtype)
     add_no_progress_argument(p)
 
 
@@ -57,10 +58,14 @@ def main(args):
     from pdistill_jax.files import check_output_file, read_jsonl_lines
     from pdistill_jax.infer.answer import QUESTIONS_SCHEMA, answer_to_file, check_contexts, parts_dir
     from pdistill_jax.log import logger
-    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.model.transformer import resolve_dtype
+    from pdistill_jax.weights.load import decode_options, load_model
 
     options = AnswerConfig(context=args.context, top_k=args.top_k, prompt_format=args.prompt_format,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed,
+                           decode_dtype=args.decode_dtype)
+    # "auto" as the dtype it is here, so that a resume on another backend is refused
+    options = dataclasses.replace(options, decode_dtype=resolve_dtype(options.decode_dtype))
     options = dataclasses.replace(options, sampling=SamplingParams(
         temperature=args.temperature, top_k=args.sampling_top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens))
@@ -79,12 +84,12 @@ def main(args):
     if args.adapter:
         from pdistill_jax.train.run_folder import training_system_message
 
-        lm = load_model(args.model, adapter=args.adapter)
+        lm = load_model(args.model, adapter=args.adapter, **decode_options(options.decode_dtype))
         if system is None and (system := training_system_message(args.adapter)) is not None:
             logger("answer").info(f"system message: {system!r}, the one {args.adapter} was "
                                   "trained with (--system to ask under another)")
     else:
-        lm = load_model(args.model)
+        lm = load_model(args.model, **decode_options(options.decode_dtype))
     answered = answer_to_file(lm, questions, dataclasses.replace(options, system=system), args.out,
                               run={"model": str(args.model), "adapter": args.adapter},
                               docs=docs, use_lora=bool(args.adapter),

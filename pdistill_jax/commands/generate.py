@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import (DOCS_HELP, add_model_argument, add_no_progress_argument, add_recipe_argument,
-               given_flags, recipe_default, recipe_layer)
+from . import (DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_progress_argument,
+               add_recipe_argument, given_flags, recipe_default, recipe_layer)
 
 # GenerateConfig fields that have a flag of the same name; a flag left out keeps the value of
 # --config (or the default).
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
          "batch_size", "system", "question_mode", "paraphrases_per_question",
-         "answers_per_question", "restatements_per_doc", "recitations_per_doc")
+         "answers_per_question", "restatements_per_doc", "recitations_per_doc", "decode_dtype")
 
 
 def add_arguments(p) -> None:
@@ -60,6 +60,7 @@ def add_arguments(p) -> None:
                                     "the chat template's); `train` on this data defaults to the same")
     p.add_argument("--max-docs", type=int,
                    help="use only the first N source documents (default: all)")
+    add_decode_dtype_argument(p, None, default("decode_dtype"))
     add_no_progress_argument(p)
 
 

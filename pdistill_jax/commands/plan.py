@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the adapter on layers FIRST_LAYER.. only {default('first_layer', LoraConfig)}")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
                    help="dtype of the forward and backward pass, and of the stored base weights "
-                        f"(LoRA and Adam stay float32) {default('compute_dtype')}")
+                        "(LoRA and Adam stay float32); auto = bfloat16, as on the GPU/TPU the "
+                        f"plan stands for {default('compute_dtype')}")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help=f"recompute activations in the backward pass {default('remat')}")
     p.add_argument("--teacher-len", type=int,

@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   + config_default(TrainConfig, "mesh", _show_mesh))
     p.add_argument("--seed", type=int, help=f"seed of LoRA initialisation and data order {default('seed')}")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
-                   help=f"dtype of the forward and backward pass {default('compute_dtype')}")
+                   help="dtype of the forward and backward pass; auto = bfloat16 on a GPU/TPU, "
+                        f"float32 on CPU {default('compute_dtype')}")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in the backward pass (less memory, more time) "
                         f"{default('remat')}")

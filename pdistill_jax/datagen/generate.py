@@ -53,7 +53,7 @@ from pdistill_jax.datagen.restatements import (recited_rows, restated_rows, rest
                                                without_loops)
 from pdistill_jax.datagen.seeds import derive_seed
 from pdistill_jax.datagen.teacher_states import (TEACHER_STATES_DIR, model_fingerprint,
-                                                 save_teacher_states, teacher_sequence_key,
+                                                 save_teacher_states, state_entry,
                                                  teacher_states_bytes)
 from pdistill_jax.files import append_jsonl_durable, write_jsonl_atomic
 from pdistill_jax.model.sharding import barrier, check_peers, work_share
@@ -199,7 +199,7 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
     keep = teacher_states_bytes(states_dir) < cfg.teacher_states_gb * 2**30
 
     def on_teacher_state(ids, hidden):
-        states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
+        states.update([state_entry(fingerprint, ids, hidden)])
 
     # Every teacher call of the wave shares one set of decode slots; each keeps its own seed, so
     # that the first answers are those of a run without paraphrases, further answers or
@@ -288,9 +288,13 @@ def _with_more_answers(rows: list[dict], extra: list[dict], more: int) -> list[d
 
 def _generate(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: int | None,
               show_progress: bool) -> dict:
-    from pdistill_jax.weights.load import load_model
+    from pdistill_jax.model.transformer import resolve_dtype
+    from pdistill_jax.weights.load import decode_options, load_model
 
     t_start = time.perf_counter()
+    # "auto" as the dtype it is here: run.json and the manifest name it, and a resume on a
+    # backend where it means another dtype is refused
+    cfg = dataclasses.replace(cfg, decode_dtype=resolve_dtype(cfg.decode_dtype))
     sources, tests, problems = load_documents(docs_spec)  # bad input refused before any write
     out.mkdir(parents=True, exist_ok=True)
     if max_docs is not None:
@@ -299,7 +303,7 @@ def _generate(model_spec, docs_spec, out: Path, cfg: GenerateConfig, max_docs: i
         raise ValueError(f"--docs {docs_spec}: no usable documents"
                          + (f" ({len(problems)} problem(s), first: {problems[0]})" if problems else ""))
     check_settings(out, run_settings(str(model_spec), str(docs_spec), cfg))
-    lm = load_model(model_spec, None, seed=cfg.seed)
+    lm = load_model(model_spec, None, seed=cfg.seed, **decode_options(cfg.decode_dtype))
     docs, source_of = [], {}
     for src in sources:
         for chunk in chunk_document(src, lm.tokenizer, cfg.chunk_tokens, cfg.chunk_overlap):

@@ -3,9 +3,10 @@
 While it samples the PD answers, the teacher (the base model with the document in its prompt)
 computes exactly the hidden states that PD training's teacher would compute again. Generation
 keeps them beside qa.jsonl (TEACHER_STATES_DIR, one .npz per wave, at most teacher_states_gb),
-keyed by a hash of the model, the dtype and the whole teacher sequence; training takes every row
-whose re-tokenised teacher sequence hashes the same (train/teacher_cache.py) and runs the
-teacher only for the rest.
+keyed by a hash of the model, the dtype they were computed in and the whole teacher sequence;
+training takes every row whose re-tokenised teacher sequence hashes the same in its own compute
+dtype (train/teacher_cache.py) and runs the teacher only for the rest. States decoded from
+bfloat16 weights (decode_dtype bfloat16) thus serve a bfloat16 training only, never a float32 one.
 """
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def teacher_sequence_key(fingerprint: str, dtype, ids: Sequence[int]) -> str:
     h = hashlib.sha256(f"{fingerprint}:{np.dtype(dtype).name}:".encode())
     h.update(np.asarray(ids, "<i4").tobytes())
     return h.hexdigest()
+
+
+def state_entry(fingerprint: str, ids: Sequence[int], hidden: np.ndarray
+                ) -> tuple[str, np.ndarray]:
+    """(key, array) of the states `hidden` the teacher computed for the sequence `ids`. The key
+    names the dtype they were computed in (the generation's decode_dtype), so a training in
+    another compute dtype never takes them: it runs the teacher itself for those rows. The array
+    is float32, which holds bfloat16 values exactly (an .npz cannot hold bfloat16 itself);
+    training casts it to its own compute dtype."""
+    return teacher_sequence_key(fingerprint, hidden.dtype, ids), np.asarray(hidden, np.float32)
 
 
 def save_teacher_states(path: str | Path, states: dict[str, np.ndarray]) -> None:

@@ -132,6 +132,11 @@ def answer_to_file(lm: LoadedModel, questions: Sequence[dict], cfg: AnswerConfig
     (the model, the adapter named on the command line)."""
     from tqdm import tqdm
 
+    from pdistill_jax.model.transformer import compute_dtype
+
+    if np.dtype(lm.model.dtype) != np.dtype(compute_dtype(cfg.decode_dtype)):  # what parts record
+        raise ValueError(f"decode_dtype={cfg.decode_dtype}, but the model computes in "
+                         f"{np.dtype(lm.model.dtype).name}: load it with that dtype")
     index, count = work_share()
     prompts, end = answer_prompts(lm, questions, cfg, docs, source)
     plan = batch_rows(prompts, cfg.batch_size)

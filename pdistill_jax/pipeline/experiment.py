@@ -89,6 +89,8 @@ def build_stages(cfg: RunConfig, out: Path, ids: dict[str, str]) -> list[Stage]:
         if qkey not in ids:
             continue
         settings = {**model, "max_new_tokens": cfg.max_new_tokens, qkey: ids[qkey]}
+        if cfg.decode_dtype != "float32":  # recorded only when set (as config.added_option
+            settings["decode_dtype"] = cfg.decode_dtype  # does): older records still match
         if context != "none":
             settings["documents.sha256"] = ids["documents.sha256"]
         if context == "bm25":

@@ -48,7 +48,23 @@ def run(cfg: RunConfig, config_dir: Path | None = None, *, progress: bool = True
     from pdistill_jax.weights.load import reuse_loaded_checkpoints
 
     with reuse_loaded_checkpoints():  # every stage loads the same base model: read it once
-        return _run(cfg, config_dir, progress)
+        return _run(resolve_dtypes(cfg), config_dir, progress)
+
+
+def resolve_dtypes(cfg: RunConfig) -> RunConfig:
+    """cfg with every "auto" dtype (both trainings' compute_dtype, generation's and answering's
+    decode_dtype) as the dtype it is on this backend: the stage records and run_config.yaml
+    name what was used, a CPU run records float32 as before "auto" existed, and a run continued
+    on another backend redoes the stages whose dtype changed."""
+    from pdistill_jax.model.transformer import resolve_dtype
+
+    def train(t):
+        return dataclasses.replace(t, compute_dtype=resolve_dtype(t.compute_dtype))
+
+    return dataclasses.replace(
+        cfg, decode_dtype=resolve_dtype(cfg.decode_dtype), pd=train(cfg.pd), sft=train(cfg.sft),
+        generate=dataclasses.replace(cfg.generate,
+                                     decode_dtype=resolve_dtype(cfg.generate.decode_dtype)))
 
 
 def _input_ids(cfg: RunConfig, docs: Path, questions: Path | None, retention: Path | None) -> dict:
@@ -79,13 +95,14 @@ class _Models:
         self.judges: list = []
 
     def answerer(self, adapter: str | None):
-        from pdistill_jax.weights.load import load_model
+        from pdistill_jax.weights.load import decode_options, load_model
 
         cfg, out = self.cfg, self.out
         if adapter not in self.loaded:
             self.loaded.clear()
-            self.loaded[adapter] = (load_model(cfg.model) if adapter is None else
-                                    load_model(cfg.model, adapter=out / f"train_{adapter}"))
+            self.loaded[adapter] = load_model(
+                cfg.model, adapter=None if adapter is None else out / f"train_{adapter}",
+                **decode_options(cfg.decode_dtype))
         return self.loaded[adapter]
 
     def judge(self):
@@ -136,7 +153,7 @@ def _answer(run: _Inputs, stage: Stage, name: str) -> None:
               disable=not run.progress, dynamic_ncols=True) as bar:
         answering = AnswerConfig(context=context, top_k=cfg.bm25_top_k, system=cfg.system,
                                  sampling=SamplingParams(max_new_tokens=cfg.max_new_tokens),
-                                 batch_size=cfg.answer_batch_size)
+                                 batch_size=cfg.answer_batch_size, decode_dtype=cfg.decode_dtype)
         rows = answer_questions(run.models.answerer(adapter), questions, answering, docs=run.docs,
                                 use_lora=adapter is not None, progress=bar.update, source=name)
     write_jsonl_atomic(run.out / "predictions" / f"{name}.jsonl", rows)

@@ -309,7 +309,12 @@ def _train(inputs: _Inputs, qa_file: Path, cfg, stage: Stage, resume: bool) -> N
 
 def _variant(inputs: _Inputs, variant: VariantConfig, old: dict | None, baselines: dict) -> dict | None:
     """The variant's row, trained and answered as needed; None when its row stands as it is."""
-    cfg = dataclasses.replace(variant.train, system=inputs.system)  # the study's, for every variant
+    from pdistill_jax.model.transformer import resolve_dtype
+
+    # the study's system message for every variant; "auto" as the dtype it is here, so that the
+    # records name it (a CPU run records float32, as before "auto" existed)
+    cfg = dataclasses.replace(variant.train, system=inputs.system,
+                              compute_dtype=resolve_dtype(variant.train.compute_dtype))
     rows = select_rows(inputs.data, None if inputs.documents is None else set(inputs.documents),
                        variant.rows, cfg.objective)
     if not rows:

@@ -24,7 +24,7 @@ from flax import nnx
 from pdistill_jax.config import ModelConfig, TrainConfig, differences, from_dict, to_dict
 from pdistill_jax.files import read_jsonl, write_text_atomic
 from pdistill_jax.log import logger
-from pdistill_jax.model.transformer import compute_dtype
+from pdistill_jax.model.transformer import compute_dtype, resolve_dtype
 from pdistill_jax.signals import raise_if_terminated, steps_finish_first
 from pdistill_jax.datagen.dataset import QARow, read_qa_rows, resolve_data_file
 from pdistill_jax.train.batches import DataPosition, TrainData, make_train_data
@@ -131,6 +131,8 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after}")
     initialize_distributed()
+    # "auto" as the dtype it is on this backend: config.yaml and the checkpoints record that
+    cfg = dataclasses.replace(cfg, compute_dtype=resolve_dtype(cfg.compute_dtype))
     session_start = time.perf_counter()
     inputs = _check_inputs(model_spec, data_path, out_dir, resume, init_adapter)
     checkpoints = RunCheckpoints(inputs.out / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
@@ -367,7 +369,8 @@ def _teacher_cache(run: Run, state) -> TeacherCache:
     if jax.process_count() == 1:
         keys = [teacher_sequence_key(fingerprint, dtype, e.teacher[:-1]) for e in examples]
         found = load_teacher_states(folder, keys) if folder.is_dir() else {}
-        cache: list = [found.get(k) for k in keys]
+        # stored as float32 (teacher_states.state_entry); a key names this compute dtype
+        cache: list = [None if k not in found else np.asarray(found[k], dtype) for k in keys]
         for i, (e, h) in enumerate(zip(examples, cache)):
             if h is not None and h.shape != (len(e.targets), hidden_size):
                 cache[i] = None  # cannot happen for a matching key; never trust a file blindly

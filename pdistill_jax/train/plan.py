@@ -32,7 +32,7 @@ from pdistill_jax.model.prefill import bucket_length
 from pdistill_jax.model.sampler import lower_generate_batch
 from pdistill_jax.model.sharding import (batch_sharding, check_batch_splits, make_mesh,
                                          replicated, state_shardings)
-from pdistill_jax.model.transformer import Transformer, compute_dtype
+from pdistill_jax.model.transformer import Transformer, compute_dtype, resolve_dtype
 from pdistill_jax.train.step import (CE_MASK, TEACHER_HIDDEN, TrainState, configure_model,
                                      make_optimizer, make_train_step)
 
@@ -281,7 +281,9 @@ def compile_program(name: str, lowered, unknown_trips: int = 1) -> Program:
 def plan(model_cfg: ModelConfig, cfg: TrainConfig, shapes: PlanShapes = PlanShapes(),
          devices: Sequence[jax.Device] | None = None, hbm_gib: float | None = None) -> Plan:
     """Compiles the training step (and, with shapes.sample_batch, the sampler) for `model_cfg`
-    on the mesh cfg.mesh over `devices`, without allocating a weight."""
+    on the mesh cfg.mesh over `devices`, without allocating a weight. The devices stand for
+    accelerator chips, so compute_dtype "auto" is planned as bfloat16, as it would run there."""
+    cfg = dataclasses.replace(cfg, compute_dtype=resolve_dtype(cfg.compute_dtype, accelerator=True))
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_splits(cfg.batch_size, mesh)
     graphdef, lora, base = abstract_model(model_cfg, cfg)

@@ -347,6 +347,36 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, tiny_llama):
     assert "no usable documents" in capsys.readouterr().err
 
 
+def test_cli_decode_dtype_reaches_the_config_and_a_bad_one_is_one_line(tmp_path, capsys, tiny_llama,
+                                                                       monkeypatch):
+    from pdistill_jax.datagen import generate as generate_module
+    from pdistill_jax.datagen.dataset import run_settings
+
+    seen = []
+
+    def stop(model, docs, out, cfg, **kwargs):
+        seen.append(cfg)
+        raise ValueError("stopped before any work")
+
+    monkeypatch.setattr(generate_module, "generate_data", stop)
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps(DOCS[0]) + "\n")
+    args = ["generate", "--model", str(tiny_llama), "--docs", str(docs), "--out", str(tmp_path / "o")]
+    assert cli.main(args + ["--decode-dtype", "bfloat16"]) == 2
+    (tmp_path / "g.yaml").write_text("decode_dtype: auto\n")
+    assert cli.main(args + ["--config", str(tmp_path / "g.yaml")]) == 2
+    assert cli.main(args) == 2
+    assert [c.decode_dtype for c in seen] == ["bfloat16", "auto", "float32"]
+    capsys.readouterr()
+    assert cli.main(args + ["--decode-dtype", "float16"]) == 2 and len(seen) == 3
+    assert capsys.readouterr().err == ("pdistill generate: error: decode_dtype must be one of auto, "
+                                       "float32, bfloat16, got 'float16'\n")
+    # run.json: a rerun under another dtype is refused; the default writes what it always wrote
+    assert run_settings("m", "d", GenerateConfig(decode_dtype="bfloat16"))["config"]["decode_dtype"] \
+        == "bfloat16"
+    assert "decode_dtype" not in run_settings("m", "d", GenerateConfig())["config"]
+
+
 def test_default_config_file_lists_every_field_at_its_default():
     from pdistill_jax.config import load_yaml
 

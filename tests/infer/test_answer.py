@@ -93,3 +93,34 @@ def test_answer_docs_take_the_same_sources_as_generate(tiny_llama, tmp_path, cap
     empty.mkdir()
     with pytest.raises(ValueError, match=f"^--docs {empty}: no .txt or .md files in this folder$"):
         load_docs(str(empty))
+
+
+def test_answer_cli_decode_dtype(tiny_llama, tmp_path, capsys, monkeypatch):
+    # --decode-dtype bfloat16 answers from bfloat16 base weights; its unfinished batches are
+    # never mixed with float32's on a rerun; a bad value is one line before any model is loaded.
+    from pdistill_jax.infer import answer as answer_module
+
+    q = _write(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "p.jsonl"
+    args = ["answer", "--model", str(tiny_llama), "--questions", str(q), "--out", str(out),
+            "--max-new-tokens", "4", "--batch-size", "1", "--no-progress"]
+    assert main(args + ["--decode-dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pdistill answer: error: decode_dtype must be one of auto, float32, bfloat16, "
+                   "got 'float16'\n") and not out.exists()
+
+    def stop_after_one_batch():
+        raise RuntimeError("killed after one batch")
+
+    with monkeypatch.context() as m:
+        m.setattr(answer_module, "check_peers", stop_after_one_batch)
+        assert main(args + ["--decode-dtype", "bfloat16"]) == 2
+    assert "killed after one batch" in capsys.readouterr().err
+    assert main(args) == 2  # float32, over the bfloat16 batches
+    assert "holds answers made with other settings (decode_dtype: 'bfloat16' -> None)" in \
+        capsys.readouterr().err
+    assert main(args + ["--decode-dtype", "auto"]) == 2  # auto is float32 on this CPU
+    capsys.readouterr()
+    assert main(args + ["--decode-dtype", "bfloat16"]) == 0  # resumes its own
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in rows] == [x["question"] for x in QUESTIONS]

@@ -445,3 +445,56 @@ def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_pa
     assert redone(ids={**ids, "retention_questions.sha256": "other"}) == of("retention_base", "retention_pd",
                                                                                   "retention_sft")
     assert redone(system="Be brief.") == set(base)
+
+
+def test_decode_dtype_redoes_the_stages_that_decode_with_it(tmp_path):
+    ids = {"model.weights": "w", "documents.sha256": "d", "questions.sha256": "q",
+           "retention_questions.sha256": "r"}
+
+    def fingerprints(cfg):
+        return {s.name: s.fingerprint for s in build_stages(cfg, tmp_path, ids)}
+
+    def redone(**changes):
+        return {n for n, fp in fingerprints(RunConfig(**changes)).items() if fp != base[n]}
+
+    base = fingerprints(RunConfig())
+    answers = {f"{kind} {n}" for kind in ("answer", "evaluate") for n in CONDITIONS}
+    assert redone(decode_dtype="bfloat16") == answers  # old answers are never reused
+    assert redone(generate=GenerateConfig(decode_dtype="bfloat16")) == \
+        redone(generate=GenerateConfig(seed=1))  # new data: every stage that reads it
+    assert redone(decode_dtype="float32", generate=GenerateConfig(decode_dtype="float32")) == set()
+    assert "decode_dtype" not in json.dumps([s.settings for s in build_stages(RunConfig(), tmp_path, ids)])
+
+
+def test_auto_dtypes_are_recorded_as_what_they_resolve_to(tmp_path, monkeypatch):
+    import jax
+
+    from pdistill_jax.config import to_dict
+    from pdistill_jax.pipeline.run import resolve_dtypes
+
+    ids = {"model.weights": "w", "documents.sha256": "d", "questions.sha256": "q"}
+    auto = RunConfig(decode_dtype="auto", generate=GenerateConfig(decode_dtype="auto"))
+    assert RunConfig().pd.compute_dtype == "auto"
+    # on CPU: float32, recorded as a run made before "auto" existed recorded it (the old default)
+    before = RunConfig(pd=TrainConfig(compute_dtype="float32"),
+                       sft=TrainConfig(objective="ce", compute_dtype="float32"))
+    assert resolve_dtypes(auto) == resolve_dtypes(RunConfig()) == before
+    assert [s.fingerprint for s in build_stages(resolve_dtypes(RunConfig()), tmp_path, ids)] == \
+        [s.fingerprint for s in build_stages(before, tmp_path, ids)]
+    assert "decode_dtype" not in to_dict(resolve_dtypes(auto))  # run_config.yaml as before
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    gpu = resolve_dtypes(auto)
+    assert (gpu.decode_dtype, gpu.generate.decode_dtype, gpu.pd.compute_dtype,
+            gpu.sft.compute_dtype) == ("bfloat16",) * 4
+    assert resolve_dtypes(RunConfig()).decode_dtype == "float32"  # the decode default stays
+
+
+def test_run_config_takes_decode_dtypes_and_refuses_a_bad_one(tmp_path, capsys):
+    (tmp_path / "ok.yaml").write_text("decode_dtype: bfloat16\ngenerate: {decode_dtype: auto}\n")
+    cfg = load_run_config(tmp_path / "ok.yaml")
+    assert (cfg.decode_dtype, cfg.generate.decode_dtype) == ("bfloat16", "auto")
+    (tmp_path / "bad.yaml").write_text("max_new_tokens: 8\ngenerate:\n  decode_dtype: float16\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"pdistill run: error: {tmp_path / 'bad.yaml'}:3: generate.decode_dtype must be "
+                   "one of auto, float32, bfloat16, got 'float16'\n")

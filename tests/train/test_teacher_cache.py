@@ -102,15 +102,16 @@ def test_documents_prefilled_once_give_the_same_teacher_states(tiny_lora, tiny_l
 
 # ---------------------------------------------------------------- the states generation keeps
 
-def _teacher_rows(tiny_llama):
-    """The tiny model answering questions about one document, keeping the teacher's states."""
+def _teacher_rows(tiny_llama, decode_dtype: str = "float32"):
+    """The tiny model answering questions about one document, keeping the teacher's states as
+    generation does."""
     from pdistill_jax.datagen.documents import Document
     from pdistill_jax.datagen.answers import teacher_answers
     from pdistill_jax.config import GenerateConfig
-    from pdistill_jax.weights.load import load_model
-    from pdistill_jax.datagen.teacher_states import model_fingerprint, teacher_sequence_key
+    from pdistill_jax.weights.load import decode_options, load_model
+    from pdistill_jax.datagen.teacher_states import model_fingerprint, state_entry
 
-    lm = load_model(tiny_llama)
+    lm = load_model(tiny_llama, **decode_options(decode_dtype))
     doc = Document("velloria", "The capital of the kingdom of Velloria is Tarsk, founded in 1873.")
     questions = ["When was Tarsk founded?", "What is the capital of Velloria?", "Who is the fox?",
                  "Where is Tarsk?", "Why is the dog lazy?", "What colour is the fox?",
@@ -120,7 +121,7 @@ def _teacher_rows(tiny_llama):
     states, sampled = {}, []
 
     def keep(ids, hidden):
-        states[teacher_sequence_key(fingerprint, hidden.dtype, ids)] = hidden
+        states.update([state_entry(fingerprint, ids, hidden)])
         sampled.append(ids)
 
     rows = teacher_answers(lm, [(doc, q) for q in questions], cfg, seed=5, on_teacher_state=keep)
@@ -195,6 +196,39 @@ def test_training_takes_the_teacher_states_generation_kept(tiny_llama, tmp_path,
     assert without["teacher_rows_from_generation"] == 0
     np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "with")],
                                [r["loss"] for r in metrics(tmp_path / "without")], rtol=1e-4)
+
+
+def test_states_decoded_from_bfloat16_weights_serve_a_bfloat16_training_only(tiny_llama, tmp_path):
+    # generate --decode-dtype bfloat16 keeps states computed in bfloat16: a float32 training
+    # (compute_dtype auto on CPU) runs its own teacher for every row, a bfloat16 one takes them.
+    import jax.numpy as jnp
+    import yaml
+
+    from pdistill_jax.datagen.teacher_states import TEACHER_STATES_DIR, save_teacher_states
+    from pdistill_jax.train.batches import _encode
+    from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids
+
+    lm, rows, states, sampled = _teacher_rows(tiny_llama, "bfloat16")
+    assert lm.model.dtype == jnp.bfloat16 and len(states) == len(rows) == 8
+    assert {a.dtype for a in states.values()} == {np.dtype(np.float32)}  # bfloat16 values, exactly
+    prompts = [chat_prompt_ids(lm.tokenizer, r["document"] + DOC_SEPARATOR + r["question"])
+               for r in rows]
+    round_trip = sum(_encode(lm.tokenizer, r["answer"]) == ids[len(p):]
+                     for r, ids, p in zip(rows, sampled, prompts))
+    assert round_trip > 0
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_teacher_states(data / TEACHER_STATES_DIR / "wave-1.npz", states)
+    cfg = TrainConfig(lora=LoraConfig(rank=4, alpha=8), batch_size=4, epochs=1, mesh=(1, 1, 1))
+    auto = train(str(tiny_llama), data, tmp_path / "auto", cfg, progress=False)
+    assert auto["teacher_rows_from_generation"] == 0
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert saved["train"]["compute_dtype"] == "float32"  # auto, as this backend resolved it
+    bf16 = train(str(tiny_llama), data, tmp_path / "bf16",
+                 dataclasses.replace(cfg, compute_dtype="bfloat16"), progress=False)
+    assert bf16["teacher_rows_from_generation"] == round_trip
+    assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "bf16"))
 
 
 def test_teacher_state_keys_name_the_checkpoint_the_dtype_and_the_ids(tmp_path):
