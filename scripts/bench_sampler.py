@@ -16,8 +16,13 @@ small batches only: the step's FLOPs (2 per weight per row, plus attention over 
 the f32 matmul peak measured in the same run (as `bench_step.py --matmul-peak`) give
 compute_bound_ms_per_step, the other floor; the larger of the two is the step's limit.
 
+--decode-dtype bfloat16 holds the base weights and the KV cache in bfloat16 (as `answer
+--decode-dtype` does), so the bytes a step reads halve; the compute bound still uses the float32
+matmul peak.
+
     python scripts/bench_sampler.py [--batch 16 --prompt-tokens 250 --new-tokens 64
-                                     --temperature 1.0 --top-k 50 --distinct 16]
+                                     --temperature 1.0 --top-k 50 --distinct 16
+                                     --decode-dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -75,6 +80,9 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=0, help="distinct prompts (0 = every row its own)")
     ap.add_argument("--attention", choices=("auto", "einsum", "dot_product"), default="auto",
                     help="attention kernel of the prefill (decode steps always use the einsum)")
+    ap.add_argument("--decode-dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                    help="dtype of the base weights and the KV cache while decoding (auto = "
+                         "bfloat16 on a GPU/TPU, float32 on CPU)")
     a = ap.parse_args()
 
     import jax
@@ -84,7 +92,11 @@ def main() -> None:
     from pdistill_jax.model.sampler import generate
     from pdistill_jax.config import SamplingParams
 
-    lm = load_model(a.model, attention=a.attention)
+    from pdistill_jax.model.transformer import resolve_dtype
+    from pdistill_jax.weights.load import decode_options
+
+    decode_dtype = resolve_dtype(a.decode_dtype)
+    lm = load_model(a.model, attention=a.attention, **decode_options(decode_dtype))
     rng = np.random.default_rng(0)
     distinct = a.distinct or a.batch
     pool = [list(map(int, rng.integers(100, lm.cfg.vocab_size, a.prompt_tokens))) for _ in range(distinct)]
@@ -110,7 +122,7 @@ def main() -> None:
     compute_s = read["flops_per_step"] / matmul_peak(2048)["flops_per_s"]
     print(json.dumps({
         "jax": jax.__version__, "platform": jax.devices()[0].platform, "attention": a.attention,
-        "batch": a.batch,
+        "decode_dtype": decode_dtype, "batch": a.batch,
         "prompt_tokens": a.prompt_tokens, "distinct_prompts": distinct, "new_tokens": a.new_tokens,
         "temperature": a.temperature, "top_k": a.top_k, "prefill_s": round(times[1], 2),
         "batch_s": round(full, 2), "decode_ms_per_step": round(1000 * decode_s, 1),
