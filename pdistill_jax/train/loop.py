@@ -149,13 +149,15 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
             run.cache_teacher and start_step < run.total_steps) else TeacherCache()
         lower = _lower_cache(run, start.state) if (
             run.cache_lower and start_step < run.total_steps) else LowerCache()
+        retention_s = _retention_cache(run, start.state, teacher, lower) if (
+            run.retention is not None and start_step < run.total_steps) else None
         write_run_config(inputs.out, {
             "model": str(model_spec), "model_path": str(run.model_path),
             "data": str(inputs.data_file), "data_sha256": inputs.data_sha,
             "init_adapter": run.init_adapter, "train": to_dict(run.cfg)})
         trim_metrics(inputs.out / METRICS_FILE, start_step)
         done = _run_steps(run, start, teacher, lower, checkpoints, stop_after, progress)
-        return _finish(run, done, start, teacher, lower, session_start)
+        return _finish(run, done, start, teacher, lower, session_start, retention_s)
     except BaseException:
         if not resume:
             checkpoints.close()  # lets a save in flight finish before looking for checkpoints
@@ -244,7 +246,8 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     data = dataclasses.replace(data, order_by=data.order_by if runs_teacher else "student",
                                share_student_prefix=True, ce_mask=cfg.ce_weight > 0)
     # Made before the base moves into the train state: the model still samples here.
-    retention = _retention_batches(inputs, cfg, lm) if cfg.retention_weight else None
+    retention = (_retention_batches(inputs, cfg, lm, data.student_prefix) if cfg.retention_weight
+                 else None)
     cache_lower = _lower_cache_fits(data, lm.cfg.hidden_size, cfg, cache_teacher)
     spe = data.steps_per_epoch
     total_steps = spe * cfg.epochs
@@ -257,16 +260,18 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     check_batch_splits(cfg.batch_size, mesh)
     graphdef, base, state, optimizer = init_train_state(lm.model, cfg, total_steps, mesh)
     lm.model = None  # the base now lives (sharded) in `base`; drop the unsharded copy
-    step_fn = make_train_step(graphdef, optimizer, cfg, mesh, student_prefix=data.student_prefix)
+    step_fn = make_train_step(graphdef, optimizer, cfg, mesh, student_prefix=data.student_prefix,
+                              retention_prefix=retention.prefix if retention else ())
     return Run(inputs, cfg, init_adapter, lm.cfg, lm.path, data, cache_teacher, cache_lower,
                total_steps, mesh, graphdef, base, step_fn, retention), state
 
 
-def _retention_batches(inputs: RunInputs, cfg: TrainConfig, lm):
+def _retention_batches(inputs: RunInputs, cfg: TrainConfig, lm, student_prefix):
     """The retention rows: the base model's greedy answers to the retention prompts, from
-    RUN/retention.jsonl when an earlier session of the run made them, else generated now."""
+    RUN/retention.jsonl when an earlier session of the run made them, else generated now. They
+    share the main rows' student prefix (the system preamble) when they all start with it."""
     from pdistill_jax.train.retention import (RetentionBatches, base_answers, load_or_make_answers,
-                                              read_prompts, retention_examples)
+                                              read_prompts, retention_examples, shared_prefix)
     from pdistill_jax.weights.tokenizer import end_token_ids
 
     questions = read_prompts(cfg.retention_prompts)
@@ -283,8 +288,44 @@ def _retention_batches(inputs: RunInputs, cfg: TrainConfig, lm):
               + (f"answers generated in {time.perf_counter() - start:.0f} s" if made else
                  f"answers read from {inputs.out / RETENTION_FILE}"))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    return RetentionBatches(retention_examples(rows, lm.tokenizer, cfg.system),
-                            cfg.retention_batch_size * cfg.grad_accum, cfg.seed, int(pad))
+    examples = retention_examples(rows, lm.tokenizer, cfg.system)
+    return RetentionBatches(examples, cfg.retention_batch_size * cfg.grad_accum, cfg.seed, int(pad),
+                            prefix=shared_prefix(examples, student_prefix))
+
+
+def _retention_cache(run: Run, state, teacher: TeacherCache, lower: LowerCache) -> float | None:
+    """The retention rows' base-model states at their answer positions, and with
+    lora.first_layer > 0 the states entering that layer, computed once into run.retention when
+    they fit what teacher_cache_gb leaves beside the other caches (else the step computes them)."""
+    from pdistill_jax.model.sharding import global_batch
+    from pdistill_jax.train.step import make_student_lower, make_teacher_hidden
+
+    cfg, retention = run.cfg, run.retention
+    used = sum(x.nbytes for x in (teacher.hidden or []) + (lower.states or []))
+    dtype = compute_dtype(cfg.compute_dtype)
+    need = retention.cache_bytes(run.model_cfg.hidden_size, dtype, bool(cfg.lora.first_layer))
+    if used + need > cfg.teacher_cache_gb * 2**30:
+        if cfg.teacher_cache_gb > 0:
+            _log.info(f"the retention rows' fixed states would take {need / 2**20:.0f} MiB more "
+                      f"than teacher_cache_gb={cfg.teacher_cache_gb:g} leaves: the base model "
+                      "runs over them in every step")
+        return None
+    start = time.perf_counter()
+    to_global = lambda batch: global_batch(_local_rows(batch), run.mesh)  # noqa: E731
+    hidden_fn = make_teacher_hidden(run.graphdef, run.mesh)
+    retention.hidden = compute_teacher_cache(
+        retention.examples, cfg.batch_size, lambda b: hidden_fn(state.lora, run.base, b),
+        to_global, retention.pad_id)
+    if cfg.lora.first_layer:
+        lower_fn = make_student_lower(run.graphdef, run.mesh, retention.prefix)
+        retention.lower = compute_student_cache(
+            retention.examples, cfg.batch_size, lambda b: lower_fn(state.lora, run.base, b),
+            to_global, retention.pad_id, len(retention.prefix))
+    seconds = time.perf_counter() - start
+    _log.info(f"retention: the base model's states over the {len(retention.examples)} rows "
+              + ("and the frozen layers below lora.first_layer " if cfg.lora.first_layer else "")
+              + f"computed once ({need / 2**20:.0f} MiB) in {seconds:.0f} s")
+    return round(seconds, 3)
 
 
 def _restore(run: Run, checkpoints: RunCheckpoints, state) -> Start:
@@ -497,7 +538,7 @@ def _non_finite_message(e: NonFiniteLoss, cfg: TrainConfig, checkpoints: RunChec
 
 
 def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache, lower: LowerCache,
-            session_start: float) -> dict:
+            session_start: float, retention_s: float | None = None) -> dict:
     """The adapter (once every step is done) and RUN/summary.json."""
     from pdistill_jax.weights.peft import save_peft_adapter
 
@@ -513,6 +554,8 @@ def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache, lower
     summary["teacher_rows_from_generation"] = teacher.reused
     if run.cfg.lora.first_layer:
         summary["lower_cache_s"] = lower.seconds
+    if run.cfg.retention_weight:  # None: the step ran the base over the retention rows
+        summary["retention_cache_s"] = retention_s
     if jax.process_index() == 0:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,6 +12,11 @@ prompt (no document) + answer ids + end-of-turn, read by both.
 Every step takes the next retention_batch_size * grad_accum rows of an endless stream: the
 rows in an order drawn from (seed, pass), pass after pass. A pure function of (seed, step), so
 a resumed run sees the rows the uninterrupted run saw.
+
+The base model's side of every row never changes, and neither do the frozen layers below an
+adapter on the upper layers only: the trainer computes both once per run (`cached`), as it does
+for the distillation teacher and the student's lower layers, so that a step runs only the
+student's adapter layers over its retention rows.
 """
 from __future__ import annotations
 
@@ -95,12 +100,25 @@ class RetentionBatches:
     rows_per_step: int  # retention_batch_size * grad_accum
     seed: int
     pad_id: int = 0
+    # Ids every row starts with (the chat template's system preamble), left out of the batches
+    # and run once a step (`collate(student_prefix=)`); `shared_prefix` picks them.
+    prefix: tuple[int, ...] = ()
+    # Per row, computed once by the trainer (None: the step computes them): the base model's
+    # final hidden states at the answer positions (answer tokens, D), and the states entering
+    # lora.first_layer over the sequence (tokens, D).
+    hidden: list[np.ndarray] | None = None
+    lower: list[np.ndarray] | None = None
 
     def __post_init__(self):
         if not self.examples:
             raise ValueError("no retention rows")
+        p = len(self.prefix)
+        if any(e.student_prompt_len - 1 < p or tuple(e.student[:p]) != tuple(self.prefix)
+               for e in self.examples):
+            raise ValueError("every retention row must start with the prefix and keep a prompt "
+                             "token after it (shared_prefix)")
         round_up = lambda n: -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # noqa: E731
-        self.width = round_up(max(len(e.student) for e in self.examples))
+        self.width = round_up(max(len(e.student) for e in self.examples) - p)
         self.answer_width = round_up(max(len(e.targets) for e in self.examples))
 
     def indices(self, step: int) -> np.ndarray:
@@ -111,9 +129,44 @@ class RetentionBatches:
                  for p in np.unique(ks // n)}
         return np.asarray([order[k // n][k % n] for k in ks])
 
+    def cache_bytes(self, hidden_size: int, dtype, lower: bool) -> int:
+        """What `hidden` (and with `lower`, `lower`) take for every row."""
+        own = lambda e: len(e.student) - len(self.prefix)  # noqa: E731
+        tokens = sum(len(e.targets) + (own(e) if lower else 0) for e in self.examples)
+        return tokens * hidden_size * np.dtype(dtype).itemsize
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The retention keys of step `step`'s batch (step.RETENTION_KEYS)."""
-        b = collate(self.examples, self.indices(step), self.rows_per_step, self.pad_id,
-                    student_widths=[self.width], answer_widths=[self.answer_width])
-        return {"retention_tokens": b["student_tokens"], "retention_valid": b["student_valid"],
-                "retention_mask": b["target_mask"], "retention_pos": b["student_pos"]}
+        """The retention keys of step `step`'s batch (step.RETENTION_KEYS, and the cached
+        step.RETENTION_HIDDEN / RETENTION_LOWER when the trainer computed them)."""
+        from pdistill_jax.train.step import RETENTION_HIDDEN, RETENTION_LOWER
+
+        indices = self.indices(step)
+        b = collate(self.examples, indices, self.rows_per_step, self.pad_id,
+                    student_prefix=len(self.prefix), student_widths=[self.width],
+                    answer_widths=[self.answer_width])
+        out = {"retention_tokens": b["student_tokens"], "retention_valid": b["student_valid"],
+               "retention_mask": b["target_mask"], "retention_pos": b["student_pos"]}
+        if self.hidden is not None:
+            out[RETENTION_HIDDEN] = _stacked(self.hidden, indices, self.answer_width)
+        if self.lower is not None:
+            out[RETENTION_LOWER] = _stacked(self.lower, indices, self.width)
+        return out
+
+
+def shared_prefix(examples: Sequence[Example], prefix: Sequence[int]) -> tuple[int, ...]:
+    """`prefix` (the main rows' shared ids) when every retention row starts with it and keeps a
+    prompt token after it, else (): the retention rows then run whole."""
+    p = tuple(int(i) for i in prefix)
+    fits = all(e.student_prompt_len - 1 >= len(p) and tuple(e.student[:len(p)]) == p
+               for e in examples)
+    return p if fits else ()
+
+
+def _stacked(states: Sequence[np.ndarray], indices: Sequence[int], width: int) -> np.ndarray:
+    """(rows, width, D): row r holds states[indices[r]] from position 0, zeros after it (the
+    batch's padding: masked as keys, never read as an answer position)."""
+    first = states[indices[0]]
+    out = np.zeros((len(indices), width, first.shape[-1]), first.dtype)
+    for r, i in enumerate(indices):
+        out[r, :len(states[i])] = states[i]
+    return out

@@ -46,6 +46,12 @@ CE_MASK = "ce_mask"
 # With retention_weight > 0: a batch of retention rows (train/retention.py), one sequence each
 # (prompt without a document + the base model's own answer), read by both base and student.
 RETENTION_KEYS = ("retention_tokens", "retention_valid", "retention_mask", "retention_pos")
+# Beside them a batch may carry the retention rows' two fixed parts, computed once per run
+# (`retention.RetentionBatches.cache`): the base model's final hidden states at their answer
+# positions, (R, A, D), and with lora.first_layer > 0 the states entering that layer, (R, T, D).
+# The step then runs only the student's adapter layers over the retention rows.
+RETENTION_HIDDEN = "retention_hidden"
+RETENTION_LOWER = "retention_lower"
 # Elements of one (B, c, V) LM-head chunk of logits (128 MiB in float32): the loss runs over the
 # answer positions in as few chunks as stay within it. Chunked logits are recomputed in the
 # backward pass (each chunk runs under jax.checkpoint), so one chunk is faster when it fits.
@@ -169,9 +175,11 @@ def student_lower(model: Transformer, batch: dict, prefix: tuple[int, ...] = ())
     return _with_prefix(run, model, batch, prefix)
 
 
-def _with_prefix(run, model: Transformer, batch: dict, prefix: tuple[int, ...]):
+def _with_prefix(run, model: Transformer, batch: dict, prefix: tuple[int, ...],
+                 use_lora: bool = True):
     """`run(tokens, positions, key_valid, kv)` over the batch's student rows, after the shared
-    `prefix` (if any) has run once and its keys and values are broadcast to every row."""
+    `prefix` (if any) has run once (adapter on or off: `use_lora`) and its keys and values are
+    broadcast to every row."""
     tokens, valid = batch["student_tokens"], batch["student_valid"]
     if not prefix:
         return run(tokens, *causal_inputs(tokens, valid), None)
@@ -180,7 +188,7 @@ def _with_prefix(run, model: Transformer, batch: dict, prefix: tuple[int, ...]):
     # One row of P tokens: cheap next to the batch, so it runs whole even when the lower layers'
     # states of the rows come from the cache.
     _, kv = model(ids, jnp.arange(p)[None], jnp.ones((1, p), bool),
-                  cache=init_cache(model.cfg, 1, p, model.dtype), cache_index=0, use_lora=True)
+                  cache=init_cache(model.cfg, 1, p, model.dtype), cache_index=0, use_lora=use_lora)
     kv = KVCache(*(jnp.broadcast_to(c, (c.shape[0], b) + c.shape[2:]) for c in kv))
     positions = p + causal_inputs(tokens, valid)[0]
     key_valid = jnp.concatenate([jnp.ones((b, p), bool), valid.astype(bool)], axis=1)
@@ -197,18 +205,29 @@ def loss_chunk_for(rows: int, positions: int, vocab: int, budget: int = LOGITS_P
     return -(-positions // n)
 
 
-def retention_sums(model: Transformer, batch: dict, tau: float, loss_chunk: int | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def retention_sums(model: Transformer, batch: dict, tau: float, loss_chunk: int | None = None,
+                   prefix: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """(sum over retention rows of their mean forward KL(base || student), rows with answers).
 
     Each retention row is one sequence (general prompt + the base model's own answer + end),
     run with the adapter off (the base: the teacher, no gradient) and on (the student); the KL
-    is over its answer positions at temperature `tau`. Zero while the adapter's B is zero.
+    is over its answer positions at temperature `tau`. Zero while the adapter's B is zero. The
+    base's states and the frozen layers below the adapter come from the batch when it carries
+    them (RETENTION_HIDDEN, RETENTION_LOWER). `prefix`: the ids every retention row starts with,
+    left out of its tokens and run once (`RetentionBatches.prefix`), as for the main rows.
     """
-    tokens, valid = batch["retention_tokens"], batch["retention_valid"]
-    positions, key_valid = causal_inputs(tokens, valid)
-    h_b = _gather(model(tokens, positions, key_valid, use_lora=False)[0], batch["retention_pos"])
-    h_s = _gather(model(tokens, positions, key_valid, use_lora=True)[0], batch["retention_pos"])
+    rows = {"student_tokens": batch["retention_tokens"], "student_valid": batch["retention_valid"]}
+    if RETENTION_LOWER in batch:
+        rows[STUDENT_LOWER] = batch[RETENTION_LOWER]
+    h_s = _gather(student_hidden(model, rows, prefix), batch["retention_pos"])
+    h_b = batch.get(RETENTION_HIDDEN)
+    if h_b is None:
+        def run_base(tokens, positions, key_valid, kv):
+            return model(tokens, positions, key_valid, prefix=kv, use_lora=False)[0]
+
+        h_b = _gather(_with_prefix(run_base, model, rows, prefix, use_lora=False),
+                      batch["retention_pos"])
+    h_b = h_b.astype(model.dtype)
     mask = batch["retention_mask"]
     chunk = loss_chunk or loss_chunk_for(*mask.shape, model.cfg.vocab_size)
     per_token = losses.chunked_token_losses(
@@ -219,14 +238,15 @@ def retention_sums(model: Transformer, batch: dict, tau: float, loss_chunk: int 
 
 
 def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | None = None,
-                   student_prefix: Sequence[int] = ()
+                   student_prefix: Sequence[int] = (), retention_prefix: Sequence[int] = ()
                    ) -> Callable[..., tuple[jax.Array, tuple]]:
     """(lora, base, batch) -> (sum of per-sequence mean losses, (sequences with answers, answer tokens)).
 
     Sums rather than means so that micro-batches add up to exactly the full-batch loss.
     `loss_chunk` answer positions go through the LM head at a time (None: `loss_chunk_for`).
     `student_prefix`: the ids the batches' student sequences share and leave out
-    (`TrainData.student_prefix`; empty when they carry whole sequences).
+    (`TrainData.student_prefix`; empty when they carry whole sequences). `retention_prefix`:
+    the same for the retention rows (`RetentionBatches.prefix`).
 
     With cfg.ce_weight or cfg.retention_weight (`has_parts`) the aux gains a third entry, the
     sums of the loss's parts ({"distill_loss", "ce_loss"} and/or {"retention_loss",
@@ -237,6 +257,7 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
     """
     objective, tau, alpha, weight = cfg.objective, cfg.tau, cfg.ce_weight, cfg.retention_weight
     prefix = tuple(int(i) for i in student_prefix)
+    retention_ids = tuple(int(i) for i in retention_prefix)
 
     def loss_sums(lora, base, batch, retention_scale=None):
         model: Transformer = nnx.merge(graphdef, lora, base)
@@ -278,7 +299,7 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
         elif weight and objective != "ce":
             parts.update(distill_loss=total)
         if weight:
-            retention, rows = retention_sums(model, batch, tau, loss_chunk)
+            retention, rows = retention_sums(model, batch, tau, loss_chunk, retention_ids)
             parts.update(retention_loss=retention, retention_rows=rows)
             total = total + weight * retention_scale * retention
         return total, (aux + (parts,) if has_parts(cfg) else aux)
@@ -315,6 +336,8 @@ def _step_inputs(batch: dict, cfg: TrainConfig) -> dict:
     mask and the retention rows when cfg turns those terms on."""
     teacher = (TEACHER_HIDDEN,) if TEACHER_HIDDEN in batch else TEACHER_KEYS
     extra = ((CE_MASK,) if cfg.ce_weight else ()) + (RETENTION_KEYS if cfg.retention_weight else ())
+    if cfg.retention_weight:
+        extra += tuple(k for k in (RETENTION_HIDDEN, RETENTION_LOWER) if k in batch)
     extra += (STUDENT_LOWER,) if STUDENT_LOWER in batch else ()
     missing = [k for k in STUDENT_KEYS + teacher + extra if k not in batch]
     if missing:
@@ -339,17 +362,18 @@ def _check_batch(batch: dict, cfg: TrainConfig, mesh: Mesh) -> None:
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     cfg: TrainConfig, mesh: Mesh, *, loss_chunk: int | None = None,
-                    student_prefix: Sequence[int] = ()
+                    student_prefix: Sequence[int] = (), retention_prefix: Sequence[int] = ()
                     ) -> Callable[[TrainState, nnx.State, dict], tuple[TrainState, dict]]:
     """(state, base, batch) -> (new state, metrics {loss, grad_norm, lr, answer_tokens}).
 
     `state` is donated (do not reuse the one passed in); `base` is read only. The batch's leading
     size is cfg.batch_size * cfg.grad_accum; gradients of grad_accum micro-batches are summed in a
-    `lax.scan` and applied in one update. `student_prefix`: as for `make_loss_sums`.
+    `lax.scan` and applied in one update. `student_prefix`, `retention_prefix`: as for
+    `make_loss_sums`.
     `train_step.lower(state, base, batch)` lowers the same jitted program without running it
     (arguments may be jax.ShapeDtypeStruct trees): train/plan.py reads its memory and FLOPs.
     """
-    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix)
+    loss_sums = make_loss_sums(graphdef, cfg, loss_chunk, student_prefix, retention_prefix)
     parts_on = has_parts(cfg)
     # Retention rows are a fixed number per step (retention_batch_size * grad_accum, each with
     # an answer); the main rows' count varies (an epoch's last batch is partial) and divides the

@@ -178,3 +178,55 @@ def test_bad_values_are_one_line_naming_the_field(kw, field):
     with pytest.raises(FieldError) as e:
         TrainConfig(**kw)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_retention_rows_sharing_a_prefix_run_it_once_with_the_same_losses(tiny_lora):
+    """Retention rows that all start with the same ids: run once a step (`retention_prefix`) or
+    in every row, the losses and the updated adapter are the same."""
+    head = [5, 9, 11, 7, 13]
+    rows = [Example(np.concatenate([head, e.student]).astype(np.int32),
+                    np.concatenate([head, e.student]).astype(np.int32),
+                    e.teacher_prompt_len + len(head), e.student_prompt_len + len(head))
+            for e in retention_rows(tiny_lora.cfg.vocab_size)]
+    batch = random_batch(15, tiny_lora.cfg.vocab_size, 4)
+    cfg = train_config(retention_weight=WEIGHT, retention_prompts="x", retention_batch_size=4,
+                       lr=1e-4)
+    hists, loras = [], []
+    for prefix in ((), tuple(head)):
+        loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        state = state._replace(lora=perturbed(state.lora))
+        ret = RetentionBatches(rows, 4, seed=0, prefix=prefix)
+        assert ret.batch(0)["retention_tokens"].shape[1] == ret.width
+        step = make_train_step(graphdef, opt, cfg, mesh, retention_prefix=prefix)
+        hist = []
+        for i in range(3):
+            state, m = step(state, base, {**batch, **ret.batch(i)})
+            hist.append({k: float(v) for k, v in m.items()})
+        hists.append(hist)
+        loras.append(jax.tree.leaves(jax.tree.map(np.array, state.lora)))
+    assert hists[0][0]["retention_loss"] > 1e-3
+    for a, b in zip(*hists):
+        for k in ("loss", "retention_loss", "grad_norm"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(*loras):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_retention_prefix_is_taken_only_when_every_row_starts_with_it():
+    from pdistill_jax.train.retention import shared_prefix
+
+    rows = retention_rows(50, n=4)
+    head = tuple(int(i) for i in rows[0].student[:2])
+    assert shared_prefix(rows, ()) == ()
+    assert shared_prefix(rows[:1], head) == head
+    same = [Example(np.asarray(head + tuple(e.student), np.int32),
+                    np.asarray(head + tuple(e.student), np.int32),
+                    e.teacher_prompt_len + 2, e.student_prompt_len + 2) for e in rows]
+    assert shared_prefix(same, head) == head
+    off = np.asarray((head[0] + 1,) + tuple(rows[1].student), np.int32)  # starts elsewhere
+    assert shared_prefix(same + [Example(off, off, rows[1].teacher_prompt_len + 1,
+                                         rows[1].student_prompt_len + 1)], head) == ()
+    short = Example(np.asarray(head + (3, 4), np.int32), np.asarray(head + (3, 4), np.int32), 2, 2)
+    assert shared_prefix(same + [short], head) == ()  # no prompt token left after the prefix
+    with pytest.raises(ValueError, match="must start with the prefix"):
+        RetentionBatches(rows, 2, seed=0, prefix=(49, 49, 49))
