@@ -558,14 +558,14 @@ class Transformer(nnx.Module):
         an adapter from `lora.first_layer` up, the layers below run as a separate frozen scan:
         nothing in them depends on the adapter, so autodiff's backward pass ends at first_layer.
         part: "all", or "lower"/"upper" (the layers below/from first_layer only)."""
-        first = self.lora_config.first_layer if (use_lora and self.lora_config is not None) else 0
-        if first == 0:
+        first = self.lora_config.first_layer if self.lora_config is not None else 0
+        if part == "upper":  # from lower states: the adapter's layers, with it on or off
+            return jax.lax.scan(body(use_lora), x, jax.tree.map(lambda a: a[first:], xs))
+        if part == "lower":  # no adapter below first_layer
+            return jax.lax.scan(body(False), x, jax.tree.map(lambda a: a[:first], xs))
+        if first == 0 or not use_lora:
             return jax.lax.scan(body(use_lora), x, xs)
-        if part == "upper":
-            return jax.lax.scan(body(True), x, jax.tree.map(lambda a: a[first:], xs))
         x, low = jax.lax.scan(body(False), x, jax.tree.map(lambda a: a[:first], xs))
-        if part == "lower":
-            return x, low
         x, high = jax.lax.scan(body(True), x, jax.tree.map(lambda a: a[first:], xs))
         return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), low, high)
 

@@ -147,6 +147,14 @@ def test_upper_layer_adapter_is_the_full_adapter_with_the_lower_layers_off(tiny_
         positions, key_valid = causal_inputs(tokens, jnp.ones_like(tokens, bool))
         return jnp.sum(m(tokens, positions, key_valid)[0] ** 2)
 
+    tokens = jnp.asarray(ids)
+    positions, key_valid = causal_inputs(tokens, jnp.ones_like(tokens, bool))
+    lower = upper.lower_states(tokens, positions, key_valid)
+    for on in (True, False):  # from the lower layers' states, with the adapter on and off
+        np.testing.assert_allclose(
+            upper.logits(upper(tokens, positions, key_valid, use_lora=on, lower=lower)[0], on),
+            _jax_logits(upper, ids, use_lora=on), atol=1e-5)
+
     grads = jax.tree_util.tree_leaves_with_path(jax.grad(loss)(lora_state))
     assert grads
     for path, g in grads:
