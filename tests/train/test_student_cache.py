@@ -14,14 +14,24 @@ from test_teacher_cache import cached_and_plain_runs
 
 def test_training_with_the_lower_layers_cached_equals_training_without(tiny_llama, tmp_path,
                                                                         monkeypatch):
+    """With the retention regulariser on, whose base states and lower layers are cached too."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in (
+        "What is the capital of France?", "How many legs does a spider have?",
+        "What colour is the sky?", "Who wrote Hamlet?", "What is water made of?")))
     cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16, first_layer=1), lr=2e-2, batch_size=4,
-                      epochs=2, mesh=(2, 1, 1), system="Answer briefly.")
-    # plain: neither the teacher nor the lower layers are cached
-    (cached, cached_dir), (plain, _), (got, want) = cached_and_plain_runs(
+                      epochs=2, mesh=(2, 1, 1), system="Answer briefly.", retention_weight=0.5,
+                      retention_prompts=str(prompts), retention_batch_size=2)
+    # plain: neither the teacher, nor the lower layers, nor the retention rows' states are cached
+    (cached, cached_dir), (plain, plain_dir), (got, want) = cached_and_plain_runs(
         tiny_llama, tmp_path, monkeypatch, cfg)
     assert cached["lower_cache_s"] is not None and plain["lower_cache_s"] is None
+    assert cached["retention_cache_s"] is not None and plain["retention_cache_s"] is None
     assert len(got) == len(want) == 8 and got[0] > 0
     np.testing.assert_allclose(got, want, rtol=1e-4)
+    parts = [[r["retention_loss"] for r in metrics(d)] for d in (cached_dir, plain_dir)]
+    assert parts[0][-1] > 1e-5
+    np.testing.assert_allclose(parts[0], parts[1], rtol=1e-4, atol=1e-7)
     assert got[-1] < got[0]  # the upper layer alone still learns
     assert cached["finished"] and plain["finished"]
     conf = json.loads((cached_dir / "adapter" / "adapter_config.json").read_text())
@@ -29,22 +39,3 @@ def test_training_with_the_lower_layers_cached_equals_training_without(tiny_llam
     saved = yaml.safe_load((cached_dir / "config.yaml").read_text())
     assert saved["train"]["lora"]["first_layer"] == 1
 
-
-def test_retention_with_its_fixed_states_cached_equals_retention_computed_each_step(
-        tiny_llama, tmp_path, monkeypatch):
-    """The retention regulariser's base states and frozen lower layers, computed once per run,
-    give the losses (each part) of the run that computes them in every step."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in (
-        "What is the capital of France?", "How many legs does a spider have?",
-        "What colour is the sky?", "Who wrote Hamlet?", "What is water made of?")))
-    cfg = TrainConfig(lora=LoraConfig(rank=8, alpha=16, first_layer=1), lr=2e-2, batch_size=4,
-                      epochs=2, mesh=(2, 1, 1), system="Answer briefly.", retention_weight=1.0,
-                      retention_prompts=str(prompts), retention_batch_size=2)
-    (cached, cached_dir), (plain, plain_dir), (got, want) = cached_and_plain_runs(
-        tiny_llama, tmp_path, monkeypatch, cfg)
-    assert cached["retention_cache_s"] is not None and plain["retention_cache_s"] is None
-    parts = [[r["retention_loss"] for r in metrics(d)] for d in (cached_dir, plain_dir)]
-    assert len(parts[0]) == len(parts[1]) == 8 and parts[0][-1] > 1e-5
-    np.testing.assert_allclose(parts[0], parts[1], rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(got, want, rtol=1e-4)
