@@ -2,11 +2,13 @@
 retention beside it, from one or more study results files (scripts/study_injection.py).
 
   python scripts/plot_study.py runs/study/demo_levers/results.jsonl [more.jsonl ...]
-                               --out docs/figures/injection.png [--all-docs-only]
+                               --out docs/figures/injection.png [--all-docs-only] [--numbered]
 
 PD variants (objective kl, reverse_kl, jsd) are blue circles, SFT (ce) orange squares, each
-labelled with its name; the base model closed-book and RAG(gold) of the first file's full-corpus
-baselines are horizontal lines (retention: the base model's).
+labelled with its name (--numbered: with its row number, counted from 1 over the files in
+order, for a figure with too many variants to name; the key is then a table beside it); the base
+model closed-book and RAG(gold) of the first file's full-corpus baselines are horizontal lines
+(retention: the base model's).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument("--all-docs-only", action="store_true",
                         help="leave out rows measured on a --docs subset")
+    parser.add_argument("--numbered", action="store_true",
+                        help="label each point with its row number instead of its name")
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -30,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [json.loads(line) for f in args.results for line in Path(f).read_text().splitlines()
             if line.strip()]
+    for n, r in enumerate(rows, 1):
+        r["label"] = str(n) if args.numbered else r["name"]
     if args.all_docs_only:
         rows = [r for r in rows if r["docs"] is None]
     if not rows:
@@ -54,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             point = (round(r["exposures_per_fact"], 2), round(100 * r[key], 1))
             below = placed.get(point, 0)
             placed[point] = below + 1
-            axis.annotate(r["name"], (r["exposures_per_fact"], 100 * r[key]), fontsize=7,
-                          xytext=(3, 3 - 9 * below), textcoords="offset points")
+            axis.annotate(r["label"], (r["exposures_per_fact"], 100 * r[key]), fontsize=7,
+                          xytext=(3, 3 - 9 * below) if not args.numbered else (4, -3 + 7 * below),
+                          textcoords="offset points")
         axis.set_xlabel("training exposures per test fact (mean)")
         axis.set_ylim(0, 100)
     ax.set_ylabel("closed-book accuracy (%)")
