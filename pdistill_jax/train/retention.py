@@ -14,9 +14,10 @@ rows in an order drawn from (seed, pass), pass after pass. A pure function of (s
 a resumed run sees the rows the uninterrupted run saw.
 
 The base model's side of every row never changes, and neither do the frozen layers below an
-adapter on the upper layers only: the trainer computes both once per run (`cached`), as it does
-for the distillation teacher and the student's lower layers, so that a step runs only the
-student's adapter layers over its retention rows.
+adapter on the upper layers only: the trainer computes both once per run (`RetentionBatches.hidden`
+and `.lower`, filled by train/loop.py), as it does for the distillation teacher and the
+student's lower layers, so that a step runs only the student's adapter layers over its
+retention rows.
 """
 from __future__ import annotations
 

@@ -47,9 +47,10 @@ CE_MASK = "ce_mask"
 # (prompt without a document + the base model's own answer), read by both base and student.
 RETENTION_KEYS = ("retention_tokens", "retention_valid", "retention_mask", "retention_pos")
 # Beside them a batch may carry the retention rows' two fixed parts, computed once per run
-# (`retention.RetentionBatches.cache`): the base model's final hidden states at their answer
-# positions, (R, A, D), and with lora.first_layer > 0 the states entering that layer, (R, T, D).
-# The step then runs only the student's adapter layers over the retention rows.
+# (`RetentionBatches.hidden` and `.lower`, filled by train/loop.py): the base model's final
+# hidden states at their answer positions, (R, A, D), and with lora.first_layer > 0 the states
+# entering that layer, (R, T, D). The step then runs only the student's adapter layers over the
+# retention rows.
 RETENTION_HIDDEN = "retention_hidden"
 RETENTION_LOWER = "retention_lower"
 # Elements of one (B, c, V) LM-head chunk of logits (128 MiB in float32): the loss runs over the
