@@ -217,6 +217,7 @@ def test_sampling_distribution(temperature, top_k, top_p, expected):
     assert np.abs(freq[np.argsort(perm)] - want).max() < 0.015
 
 
+@pytest.mark.slow  # a long tiny-model check: CI's slow step runs it
 def test_bfloat16_decoding_keeps_most_greedy_answers(setup):
     # `answer --decode-dtype bfloat16`: base weights held in bfloat16 (half the bytes a decode
     # step reads), the adapter in float32, logits in float32; on these tiny models the greedy

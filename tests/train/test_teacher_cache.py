@@ -198,6 +198,7 @@ def test_training_takes_the_teacher_states_generation_kept(tiny_llama, tmp_path,
                                [r["loss"] for r in metrics(tmp_path / "without")], rtol=1e-4)
 
 
+@pytest.mark.slow  # a long tiny-model check: CI's slow step runs it
 def test_states_decoded_from_bfloat16_weights_serve_a_bfloat16_training_only(tiny_llama, tmp_path):
     # generate --decode-dtype bfloat16 keeps states computed in bfloat16: a float32 training
     # (compute_dtype auto on CPU) runs its own teacher for every row, a bfloat16 one takes them.
