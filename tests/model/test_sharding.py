@@ -121,6 +121,7 @@ def test_sharded_training_matches_single_device(tiny_llama):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=str(shape))
 
 
+@pytest.mark.slow  # a long tiny-model check: CI's slow step runs it
 def test_sharded_training_with_a_shared_student_prefix(tiny_llama):
     # The prefix runs once, replicated, and its keys/values are read by rows on every device.
     batch = random_batch(12, 384, 8, doc=(4, 10), question=(2, 5), answer=(2, 5))

@@ -166,7 +166,7 @@ def test_grad_accum_equals_full_batch(tiny_lora):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["kl", "ce"])
+@pytest.mark.parametrize("objective", ["kl", pytest.param("ce", marks=pytest.mark.slow)])
 def test_a_shared_student_prefix_run_once_trains_as_in_every_row(tiny_lora, objective):
     # The prefix's keys/values are computed for one row and read by all: same losses, same
     # gradients (into the prefix too), same adapter after the updates; with gradient
