@@ -57,6 +57,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of the longest student row (question + answer)")
     p.add_argument("--answer-len", type=int, default=shape_default.answer_len,
                    help="tokens of the longest answer, end of turn included")
+    p.add_argument("--retention-weight", type=float,
+                   help="plan the step with the retention regulariser on (any value > 0 compiles "
+                        f"the same program) {default('retention_weight')}")
+    p.add_argument("--retention-batch-size", type=int,
+                   help=f"retention prompts per micro-batch {default('retention_batch_size')}")
+    p.add_argument("--retention-len", type=int, default=shape_default.retention_len,
+                   help="tokens of the longest retention row (general prompt + the base model's "
+                        "answer)")
+    p.add_argument("--retention-answer-len", type=int, default=shape_default.retention_answer_len,
+                   help="tokens of the longest base-model answer on a retention row, end of turn "
+                        "included")
     p.add_argument("--teacher-cached", action="store_true",
                    help="plan the step that reads the teacher's cached states instead of running "
                         "the teacher (what train does when they fit teacher_cache_gb)")
@@ -117,11 +128,15 @@ def resolve(args: argparse.Namespace):
     # train's own resolution: the flags plan shares with train override TrainConfig's defaults
     train_args = argparse.Namespace(config=None, **{name: getattr(args, name, None)
                                                     for name in TRAIN_FLAGS + LORA_FLAGS})
+    if train_args.retention_weight:  # the plan reads no prompts: its rows' lengths are flags
+        train_args.retention_prompts = "builtin:general_prompts.jsonl"
     cfg = resolve_config(train_args, None)
     shapes = PlanShapes(teacher_len=args.teacher_len or cfg.max_seq_len,
                         student_len=args.student_len, answer_len=args.answer_len,
                         teacher_cached=args.teacher_cached, sample_batch=args.sample_batch,
-                        prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens)
+                        prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+                        retention_len=args.retention_len,
+                        retention_answer_len=args.retention_answer_len)
     return model_cfg, cfg, shapes
 
 

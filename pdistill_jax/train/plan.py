@@ -33,6 +33,7 @@ from pdistill_jax.model.sampler import lower_generate_batch
 from pdistill_jax.model.sharding import (batch_sharding, check_batch_splits, make_mesh,
                                          replicated, state_shardings)
 from pdistill_jax.model.transformer import Transformer, compute_dtype, resolve_dtype
+from pdistill_jax.train.batches import WIDTH_MULTIPLE
 from pdistill_jax.train.step import (CE_MASK, TEACHER_HIDDEN, TrainState, configure_model,
                                      make_optimizer, make_train_step)
 
@@ -45,7 +46,9 @@ class PlanShapes:
     sampler pad them to (`collate`, `left_padded`). The plan is the upper bound of a run with
     such rows: every student row carries all its tokens (a run shares the chat template's
     prefix once, `student_prefix`), and with lora.first_layer > 0 the frozen lower layers run
-    in the step (a run caches their states when they fit teacher_cache_gb)."""
+    in the step (a run caches their states when they fit teacher_cache_gb). With the retention
+    regulariser on (TrainConfig.retention_weight) its rows run whole in the step too: the base
+    model's pass over them included (a run caches it, `RetentionBatches.hidden`)."""
 
     teacher_len: int = 1024  # document + question + answer (the trainer's max_seq_len)
     student_len: int = 256  # question + answer, with the chat template
@@ -54,9 +57,12 @@ class PlanShapes:
     sample_batch: int = 16  # prompts the sampler decodes at once (0: no sampler plan)
     prompt_len: int = 1024
     max_new_tokens: int = 128
+    retention_len: int = 256  # general prompt + the base model's answer, with the chat template
+    retention_answer_len: int = 128  # that answer's tokens + end of turn
 
     def __post_init__(self):
-        for name in ("teacher_len", "student_len", "answer_len", "prompt_len", "max_new_tokens"):
+        for name in ("teacher_len", "student_len", "answer_len", "prompt_len", "max_new_tokens",
+                     "retention_len", "retention_answer_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_batch < 0:
@@ -64,6 +70,9 @@ class PlanShapes:
         if self.answer_len >= self.student_len:
             raise ValueError(f"answer_len {self.answer_len} must be below student_len "
                              f"{self.student_len} (the student row holds the question too)")
+        if self.retention_answer_len >= self.retention_len:
+            raise ValueError(f"retention_answer_len {self.retention_answer_len} must be below "
+                             f"retention_len {self.retention_len} (the row holds the prompt too)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +123,9 @@ class Plan:
             "dtypes": dtypes(self.train),
             "train": {"batch_size": self.train.batch_size, "grad_accum": self.train.grad_accum,
                       "objective": self.train.objective, "remat": self.train.remat,
-                      "lora": dataclasses.asdict(self.train.lora)},
+                      "lora": dataclasses.asdict(self.train.lora),
+                      "retention_weight": self.train.retention_weight,
+                      "retention_batch_size": self.train.retention_batch_size},
             "shapes": dataclasses.asdict(self.shapes),
             "weights": [dataclasses.asdict(w) for w in self.weights],
             "arithmetic_bytes_per_device": self.arithmetic,
@@ -168,6 +179,12 @@ def batch_shapes(cfg: TrainConfig, shapes: PlanShapes, hidden_size: int) -> dict
                         "teacher_pos": ((rows, a), i32)})
     if cfg.ce_weight:
         out[CE_MASK] = ((rows, a), b8)
+    if cfg.retention_weight:  # padded as RetentionBatches pads them
+        r = cfg.retention_batch_size * cfg.grad_accum
+        rt, ra = (-(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+                  for n in (shapes.retention_len, shapes.retention_answer_len))
+        out.update({"retention_tokens": ((r, rt), i32), "retention_valid": ((r, rt), b8),
+                    "retention_mask": ((r, ra), b8), "retention_pos": ((r, ra), i32)})
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in out.items()}
 
 
@@ -286,6 +303,8 @@ def plan(model_cfg: ModelConfig, cfg: TrainConfig, shapes: PlanShapes = PlanShap
     cfg = dataclasses.replace(cfg, compute_dtype=resolve_dtype(cfg.compute_dtype, accelerator=True))
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_splits(cfg.batch_size, mesh)
+    if cfg.retention_weight:
+        check_batch_splits(cfg.retention_batch_size, mesh)
     graphdef, lora, base = abstract_model(model_cfg, cfg)
     if not jax.tree.leaves(lora):
         raise ValueError("the plan needs a LoRA adapter; give it at least one target")
@@ -358,7 +377,10 @@ def format_plan(p: Plan) -> str:
         f"({rows // data_shards_of(p.mesh)} per data x fsdp shard); teacher "
         f"{'states cached' if s.teacher_cached else f'{s.teacher_len} tokens, run in the step'}"
         f"{' (objective ce: no teacher)' if cfg.objective == 'ce' else ''}; student "
-        f"{s.student_len} tokens; answer {s.answer_len} tokens (padded as the trainer pads)",
+        f"{s.student_len} tokens; answer {s.answer_len} tokens (padded as the trainer pads)"
+        + (f"; retention regulariser: {cfg.retention_batch_size} x grad_accum {cfg.grad_accum} "
+           f"general prompts of {s.retention_len} tokens ({s.retention_answer_len} answer "
+           "tokens), the base model's pass over them in the step" if cfg.retention_weight else ""),
         "",
         "weights (one row per name; layer weights stacked along a leading, unsplit layer axis):",
         f"  {'name':34} {'shape':24} {'dtype':9} {'sharding':24} {'per device':>12}",

@@ -114,8 +114,7 @@ class RetentionBatches:
         if not self.examples:
             raise ValueError("no retention rows")
         p = len(self.prefix)
-        if any(e.student_prompt_len - 1 < p or tuple(e.student[:p]) != tuple(self.prefix)
-               for e in self.examples):
+        if not all(_starts_with(e, self.prefix) for e in self.examples):
             raise ValueError("every retention row must start with the prefix and keep a prompt "
                              "token after it (shared_prefix)")
         round_up = lambda n: -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # noqa: E731
@@ -158,9 +157,13 @@ def shared_prefix(examples: Sequence[Example], prefix: Sequence[int]) -> tuple[i
     """`prefix` (the main rows' shared ids) when every retention row starts with it and keeps a
     prompt token after it, else (): the retention rows then run whole."""
     p = tuple(int(i) for i in prefix)
-    fits = all(e.student_prompt_len - 1 >= len(p) and tuple(e.student[:len(p)]) == p
-               for e in examples)
-    return p if fits else ()
+    return p if all(_starts_with(e, p) for e in examples) else ()
+
+
+def _starts_with(example: Example, prefix: Sequence[int]) -> bool:
+    """Whether the row's ids start with `prefix` and keep a prompt token after it."""
+    p = len(prefix)
+    return example.student_prompt_len - 1 >= p and tuple(example.student[:p]) == tuple(prefix)
 
 
 def _stacked(states: Sequence[np.ndarray], indices: Sequence[int], width: int) -> np.ndarray:

@@ -166,3 +166,24 @@ def test_fsdp_splits_the_activations_over_the_batch_as_data_parallelism_does():
     assert temp[(1, 8, 1)] < 0.5 * temp[(1, 1, 1)]
     assert temp[(1, 8, 1)] <= 1.5 * temp[(8, 1, 1)]
     assert flops[(1, 8, 1)] == flops[(8, 1, 1)] == pytest.approx(flops[(1, 1, 1)] / 8, rel=0.01)
+
+
+def test_the_retention_regulariser_is_planned_with_its_rows():
+    # The regulariser's rows run in the step (the student's pass and the base model's): its
+    # FLOPs grow by the same amount for every 4 more rows, and its arguments by their arrays.
+    shapes = PlanShapes(teacher_len=256, student_len=128, answer_len=64, sample_batch=0,
+                        retention_len=96, retention_answer_len=48)
+    steps = {}
+    for rows in (0, 4, 8):
+        cfg = TrainConfig(batch_size=4, compute_dtype="float32", lora=LoraConfig(rank=RANK),
+                          retention_weight=float(rows > 0), retention_batch_size=max(rows, 1),
+                          retention_prompts="builtin:general_prompts.jsonl" if rows else None)
+        result = plan(ModelConfig.from_hf(SMALL), cfg, shapes, jax.devices("cpu")[:1])
+        steps[rows] = result.train_step
+        if rows:
+            assert "retention regulariser: " + str(rows) in format_plan(result)
+            assert result.to_dict()["train"]["retention_batch_size"] == rows
+    first, second = (steps[4].flops - steps[0].flops), (steps[8].flops - steps[4].flops)
+    assert first > 0 and second == pytest.approx(first, rel=0.02)
+    # tokens and positions (int32) + their masks (bool): 4 rows of 96 and of 48
+    assert steps[8].argument_bytes - steps[4].argument_bytes == 4 * (96 + 48) * (4 + 1)
