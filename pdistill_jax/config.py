@@ -640,6 +640,10 @@ class GenerateConfig:
     # answers every rewrite, a row of its own recording "paraphrase_of".
     paraphrases_per_question: int = added_option(0)
     max_paraphrase_calls: int = added_option(2)
+    # Questions that do not name their document's subject (its title, else the start of its first
+    # sentence) are asked about it: "About <subject>: <question>" (datagen/questions.py
+    # `with_subject`), their paraphrases too, before the teacher answers them.
+    name_the_subject: bool = added_option(False)
     # Exposures without new questions: the teacher answers every question (and rewrite) this many
     # times, each answer sampled afresh at a_temperature / sft_temperature and a row of its own
     # recording "answer_index" (1, 2, ... after the first); 1 = one answer a question.

@@ -1,6 +1,7 @@
 """`pdistill generate`: documents -> model-written questions -> teacher answers (a data folder)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from . import (DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_progress_argument,
@@ -10,7 +11,8 @@ from . import (DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_
 # --config (or the default).
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
          "batch_size", "system", "question_mode", "paraphrases_per_question",
-         "answers_per_question", "restatements_per_doc", "recitations_per_doc", "decode_dtype")
+         "answers_per_question", "restatements_per_doc", "recitations_per_doc", "decode_dtype",
+         "name_the_subject")
 
 
 def add_arguments(p) -> None:
@@ -36,6 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--paraphrases-per-question", type=int,
                    help="rewrites of each question, each answered by the teacher as a row of "
                         f"its own; 0 = none {default('paraphrases_per_question')}")
+    p.add_argument("--name-the-subject", action=argparse.BooleanOptionalAction, default=None,
+                   help="a question that does not name its document's subject (the title, else "
+                        "the start of the first sentence) is asked about it: \"About <subject>: "
+                        f"<question>\" {default('name_the_subject')}")
     p.add_argument("--answers-per-question", type=int,
                    help="teacher answers to each question (and rewrite), each sampled afresh "
                         f"and a row of its own {default('answers_per_question')}")

@@ -52,6 +52,19 @@ class Document:
     title: str | None = None
 
 
+TOPIC_WORDS = 12  # a document without a title is named by the start of its first sentence
+
+
+def topic_of(doc: Document) -> str:
+    """What a prompt calls the document: its title, else its first sentence's first
+    TOPIC_WORDS words (a chunk's title is its source document's)."""
+    if doc.title and doc.title.strip():
+        return doc.title.strip()
+    sentences = split_sentences(doc.text) or [doc.text]
+    words = sentences[0].split()
+    return " ".join(words[:TOPIC_WORDS]).rstrip(".") + ("…" if len(words) > TOPIC_WORDS else "")
+
+
 def load_documents(spec: str | Path) -> tuple[list[Document], list[dict] | None, list[str]]:
     """(documents, test questions or None, problems) of a documents spec (see module doc)."""
     spec = str(spec)

@@ -45,10 +45,10 @@ from pdistill_jax.datagen.answers import AnswerCall, teacher_answers_many
 from pdistill_jax.datagen.dataset import (DATASET_DIR, DOCUMENTS_FILE, DONE_FILE, MANIFEST_FILE,
                                           OUTPUT_FILES, QA_FILE, TEST_QUESTIONS_FILE, check_settings,
                                           has_committed, load_progress, run_settings, save_dataset)
-from pdistill_jax.datagen.documents import Document, chunk_document, load_documents
+from pdistill_jax.datagen.documents import Document, chunk_document, load_documents, topic_of
 from pdistill_jax.datagen.manifest import GenerationJob, Progress, write_manifest
 from pdistill_jax.datagen.paraphrases import paraphrase_questions
-from pdistill_jax.datagen.questions import DocQuestions, ask_questions
+from pdistill_jax.datagen.questions import DocQuestions, ask_questions, with_subject
 from pdistill_jax.datagen.restatements import (recited_rows, restated_rows, restatement_call,
                                                without_loops)
 from pdistill_jax.datagen.seeds import derive_seed
@@ -188,10 +188,17 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
     seed = derive_seed(cfg.seed, [d.id for d in docs])
     t0 = time.perf_counter()
     asked = ask_questions(lm, docs, cfg, seed, bar.on_batch)
+    if cfg.name_the_subject:
+        for d in docs:
+            _name_the_subject(asked[d.id], d)
     items = [(d, q) for d in docs for q in asked[d.id].questions]
     paraphrased = None
     if cfg.paraphrases_per_question:
         paraphrased = paraphrase_questions(lm, docs, asked, cfg, seed, bar.on_batch)
+        if cfg.name_the_subject:
+            for d in docs:
+                for kept in paraphrased[d.id]:
+                    _name_the_subject(kept, d)
         rewrites = [(d, p) for d in docs for kept in paraphrased[d.id] for p in kept.questions]
     t1 = time.perf_counter()
     bar.questions += len(items)
@@ -244,6 +251,12 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
     if states:
         save_teacher_states(states_dir / f"wave-{seed}.npz", states)
     return Wave(docs, seed, asked, rows, t1 - t0, time.perf_counter() - t1, paraphrased)
+
+
+def _name_the_subject(state: DocQuestions, doc: Document) -> None:
+    """Every question of `state` names the document's subject (`with_subject`)."""
+    subject = topic_of(doc)
+    state.questions = [with_subject(q, subject) for q in state.questions]
 
 
 def _row_questions(docs: list[Document], asked: dict[str, DocQuestions],

@@ -121,6 +121,24 @@ def direction_quotas(quota: int) -> dict[str, int]:
     return {"forward": quota - quota // 2, "reverse": quota // 2}
 
 
+SUBJECT_PREFIX = "About {subject}: "
+_QUALIFIER = re.compile(r"\s*\([^)]*\)")  # "Marguerite Ostrand (schooner)": the name is outside
+
+
+def with_subject(question: str, subject: str) -> str:
+    """`question` as written when it names `subject` (case, punctuation and a parenthesised
+    qualifier aside), else "About <subject>: <question>".
+
+    The question writer often drops the name ("When was the bridge completed?", "What does the
+    company sell?": 179 of the demo's 284 questions name no title), and a student trained on such
+    a row learns an answer without what it is about; a closed-book question has to name its
+    subject, and the fact is stored against that name only if the name was in the prompt."""
+    name = normalize_question(_QUALIFIER.sub("", subject))
+    if not name or f" {name} " in f" {normalize_question(question)} ":
+        return question
+    return SUBJECT_PREFIX.format(subject=subject.strip()) + question
+
+
 def normalize_question(q: str) -> str:
     """Lowercase, no punctuation, single spaces: the key for dropping duplicates."""
     q = q.lower().translate(str.maketrans("", "", string.punctuation + "“”‘’"))

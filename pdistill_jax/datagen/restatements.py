@@ -18,7 +18,7 @@ from typing import Sequence
 
 from pdistill_jax.config import MAX_RECITATIONS, MAX_RESTATEMENTS, GenerateConfig
 from pdistill_jax.datagen.answers import AnswerCall
-from pdistill_jax.datagen.documents import Document, split_sentences
+from pdistill_jax.datagen.documents import Document, split_sentences, topic_of
 
 # The requests, in the order restatements_per_doc takes them: the student sees only this, so it
 # names the topic and nothing of what the document says about it.
@@ -36,21 +36,10 @@ RECITATION_REQUESTS = (
     "What do you know about {topic}?",
 )
 assert len(RECITATION_REQUESTS) == MAX_RECITATIONS
-TOPIC_WORDS = 12  # a document without a title is named by the start of its first sentence
 _UNIT = re.compile(r"[^\n]+?(?:[.!?](?=\s+[A-Z0-9])|$)", re.MULTILINE)  # a sentence within a line
 _LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s*")
 _ONLY_MARK = re.compile(r"\s*(?:(?:\d+[.)]|[-*\u2022])\s*)?")
 MIN_UNIT_WORDS = 3  # shorter pieces ("1.", a heading) may repeat without being a loop
-
-
-def topic_of(doc: Document) -> str:
-    """What the student prompt calls the document: its title, else its first sentence's first
-    TOPIC_WORDS words (a chunk's title is its source document's)."""
-    if doc.title and doc.title.strip():
-        return doc.title.strip()
-    sentences = split_sentences(doc.text) or [doc.text]
-    words = sentences[0].split()
-    return " ".join(words[:TOPIC_WORDS]).rstrip(".") + ("…" if len(words) > TOPIC_WORDS else "")
 
 
 def cut_at_repetition(text: str) -> str:

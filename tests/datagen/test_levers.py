@@ -1,5 +1,6 @@
-"""The data-side levers of `pdistill generate`: fact-targeted questions (question_mode: sentences)
-and paraphrase augmentation (paraphrases_per_question), each off by default.
+"""The data-side levers of `pdistill generate`: fact-targeted questions (question_mode: sentences),
+paraphrase augmentation (paraphrases_per_question), questions that name their document's subject
+(name_the_subject), further answers, restatements and recitations, each off by default.
 
 The generation tests use a tiny model trained (test_generate.train_question_writer) to answer the
 question and paraphrase prompts with numbered questions (and it answers the span prompt so too),
@@ -22,7 +23,8 @@ from pdistill_jax.datagen.generate import generate_data
 from pdistill_jax.datagen.paraphrases import paraphrase_prompt
 from pdistill_jax.datagen.questions import (SPAN_INSTRUCTIONS, content_words, direction_quotas,
                                             normalize_question, parse_questions, question_prompt,
-                                            sentence_spans, span_prompt, span_quotas)
+                                            sentence_spans, span_prompt, span_quotas,
+                                            with_subject)
 from pdistill_jax.files import read_committed_jsonl
 from test_generate import TRAINED_QUESTIONS, jsonl, train_question_writer
 
@@ -50,7 +52,7 @@ FIELDS_BEFORE = ["questions_per_doc", "max_calls_per_doc", "q_temperature", "q_t
 LEVER_FIELDS = ["question_mode", "sentences_per_prompt", "questions_per_span",
                 "max_calls_per_span", "paraphrases_per_question", "max_paraphrase_calls",
                 "answers_per_question", "restatements_per_doc", "max_restatement_tokens",
-                "recitations_per_doc"]
+                "recitations_per_doc", "name_the_subject"]
 
 
 def writer_prompts() -> list[str]:
@@ -187,6 +189,45 @@ def test_paraphrases_follow_their_question_and_leave_its_row_alone(paraphrase_ru
 
     ds = load_from_disk(str(out / "dataset"))
     assert ds.to_list() == [{**r, "paraphrase_of": r.get("paraphrase_of")} for r in rows]
+
+
+def test_a_question_is_asked_about_its_subject_unless_it_names_it():
+    bridge = "Velloran Glass Bridge"
+    assert with_subject("When was the Velloran glass bridge completed?", bridge) == \
+        "When was the Velloran glass bridge completed?"
+    assert with_subject("When was the bridge completed?", bridge) == \
+        "About Velloran Glass Bridge: When was the bridge completed?"
+    assert with_subject("Who sailed the Glass Bridges?", bridge).startswith("About ")  # not the name
+    schooner = "Marguerite Ostrand (schooner)"  # the qualifier need not be in the question
+    assert with_subject("Where did the Marguerite Ostrand sink?", schooner) == \
+        "Where did the Marguerite Ostrand sink?"
+    assert with_subject("Where did she sink?", schooner) == \
+        "About Marguerite Ostrand (schooner): Where did she sink?"
+    assert with_subject("Who founded Amberley-Kosk Observatory?", "Amberley-Kosk Observatory") == \
+        "Who founded Amberley-Kosk Observatory?"
+
+
+def test_named_subjects_change_the_questions_only(writer, docs_file, paraphrase_run,
+                                                  tmp_path_factory):
+    from pdistill_jax.datagen.documents import Document, topic_of
+
+    cfg = dataclasses.replace(PARAPHRASES, name_the_subject=True)
+    out, manifest = _run(writer, docs_file, tmp_path_factory, cfg, "subject")
+    rows, plain = jsonl(out / "qa.jsonl"), jsonl(paraphrase_run[0] / "qa.jsonl")
+    assert manifest["config"]["name_the_subject"] is True
+    topic = {d["id"]: topic_of(Document(d["id"], d["text"])) for d in DOCS}
+    originals = [r for r in rows if "paraphrase_of" not in r]
+    # the questions asked are the plain run's, each named (the stage's sampling is unchanged)
+    assert [(r["doc_id"], r["question"]) for r in originals] == [
+        (r["doc_id"], with_subject(r["question"], topic[r["doc_id"]]))
+        for r in plain if "paraphrase_of" not in r]
+    assert any(r["question"].startswith("About ") for r in originals)
+    for r in rows:  # rewrites too; every row's question names its subject, and was answered
+        assert with_subject(r["question"], topic[r["doc_id"]]) == r["question"]
+        assert r["answer"] is not None
+    assert any("paraphrase_of" in r for r in rows)
+    assert {r["paraphrase_of"] for r in rows if "paraphrase_of" in r} <= {
+        r["question"] for r in originals}
 
 
 def test_more_answers_follow_each_row_and_leave_the_first_alone(writer, docs_file, paraphrase_run,
