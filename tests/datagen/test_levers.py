@@ -274,9 +274,9 @@ def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
 
 def test_restatements_and_recitations_name_the_topic_only_and_follow_their_documents_rows(
         writer, docs_file, default_run, tmp_path_factory):
-    from pdistill_jax.datagen.documents import Document
+    from pdistill_jax.datagen.documents import Document, topic_of
     from pdistill_jax.datagen.restatements import (RECITATION_REQUESTS, RESTATEMENT_REQUESTS,
-                                                   restatement_requests, topic_of)
+                                                   restatement_requests)
 
     assert topic_of(Document("b", "The bridge is long.", "Velloran Glass Bridge")) == \
         "Velloran Glass Bridge"
