@@ -129,10 +129,11 @@ def with_subject(question: str, subject: str) -> str:
     """`question` as written when it names `subject` (case, punctuation and a parenthesised
     qualifier aside), else "About <subject>: <question>".
 
-    The question writer often drops the name ("When was the bridge completed?", "What does the
-    company sell?": 179 of the demo's 284 questions name no title), and a student trained on such
-    a row learns an answer without what it is about; a closed-book question has to name its
-    subject, and the fact is stored against that name only if the name was in the prompt."""
+    A small question writer often drops the name ("When was the bridge completed?", "What does
+    the company sell?"), and a student trained on such a row learns an answer without what it is
+    about; a closed-book question has to name its subject, and the fact is stored against that
+    name only if the name was in the prompt (docs/results.md, "Questions that name their
+    subject")."""
     name = normalize_question(_QUALIFIER.sub("", subject))
     if not name or f" {name} " in f" {normalize_question(question)} ":
         return question
