@@ -126,6 +126,7 @@ def perturbed(lora):
                                      for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow  # a long tiny-model check (25–30 s), run by CI's slow step
 def test_retention_is_a_mean_over_its_rows_however_accumulated(tiny_lora):
     """Main batch with a filler row (3 sequences), retention rows a fixed 4 a step: one batch of 4
     or two micro-batches of 2 give the same losses and weights (the scale main/retention rows)."""

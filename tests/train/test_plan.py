@@ -168,6 +168,7 @@ def test_fsdp_splits_the_activations_over_the_batch_as_data_parallelism_does():
     assert flops[(1, 8, 1)] == flops[(8, 1, 1)] == pytest.approx(flops[(1, 1, 1)] / 8, rel=0.01)
 
 
+@pytest.mark.slow  # three compiled plans (25 s): a long tiny-model check, run by CI's slow step
 def test_the_retention_regulariser_is_planned_with_its_rows():
     # The regulariser's rows run in the step (the student's pass and the base model's): its
     # FLOPs grow by the same amount for every 4 more rows, and its arguments by their arrays.

@@ -192,6 +192,7 @@ def test_a_shared_student_prefix_run_once_trains_as_in_every_row(tiny_lora, obje
             np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+@pytest.mark.slow  # a long tiny-model check (25–30 s), run by CI's slow step
 def test_gather_before_head_equals_full_logits(tiny_lora):
     cfg = train_config()
     loaded, mesh, graphdef, base, state, _ = setup(tiny_lora, cfg)
