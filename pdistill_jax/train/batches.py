@@ -180,7 +180,7 @@ def fitted_widths(needed: Sequence[int], multiple: int = WIDTH_MULTIPLE,
     """
     if not needed:
         return []
-    tally = Counter(_round_up(int(n), multiple) for n in needed)
+    tally = Counter(round_up(int(n), multiple) for n in needed)
     values = sorted(tally)
     counts = [tally[v] for v in values]
     n = len(values)
@@ -196,7 +196,8 @@ def fitted_widths(needed: Sequence[int], multiple: int = WIDTH_MULTIPLE,
     return best[-1][1]
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int = WIDTH_MULTIPLE) -> int:
+    """`n` rounded up to a multiple of `multiple` (a padded width)."""
     return -(-n // multiple) * multiple
 
 
@@ -336,7 +337,7 @@ class TrainData:
         answer = [0] * len(student)
         for s, a in needs:
             k = next(k for k, w in enumerate(student) if w >= s)
-            answer[k] = max(answer[k], _round_up(a, WIDTH_MULTIPLE))
+            answer[k] = max(answer[k], round_up(a, WIDTH_MULTIPLE))
         return student, answer
 
     def batches(self, start: DataPosition, epochs: int

@@ -33,7 +33,7 @@ from pdistill_jax.model.sampler import lower_generate_batch
 from pdistill_jax.model.sharding import (batch_sharding, check_batch_splits, make_mesh,
                                          replicated, state_shardings)
 from pdistill_jax.model.transformer import Transformer, compute_dtype, resolve_dtype
-from pdistill_jax.train.batches import WIDTH_MULTIPLE
+from pdistill_jax.train.batches import round_up
 from pdistill_jax.train.step import (CE_MASK, TEACHER_HIDDEN, TrainState, configure_model,
                                      make_optimizer, make_train_step)
 
@@ -181,8 +181,7 @@ def batch_shapes(cfg: TrainConfig, shapes: PlanShapes, hidden_size: int) -> dict
         out[CE_MASK] = ((rows, a), b8)
     if cfg.retention_weight:  # padded as RetentionBatches pads them
         r = cfg.retention_batch_size * cfg.grad_accum
-        rt, ra = (-(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-                  for n in (shapes.retention_len, shapes.retention_answer_len))
+        rt, ra = round_up(shapes.retention_len), round_up(shapes.retention_answer_len)
         out.update({"retention_tokens": ((r, rt), i32), "retention_valid": ((r, rt), b8),
                     "retention_mask": ((r, ra), b8), "retention_pos": ((r, ra), i32)})
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in out.items()}

@@ -29,7 +29,7 @@ import numpy as np
 
 from pdistill_jax.config import asset_path
 from pdistill_jax.files import Field, Schema, read_jsonl, write_jsonl_atomic
-from pdistill_jax.train.batches import WIDTH_MULTIPLE, Example, collate
+from pdistill_jax.train.batches import Example, collate, round_up
 from pdistill_jax.weights.tokenizer import chat_prompt_ids, end_of_turn_id
 
 RETENTION_ANSWER_TOKENS = 32  # the base's answers: enough for a general-knowledge reply
@@ -117,7 +117,6 @@ class RetentionBatches:
         if not all(_starts_with(e, self.prefix) for e in self.examples):
             raise ValueError("every retention row must start with the prefix and keep a prompt "
                              "token after it (shared_prefix)")
-        round_up = lambda n: -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE  # noqa: E731
         self.width = round_up(max(len(e.student) for e in self.examples) - p)
         self.answer_width = round_up(max(len(e.targets) for e in self.examples))
 
