@@ -292,3 +292,22 @@ def test_evaluate_with_a_judge_adds_its_columns_and_hides_the_bar_with_no_progre
     # A random tiny model writes no <grade> tag in 3 tokens: every grade is unreadable.
     assert row.split() == [a, "4", "50.0%", "41.7%", "-", "4"]
     assert "judging" not in captured.err
+
+
+def test_questions_may_name_the_packaged_test_sets(tmp_path, capsys):
+    """--questions builtin:demo/questions.jsonl reads the file the package ships, as --docs and the
+    run config's questions do."""
+    from pdistill_jax.config import asset_path
+    from pdistill_jax.files import read_jsonl
+
+    shipped = read_jsonl(asset_path("builtin:demo/questions.jsonl"))
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"question": q["question"], "prediction": q["answers"][0]})
+                             + "\n" for q in shipped))
+    assert main(["evaluate", "--questions", "builtin:demo/questions.jsonl",
+                 "--predictions", str(preds), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[str(preds)]["match_accuracy"] == 1.0
+    # answer resolves the name too, and says which file is missing, before it loads a model
+    assert main(["answer", "--questions", "builtin:demo/none.jsonl",
+                 "--out", str(tmp_path / "a.jsonl")]) == 2
+    assert "assets/demo/none.jsonl: no such file" in capsys.readouterr().err

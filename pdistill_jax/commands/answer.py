@@ -2,7 +2,7 @@
 import dataclasses
 from pathlib import Path
 
-from pdistill_jax.config import CONTEXTS, PROMPT_FORMATS, AnswerConfig, SamplingParams
+from pdistill_jax.config import CONTEXTS, PROMPT_FORMATS, AnswerConfig, SamplingParams, asset_path
 from . import DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_progress_argument
 
 
@@ -10,7 +10,8 @@ def add_arguments(p):
     add_model_argument(p)
     p.add_argument("--adapter", help="a training RUN folder or a PEFT adapter folder "
                                      "(default: none, the base model)")
-    p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers"?, "doc_id"?}')
+    p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers"?, "doc_id"?}, '
+                   "or builtin:demo/questions.jsonl (the demo's test questions)")
     p.add_argument("--out", required=True, help="JSONL predictions, written atomically; the batches answered so far wait in "
                         "OUT.parts/ (rerun the same command to resume)")
     p.add_argument("--docs", help=f"{DOCS_HELP}; needed by --context gold|bm25 (default: none)")
@@ -69,7 +70,7 @@ def main(args):
     options = dataclasses.replace(options, sampling=SamplingParams(
         temperature=args.temperature, top_k=args.sampling_top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens))
-    questions_file = Path(args.questions)
+    questions_file = asset_path(args.questions)
     check_output_file(args.out, "--out", {"--questions": args.questions, "--docs": args.docs})
     if parts_dir(args.out).exists() and not parts_dir(args.out).is_dir():
         raise ValueError(f"{parts_dir(args.out)} is a file; answer keeps its unfinished batches "

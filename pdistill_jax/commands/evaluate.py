@@ -11,7 +11,8 @@ from . import MODEL_HELP, add_no_progress_argument
 
 
 def add_arguments(p):
-    p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers", "doc_id"?}')
+    p.add_argument("--questions", required=True, help='JSONL rows {"question", "answers", "doc_id"?}, '
+                   "or builtin:demo/questions.jsonl (the demo's test questions)")
     p.add_argument("--predictions", required=True, nargs="+", metavar="PREDICTIONS",
                    help='one or more JSONL files of {"question", "prediction"} rows, in the order '
                         "of --questions (one table row each)")
@@ -46,11 +47,12 @@ def output_folders(predictions: list[str], out: str | None) -> list[Path]:
 
 
 def main(args):
+    from pdistill_jax.config import asset_path
     from pdistill_jax.files import read_jsonl
     from pdistill_jax.infer.evaluate import evaluate, format_table, write_results
     from pdistill_jax.log import logger
 
-    questions = read_jsonl(args.questions, flag="--questions")
+    questions = read_jsonl(asset_path(args.questions), flag="--questions")
     folders = output_folders(args.predictions, args.out)
     predictions = {}
     for path in args.predictions:
