@@ -175,6 +175,7 @@ def saved_steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow  # a long tiny-model check: CI's slow step runs it
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path,
                                                                              capsys):
     import orbax.checkpoint as ocp
