@@ -1,6 +1,5 @@
 """`pdistill answer`: answer test questions, closed-book or with documents in the prompt."""
 import dataclasses
-from pathlib import Path
 
 from pdistill_jax.config import CONTEXTS, PROMPT_FORMATS, AnswerConfig, SamplingParams, asset_path
 from . import DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_progress_argument
