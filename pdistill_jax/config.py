@@ -511,6 +511,10 @@ class TrainConfig:
     # (builtin:demo/general_knowledge.jsonl), or the measurement counts what was trained.
     retention_prompts: str | None = added_option(None)
     retention_batch_size: int = added_option(8)  # retention prompts per micro-batch
+    # Share of the rows trained a second time with the document in the student's prompt too (the
+    # teacher's prompt): the adapter learns to defer to a document in context, for PD + RAG
+    # (train/batches.py, open_book_twins). Each twin costs a document's length in student tokens.
+    open_book_share: float = added_option(0.0)
 
     def __post_init__(self):
         coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
@@ -532,6 +536,7 @@ class TrainConfig:
                         "already; ce_weight adds it to kl, reverse_kl or jsd)", self.ce_weight)
         check_range(self, "retention_weight", 0)
         check_range(self, "retention_batch_size", 1)
+        check_range(self, "open_book_share", 0, 1)
         if self.retention_weight and not self.retention_prompts:
             raise _fail("retention_prompts", "a JSONL of {\"question\"} rows (or builtin:"
                         "general_prompts.jsonl, 99 everyday instructions) with retention_weight > 0",
@@ -699,6 +704,25 @@ def asset_path(spec: str | Path) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
+class AcceptanceConfig:
+    """The bars report.md's Acceptance section holds a run to. The defaults are the paper's claims
+    (PD about as good as RAG, clearly above SFT, and no worse than RAG with the document given);
+    a config sized for a small model or a short budget states its own, so the report says which
+    bars that recipe was chosen against."""
+
+    pd_of_rag: float = 0.8  # PD closed-book >= this x RAG(gold)
+    pd_over_sft: float = 0.10  # PD closed-book >= SFT closed-book + this (0.10 = 10 points)
+    pd_rag_under_rag: float = 0.0  # PD + RAG(gold) >= RAG(gold) - this
+    retention_of_base: float = 0.9  # PD's retention >= this x the base model's
+
+    def __post_init__(self):
+        coerce_fields(self)
+        for name in ("pd_of_rag", "pd_rag_under_rag", "retention_of_base"):
+            check_range(self, name, 0, 1)
+        check_range(self, "pd_over_sft", -1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     out: str = "runs/demo"
     model: str = "smollm2-135m-instruct"
@@ -718,6 +742,9 @@ class RunConfig:
     # The answering stages' decode_dtype (AnswerConfig's); generation has its own,
     # generate.decode_dtype. Recorded in the answer stages' fingerprints when not float32.
     decode_dtype: str = added_option("float32")
+    # The bars of report.md's Acceptance section; read by the report only, so changing them
+    # redoes no stage.
+    acceptance: AcceptanceConfig = added_option(AcceptanceConfig())
 
     def __post_init__(self):
         coerce_fields(self)
@@ -766,6 +793,9 @@ class StudyConfig:
     system: str | None = None
     max_new_tokens: int = 40
     answer_batch_size: int = 32
+    # Each variant also answers the test questions with the gold document in its prompt (PD +
+    # RAG(gold)): whether its adapter still reads what it is given.
+    with_document: bool = False
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # each variant's defaults
     rows: RowsConfig = dataclasses.field(default_factory=RowsConfig)
 

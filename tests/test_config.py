@@ -49,6 +49,7 @@ def files_under(path: Path) -> list[str]:
     ({"log_every": 0}, "log_every must be >= 1, got 0"),
     ({"seed": -1}, "seed must be >= 0, got -1"),
     ({"teacher_cache_gb": -1.0}, "teacher_cache_gb must be >= 0, got -1.0"),
+    ({"open_book_share": 1.5}, "open_book_share must be in [0, 1], got 1.5"),
     ({"objective": "kld"}, "objective must be one of kl, reverse_kl, jsd, ce, got 'kld'"),
     ({"mesh": (0, 1, 1)}, "mesh must be 3 sizes (data, fsdp, tensor), each >= 1 or one of them -1"),
     ({"mesh": (1, 1)}, "mesh must be a list of 3 integers, got (1, 1)"),

@@ -20,7 +20,8 @@ _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
-               "ce_weight", "retention_weight", "retention_prompts", "retention_batch_size")
+               "ce_weight", "retention_weight", "retention_prompts", "retention_batch_size",
+               "open_book_share")
 LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
 
 
@@ -55,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "99 everyday instructions (default: none)")
     p.add_argument("--retention-batch-size", type=int,
                    help=f"retention prompts per micro-batch {default('retention_batch_size')}")
+    p.add_argument("--open-book-share", type=float,
+                   help="share of the rows trained a second time with the document in the "
+                        "student's prompt too, so that the adapter defers to a document in context "
+                        f"(PD + RAG) {default('open_book_share')}")
     p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha/rank "
                                                "(default: 2 x rank, from LoraConfig)")

@@ -36,6 +36,9 @@ RESULTS_FILE = "results.jsonl"
 BASELINES = {  # name -> (context, question set)
     "base_closed_book": ("none", "test"), "rag_gold": ("gold", "test"),
     "base_retention": ("none", "retention")}
+# A variant's answers: predictions/<name>.jsonl -> (question set, context)
+ANSWERS = {"test": ("test", "none"), "retention": ("retention", "none"),
+           "test_gold": ("test", "gold")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +296,13 @@ def _variant_stages(inputs: _Inputs, variant: VariantConfig, cfg: TrainConfig,
                             folder / "predictions" / "retention.jsonl",
                             {**answering, "retention.sha256": inputs.question_ids["retention.sha256"]},
                             {train.name: train.fingerprint}))
+    if inputs.base.with_document:
+        stages.append(Stage(f"{variant.name} answer test with its document",
+                            folder / "predictions" / "test_gold.jsonl",
+                            {**answering, "context": "gold",
+                             "questions.sha256": inputs.question_ids["questions.sha256"],
+                             "documents.sha256": inputs.question_ids["documents.sha256"]},
+                            {train.name: train.fingerprint}))
     return stages
 
 
@@ -337,9 +347,9 @@ def _variant(inputs: _Inputs, variant: VariantConfig, old: dict | None, baseline
     work = {train_stage.name: lambda: _train(inputs, qa_file, cfg, train_stage,
                                              status[train_stage.name] == CONTINUE)}
     for stage in answer_stages:
-        qset = stage.output.stem
-        work[stage.name] = (lambda stage=stage, qset=qset: _answer(
-            inputs, train_stage.output, qset, "none", stage.output, stage.name))
+        qset, context = ANSWERS[stage.output.stem]
+        work[stage.name] = (lambda stage=stage, qset=qset, context=context: _answer(
+            inputs, train_stage.output, qset, context, stage.output, stage.name))
     _run_stages(inputs, stages, work, status)
     return _row(inputs, variant, cfg, stages, fingerprint, qa_file, data_sha, rows, baselines)
 
@@ -352,8 +362,8 @@ def _row(inputs: _Inputs, variant: VariantConfig, cfg: TrainConfig, stages: list
     folder = inputs.out / variant.name
     train_stage, *answer_stages = stages
     summary = json.loads((train_stage.output / SUMMARY_FILE).read_text())
-    scores = {s.output.stem: _score(inputs, s.output.stem, s.output, folder / "eval" / s.output.stem)
-              for s in answer_stages}
+    scores = {s.output.stem: _score(inputs, ANSWERS[s.output.stem][0], s.output,
+                                    folder / "eval" / s.output.stem) for s in answer_stages}
     exposed = exposures(inputs.questions["test"], taught_rows(inputs.data, rows, cfg.objective),
                         cfg.epochs)
     seconds = {s.name: (read_record(s) or {}).get("seconds") for s in stages}
@@ -368,6 +378,7 @@ def _row(inputs: _Inputs, variant: VariantConfig, cfg: TrainConfig, stages: list
         "train_wall_s": seconds[train_stage.name], "train_elapsed_s": summary.get("elapsed_s"),
         "answer_wall_s": round(sum(seconds[s.name] or 0.0 for s in answer_stages), 1),
         "closed_book": scores["test"], "n_questions": len(inputs.questions["test"]),
+        "with_document": scores.get("test_gold"),
         "retention": scores.get("retention"), "n_retention": len(inputs.questions["retention"]),
         "base_closed_book": baselines["base_closed_book"], "rag_gold": baselines["rag_gold"],
         "base_retention": baselines["base_retention"],

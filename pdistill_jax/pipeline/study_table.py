@@ -8,7 +8,8 @@ from typing import Sequence
 from pdistill_jax.files import write_text_atomic
 
 HEADER = ("name", "objective", "settings (vs base)", "docs", "rows", "steps", "epochs",
-          "exposures/fact", "train s", "answer s", "closed-book", "retention", "coverage")
+          "exposures/fact", "train s", "answer s", "closed-book", "with document", "retention",
+          "coverage")
 INTRO = """# Knowledge-injection study
 
 Each variant trains on the generated rows and answers the held-out test questions closed-book
@@ -17,7 +18,9 @@ call that finished it (a resumed training: its last part). exposures/fact: for e
 the training rows of its document whose answer contains one of its accepted answers, times the
 epochs (mean over the test questions); coverage: the test questions with at least one such row.
 The base model answers once per question set: closed-book, and with the gold document in its
-prompt (RAG gold). docs: the first N documents only (`--docs N`), else all.
+prompt (RAG gold). with document: the variant's adapter with the gold document in its prompt
+(PD + RAG gold), when the study's `with_document` is on. docs: the first N documents only
+(`--docs N`), else all.
 """
 
 
@@ -46,14 +49,15 @@ def table_lines(rows: Sequence[dict]) -> list[str]:
         for label, closed, retention in (("base model", row["base_closed_book"], row["base_retention"]),
                                          ("RAG (gold)", row["rag_gold"], None)):
             lines.append(f"| {label} | - | - | {docs} | - | - | - | - | - | - | "
-                         f"{_percent(closed)} | {_percent(retention)} | - |")
+                         f"{_percent(closed)} | - | {_percent(retention)} | - |")
     for row in rows:
         docs = _number(row["docs"]) if row["docs"] is not None else "all"
         lines.append("| " + " | ".join([
             row["name"], row["objective"], _settings(row["changes"]), docs, str(row["rows"]),
             str(row["steps"]), str(row["epochs"]), _number(row["exposures_per_fact"], 1),
             _number(row["train_wall_s"]), _number(row["answer_wall_s"]),
-            _percent(row["closed_book"]), _percent(row["retention"]), _percent(row["coverage"]),
+            _percent(row["closed_book"]), _percent(row.get("with_document")),
+            _percent(row["retention"]), _percent(row["coverage"]),
         ]) + " |")
     return lines
 

@@ -354,11 +354,37 @@ class TrainData:
                             self.ce_mask)
 
 
+def open_book_twins(examples: Sequence[Example], share: float, seed: int,
+                    max_seq_len: int) -> list[Example]:
+    """Copies of round(share * len(examples)) examples, drawn by `seed`, whose student sees the
+    teacher's prompt (document and question) before the same answer ids.
+
+    A student trained only on questions learns to answer from its adapter, and with a document
+    in its prompt (PD + RAG) it can speak over the document. On a twin the teacher and student
+    prompts are the same, so the distillation target is the base model reading the document:
+    the adapter learns to leave the answer to a document in context. Under `ce` the twin
+    carries the row's SFT answer. A twin longer than max_seq_len is left out."""
+    if share <= 0 or not examples:
+        return []
+    rng = np.random.default_rng([seed, 0x0B00C])
+    chosen = np.sort(rng.permutation(len(examples))[:round(share * len(examples))])
+    twins = []
+    for e in (examples[i] for i in chosen):
+        student = np.concatenate([e.teacher[:e.teacher_prompt_len], e.targets])
+        if len(student) <= max_seq_len:
+            twins.append(dataclasses.replace(e, student=student,
+                                             student_prompt_len=e.teacher_prompt_len))
+    return twins
+
+
 def make_train_data(rows: Sequence[QARow], tokenizer, *, objective: str, max_seq_len: int,
-                    system: str | None, rows_per_step: int, seed: int) -> TrainData:
+                    system: str | None, rows_per_step: int, seed: int,
+                    open_book_share: float = 0.0) -> TrainData:
     tokenized = tokenize_rows(rows, tokenizer, objective=objective, max_seq_len=max_seq_len,
                               system=system)
+    examples = tokenized.examples
+    examples = examples + open_book_twins(examples, open_book_share, seed, max_seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TrainData(tokenized.examples, rows_per_step, seed, int(pad), tokenized.truncated,
+    return TrainData(examples, rows_per_step, seed, int(pad), tokenized.truncated,
                      tokenized.skipped)
 

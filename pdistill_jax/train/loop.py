@@ -240,7 +240,8 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     rows_per_step = cfg.batch_size * cfg.grad_accum
     data = make_train_data(inputs.qa_rows, lm.tokenizer, objective=cfg.objective,
                            max_seq_len=cfg.max_seq_len, system=cfg.system,
-                           rows_per_step=rows_per_step, seed=cfg.seed)
+                           rows_per_step=rows_per_step, seed=cfg.seed,
+                           open_book_share=cfg.open_book_share)
     cache_teacher = cfg.objective != "ce" and _teacher_cache_fits(data, lm.cfg.hidden_size, cfg)
     runs_teacher = cfg.objective != "ce" and not cache_teacher
     data = dataclasses.replace(data, order_by=data.order_by if runs_teacher else "student",

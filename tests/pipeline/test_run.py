@@ -18,7 +18,7 @@ from pdistill_jax.config import TrainConfig
 from pdistill_jax.pipeline.experiment import CONDITIONS, build_stages
 from pdistill_jax.pipeline.report import summarize, write_report
 from pdistill_jax.pipeline.run import load_run_config, resolve_path
-from pdistill_jax.config import RunConfig
+from pdistill_jax.config import AcceptanceConfig, RunConfig, load_yaml
 from test_generate import DOCS, train_question_writer
 
 TESTS = [{"question": "What does the quick brown fox of Velloria jump over?", "answers": ["lazy dog"],
@@ -405,6 +405,28 @@ def test_acceptance_fails_every_check_when_nothing_scores(tmp_path):
         "PD retention >= 0.9 x base retention"]
 
 
+def test_a_config_states_its_own_acceptance_bars(tmp_path):
+    """configs/demo.yaml holds its small model to issue 21's bars, not the paper's."""
+    cover = {"n_questions": 3, "covered": 0, "by_doc": {}}
+    small = _results(base_closed_book=0.0, rag_gold=0.8, sft_closed_book=0.3, pd_closed_book=0.4,
+                     pd_rag_gold=0.75, retention_base=0.8, retention_pd=0.72)
+    paper = summarize(small, cover)["acceptance"]
+    assert [c for c, ok in paper.items() if not ok] == [
+        "PD closed-book >= 0.8 x RAG(gold)", "PD+RAG(gold) >= RAG(gold)"]
+    demo = load_yaml(RunConfig, Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    assert demo.acceptance == AcceptanceConfig(pd_of_rag=0.5, pd_over_sft=0.05,
+                                               pd_rag_under_rag=0.05, retention_of_base=0.9)
+    checks = summarize(small, cover, demo.acceptance)["acceptance"]
+    assert all(checks.values()) and list(checks)[2:] == [
+        "PD closed-book >= 0.5 x RAG(gold)", "PD >= SFT + 5 points",
+        "PD+RAG(gold) >= RAG(gold) - 5 points", "PD retention >= 0.9 x base retention"]
+    short = summarize({**small, **_results(pd_closed_book=0.34)}, cover, demo.acceptance)
+    assert [c for c, ok in short["acceptance"].items() if not ok] == [
+        "PD closed-book >= 0.5 x RAG(gold)", "PD >= SFT + 5 points"]
+    write_report(tmp_path, demo, short, {**small, **_results(pd_closed_book=0.34)}, cover)
+    assert "- FAIL: PD >= SFT + 5 points" in (tmp_path / "report.md").read_text()
+
+
 def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_path):
     ids = {"model.weights": "w", "documents.sha256": "d", "questions.sha256": "q",
            "retention_questions.sha256": "r", "judge.weights": "j"}
@@ -425,6 +447,7 @@ def test_each_setting_reaches_exactly_the_stages_whose_results_it_changes(tmp_pa
     speed_only = TrainConfig(mesh=(2, 1, 1), remat=True, teacher_cache_gb=0.0, save_every=1,
                              keep_checkpoints=9, log_every=1)
     assert redone(answer_batch_size=1, pd=speed_only, generate=GenerateConfig(teacher_states_gb=0.0)) == set()
+    assert redone(acceptance=AcceptanceConfig(pd_of_rag=0.5)) == set()  # the report's alone
     assert redone(bm25_top_k=7) == of("rag_bm25", "pd_rag_bm25")
     without_bm25 = fingerprints(bm25_top_k=0)  # 0 leaves the BM25 conditions out, nothing else
     assert set(base) - set(without_bm25) == of("rag_bm25", "pd_rag_bm25")

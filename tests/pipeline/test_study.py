@@ -184,6 +184,30 @@ def test_a_changed_variant_is_redone_alone_and_its_row_replaced(root, tmp_path, 
     assert new[1]["exposures_per_fact"] == pytest.approx(2 * old[1]["exposures_per_fact"])
 
 
+def test_with_document_answers_each_variant_with_its_gold_document_without_retraining(
+        root, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out, symlinks=True)
+    study = _write_study(root, tmp_path / "study.yaml", [VARIANTS[0]], with_document=True)
+    assert _study(study, "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "pd train: running" not in err and "pd answer test: running" not in err
+    assert "pd answer test with its document: running" in err
+    row = next(r for r in _rows(out) if r["name"] == "pd")
+    old = next(r for r in _rows(root / "out") if r["name"] == "pd")
+    assert row["closed_book"] == old["closed_book"] and old["with_document"] is None
+    tests = _jsonl(root / "tests.jsonl")
+    answered = _jsonl(out / "pd" / "predictions" / "test_gold.jsonl")
+    assert [a["question"] for a in answered] == [q["question"] for q in tests]
+    per_q = _jsonl(out / "pd" / "eval" / "test_gold" / "per_question.jsonl")
+    assert row["with_document"] == sum(r["match"] for r in per_q) / len(tests)
+    record = json.loads((out / "pd" / "predictions" / "test_gold.stage.json").read_text())
+    assert record["settings"]["context"] == "gold"
+    assert f"| {100 * row['with_document']:.1f}% |" in (out / "results.md").read_text()
+    assert _study(study, "--out", out) == 0  # and a rerun has nothing left to do
+    assert "pd: done already, skipped" in capsys.readouterr().err
+
+
 def test_docs_n_trains_and_tests_on_the_first_documents_and_resumes_a_training(
         root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
@@ -259,3 +283,16 @@ def test_the_demo_levers_study_reads():
     assert variants["pd-10ep-top10"].lora.first_layer == 20
     assert variants["pd-10ep-top10"].lora.rank == 32 and variants["pd-10ep"].lora.first_layer == 0
     assert variants["pd-3ep-ce1"].ce_weight == 1.0
+
+
+@pytest.mark.parametrize("path", sorted((SCRIPT.parents[1] / "configs" / "study").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_study_file_reads(path):
+    """The studies docs/results.md cites, and the generation configs beside them."""
+    from pdistill_jax.config import load_yaml
+    from pdistill_jax.pipeline.study import load_study
+
+    if path.name.startswith("demo_generate"):
+        load_yaml(GenerateConfig, path)
+    else:
+        assert load_study(path).variants

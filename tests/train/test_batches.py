@@ -9,7 +9,8 @@ import pytest
 from pdistill_jax.model.prefill import bucket_length as prefill_bucket_length
 from pdistill_jax.train.batches import (MIN_SHARED_PREFIX, DataPosition, Example, TrainData,
                                WIDTH_MULTIPLE, collate, epoch_plan, fitted_widths,
-                               make_train_data, shared_student_prefix, tokenize_rows)
+                               make_train_data, open_book_twins, shared_student_prefix,
+                               tokenize_rows)
 from pdistill_jax.datagen.dataset import QARow, read_qa_rows
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_of_turn_id, load_tokenizer
 
@@ -84,6 +85,47 @@ def test_ce_student_uses_sft_answer(tok):
     no_sft = [QARow(r.document, r.question, r.answer) for r in rows]
     assert tok.decode(tokenize_rows(no_sft, tok, objective="ce").examples[0].targets) == \
         rows[0].answer + "<|im_end|>"
+
+
+def test_open_book_twins_give_the_student_the_teachers_prompt_before_the_same_answer(tok):
+    rows = _rows(12)
+    for objective in ("kl", "ce"):
+        examples = tokenize_rows(rows, tok, objective=objective).examples
+        twins = open_book_twins(examples, 0.25, seed=3, max_seq_len=1024)
+        assert len(twins) == 3
+        by_student_answer = {}
+        for twin in twins:
+            original = next(e for e in examples if np.array_equal(e.teacher, twin.teacher)
+                            and np.array_equal(e.targets, twin.targets))
+            # the student reads the document: its prompt is the teacher's, token for token
+            assert twin.student_prompt_len == twin.teacher_prompt_len == original.teacher_prompt_len
+            assert twin.student[:twin.student_prompt_len].tolist() == \
+                original.teacher[:original.teacher_prompt_len].tolist()
+            assert DOC in tok.decode(twin.student[:twin.student_prompt_len])
+            by_student_answer[tok.decode(twin.targets)] = twin
+        if objective == "ce":  # SFT's twin keeps the SFT answer
+            assert all(a.startswith("Tarsk ") for a in by_student_answer)
+        batch = collate(twins, [0, 1, 2], rows=3)
+        for r in range(3):
+            m = batch["target_mask"][r]
+            assert batch["student_tokens"][r][batch["student_pos"][r][m] + 1].tolist() == \
+                batch["targets"][r][m].tolist()
+            if objective == "kl":  # the same prompt and answer: the same positions on both sides
+                assert batch["student_pos"][r].tolist() == batch["teacher_pos"][r].tolist()
+    examples = tokenize_rows(rows, tok).examples
+
+    def drawn(seed):
+        return [t.student.tolist() for t in open_book_twins(examples, 0.25, seed, 1024)]
+
+    assert drawn(3) == drawn(3) != drawn(4)  # the seed draws the rows, reproducibly
+    assert open_book_twins(examples, 0.0, seed=3, max_seq_len=1024) == []
+    assert len(open_book_twins(examples, 1.0, seed=3, max_seq_len=1024)) == len(examples)
+    # a twin that would not fit max_seq_len is left out; the question-only row stays
+    longest = max(len(e.teacher) for e in examples)
+    assert len(open_book_twins(examples, 1.0, seed=3, max_seq_len=longest - 1)) < len(examples)
+    data = make_train_data(rows, tok, objective="kl", max_seq_len=1024, system=None,
+                           rows_per_step=4, seed=3, open_book_share=0.5)
+    assert len(data.examples) == 18 and data.steps_per_epoch == 5
 
 
 def test_a_cut_answer_has_no_end_target_for_ce_but_keeps_it_for_kl(tok, tmp_path):
