@@ -181,6 +181,15 @@ def test_bad_run_config_names_the_key(tmp_path, capsys):
     assert "unknown key(s) ['epochz']" in capsys.readouterr().err
 
 
+def test_a_bad_acceptance_bar_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"out: {tmp_path / 'out'}\nacceptance:\n  pd_of_rag: 2\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pdistill run: error: {bad}:3: acceptance.pd_of_rag must be in [0, 1], got 2.0"]
+    assert not (tmp_path / "out").exists()  # refused before any stage wrote anything
+
+
 # ------------------------------------------------ reruns after the config changed
 
 BASE_STAGES = {"generate", "train_sft"} | {f"{kind} {name}" for kind in ("answer", "evaluate")
