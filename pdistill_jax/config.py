@@ -515,6 +515,13 @@ class TrainConfig:
     # teacher's prompt): the adapter learns to defer to a document in context, for PD + RAG
     # (train/batches.py, open_book_twins). Each twin costs a document's length in student tokens.
     open_book_share: float = added_option(0.0)
+    # Share of each document's generated questions held out of training as a dev set (a question
+    # with its rewrites and further answers; restatements and recitations always train). The run
+    # measures the objective on it (train/dev_set.py) and writes the adapter of its lowest dev loss.
+    dev_share: float = added_option(0.0)
+    eval_every: int = added_option(0)  # steps between dev measurements; 0 = at each epoch's end
+    # Stop after this many dev measurements in a row without a new lowest dev loss; 0 = never.
+    early_stop_patience: int = added_option(0)
 
     def __post_init__(self):
         coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
@@ -537,6 +544,12 @@ class TrainConfig:
         check_range(self, "retention_weight", 0)
         check_range(self, "retention_batch_size", 1)
         check_range(self, "open_book_share", 0, 1)
+        check_range(self, "dev_share", 0, 0.5)
+        check_range(self, "eval_every", 0)
+        check_range(self, "early_stop_patience", 0)
+        if self.early_stop_patience and not self.dev_share:
+            raise _fail("early_stop_patience", "0 without a dev set (set dev_share > 0: early "
+                        "stopping watches the dev loss)", self.early_stop_patience)
         if self.retention_weight and not self.retention_prompts:
             raise _fail("retention_prompts", "a JSONL of {\"question\"} rows (or builtin:"
                         "general_prompts.jsonl, 99 everyday instructions) with retention_weight > 0",

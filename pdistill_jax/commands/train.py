@@ -21,7 +21,7 @@ _log = logger("train")
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
                "ce_weight", "retention_weight", "retention_prompts", "retention_batch_size",
-               "open_book_share")
+               "open_book_share", "dev_share", "eval_every", "early_stop_patience")
 LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
 
 
@@ -60,6 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the rows trained a second time with the document in the "
                         "student's prompt too, so that the adapter defers to a document in context "
                         f"(PD + RAG) {default('open_book_share')}")
+    p.add_argument("--dev-share", type=float,
+                   help="share of each document's questions held out of training as a dev set; "
+                        "the adapter written is the one of the lowest dev loss "
+                        f"{default('dev_share')}")
+    p.add_argument("--eval-every", type=int,
+                   help="steps between dev-loss measurements; 0 = at each epoch's end "
+                        f"{default('eval_every')}")
+    p.add_argument("--early-stop-patience", type=int,
+                   help="stop after this many dev-loss measurements without a new lowest; "
+                        f"0 = never {default('early_stop_patience')}")
     p.add_argument("--rank", type=int, help=f"LoRA rank {default('rank', LoraConfig)}")
     p.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha/rank "
                                                "(default: 2 x rank, from LoraConfig)")

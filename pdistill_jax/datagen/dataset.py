@@ -70,6 +70,9 @@ class QARow:
     answer_finished: bool = True
     sft_finished: bool = True
     paraphrase_of: str | None = None  # a paraphrase's row: the question it rewrites
+    # A restatement's or recitation's row: a request about the whole document, not a question
+    # (a dev set never holds it out: train/dev_set.py).
+    about_document: bool = False
 
 
 def resolve_data_file(path: str | Path) -> Path:
@@ -102,7 +105,8 @@ def read_qa_rows(path: str | Path) -> list[QARow]:
     file = resolve_data_file(path)
     rows = [QARow(raw["document"], raw["question"], raw["answer"], raw.get("sft_answer"),
                   raw.get("doc_id"), raw.get("answer_finished") is not False,
-                  raw.get("sft_finished") is not False, raw.get("paraphrase_of"))
+                  raw.get("sft_finished") is not False, raw.get("paraphrase_of"),
+                  raw.get("restatement") is not None or raw.get("recitation") is not None)
             for raw in read_jsonl(file, QA_SCHEMA, flag="--data")]
     if not rows:
         raise ValueError(f"{file} holds no rows")

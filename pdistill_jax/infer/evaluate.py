@@ -303,7 +303,7 @@ def coverage(questions: Sequence[dict], training_rows: Sequence[dict]) -> dict[s
 
 
 def exposures(questions: Sequence[dict], training_rows: Sequence[dict],
-              epochs: int = 1) -> dict[str, Any]:
+              epochs: float = 1) -> dict[str, Any]:
     """How many times training showed each test question's fact.
 
     A question's count is the number of training rows of its document whose answer contains one

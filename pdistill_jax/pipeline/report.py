@@ -65,6 +65,9 @@ def _throughput(out: Path, records: dict[str, dict]) -> dict:
             if summary.exists():
                 train = json.loads(summary.read_text())
                 rates[name] = {"steps": train.get("steps"), "examples_per_s": train.get("examples_per_s")}
+                if train.get("dev"):  # the adapter kept is the lowest dev loss's
+                    rates[name].update(kept_step=train["dev"]["best_step"],
+                                       stopped_early=train["dev"]["stopped_early"])
         elif seconds and work.get("new_tokens"):
             rates[name] = {"new_tokens": work["new_tokens"],
                            "new_tokens_per_s": round(work["new_tokens"] / seconds, 1),
@@ -87,8 +90,12 @@ def _time_lines(summary: dict) -> list[str]:
         if "new_tokens_per_s" in rate:
             speed = (f"{rate['new_tokens']} tokens, {rate['new_tokens_per_s']:g} tokens/s, "
                      f"{100 * rate['batch_use']:.0f}% of decode slots used")
-        elif rate.get("examples_per_s") is not None:
-            speed = f"{rate['steps']} steps, {rate['examples_per_s']:g} examples/s"
+        elif "steps" in rate:
+            speed = f"{rate['steps']} steps" + ("" if rate["examples_per_s"] is None else
+                                                f", {rate['examples_per_s']:g} examples/s")
+            if "kept_step" in rate:
+                speed += (f"; adapter of step {rate['kept_step']} (lowest dev loss)"
+                          + (", stopped early" if rate["stopped_early"] else ""))
         else:
             speed = ""
         share = f"{100 * seconds / sum(known):.0f}%" if seconds is not None and sum(known) else ""

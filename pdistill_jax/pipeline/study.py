@@ -364,8 +364,18 @@ def _row(inputs: _Inputs, variant: VariantConfig, cfg: TrainConfig, stages: list
     summary = json.loads((train_stage.output / SUMMARY_FILE).read_text())
     scores = {s.output.stem: _score(inputs, ANSWERS[s.output.stem][0], s.output,
                                     folder / "eval" / s.output.stem) for s in answer_stages}
+    if cfg.dev_share:  # the rows the dev set held out taught nothing
+        from pdistill_jax.datagen.dataset import read_qa_rows
+        from pdistill_jax.train.dev_set import split_dev_rows
+
+        qa = read_qa_rows(qa_file)
+        trained = {id(r) for r in split_dev_rows(qa, cfg.dev_share, cfg.seed)[0]}
+        rows = [d for d, r in zip(rows, qa, strict=True) if id(r) in trained]
+    # the passes the kept adapter saw: with a dev set, up to its lowest dev loss
+    dev = summary.get("dev")
+    passes = dev["best_step"] / summary["steps_per_epoch"] if dev else cfg.epochs
     exposed = exposures(inputs.questions["test"], taught_rows(inputs.data, rows, cfg.objective),
-                        cfg.epochs)
+                        passes)
     seconds = {s.name: (read_record(s) or {}).get("seconds") for s in stages}
     return {
         "name": variant.name, "fingerprint": fingerprint, "baselines": baselines["key"],
@@ -373,6 +383,8 @@ def _row(inputs: _Inputs, variant: VariantConfig, cfg: TrainConfig, stages: list
         "docs": inputs.docs_n,
         "rows": summary["rows"], "rows_skipped": summary.get("rows_skipped"),
         "steps": summary["steps"], "epochs": cfg.epochs,
+        "dev": None if dev is None else {k: dev[k] for k in (
+            "questions", "rows", "best_step", "best_loss", "stopped_early", "losses")},
         "exposures_per_fact": exposed["mean"], "covered": exposed["covered"],
         "coverage": exposed["fraction"],
         "train_wall_s": seconds[train_stage.name], "train_elapsed_s": summary.get("elapsed_s"),

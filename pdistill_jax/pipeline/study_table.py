@@ -54,7 +54,7 @@ def table_lines(rows: Sequence[dict]) -> list[str]:
         docs = _number(row["docs"]) if row["docs"] is not None else "all"
         lines.append("| " + " | ".join([
             row["name"], row["objective"], _settings(row["changes"]), docs, str(row["rows"]),
-            str(row["steps"]), str(row["epochs"]), _number(row["exposures_per_fact"], 1),
+            _steps(row), str(row["epochs"]), _number(row["exposures_per_fact"], 1),
             _number(row["train_wall_s"]), _number(row["answer_wall_s"]),
             _percent(row["closed_book"]), _percent(row.get("with_document")),
             _percent(row["retention"]), _percent(row["coverage"]),
@@ -64,3 +64,11 @@ def table_lines(rows: Sequence[dict]) -> list[str]:
 
 def write_table(path: Path, rows: Sequence[dict]) -> None:
     write_text_atomic(path, INTRO + "\n" + "\n".join(table_lines(rows)) + "\n")
+
+
+def _steps(row: dict) -> str:
+    """The steps run; with a dev set, the step whose adapter was kept (the lowest dev loss)."""
+    dev = row.get("dev")
+    if not dev:
+        return str(row["steps"])
+    return f"{row['steps']} (kept {dev['best_step']}" + (", stopped early)" if dev["stopped_early"] else ")")

@@ -29,10 +29,11 @@ from pdistill_jax.signals import raise_if_terminated, steps_finish_first
 from pdistill_jax.datagen.dataset import QARow, read_qa_rows, resolve_data_file
 from pdistill_jax.train.batches import DataPosition, TrainData, make_train_data
 from pdistill_jax.train.checkpoint import RunCheckpoints
+from pdistill_jax.train.dev_set import DevHistory, dev_batches, measures_at, split_dev_rows
 from pdistill_jax.train.metrics import MetricsLog, NonFiniteLoss, trim_metrics
-from pdistill_jax.train.run_folder import (ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE,
-                                           RETENTION_FILE, SUMMARY_FILE, check_out_dir, file_sha256, remove_unstarted_run,
-                                           write_run_config)
+from pdistill_jax.train.run_folder import (ADAPTER_DIR, CHECKPOINT_DIR, DEV_BEST_DIR, DEV_BEST_FILE,
+                                           METRICS_FILE, RETENTION_FILE, SUMMARY_FILE, check_out_dir,
+                                           file_sha256, remove_unstarted_run, write_run_config)
 from pdistill_jax.train.student_cache import (attach_student_lower, compute_student_cache,
                                               student_cache_bytes)
 from pdistill_jax.train.teacher_cache import (attach_teacher_hidden, compute_teacher_cache,
@@ -77,6 +78,17 @@ class Run:
     base: nnx.State
     step_fn: Any
     retention: Any = None  # RetentionBatches with retention_weight > 0
+    dev: "DevSet | None" = None  # with dev_share > 0
+
+
+@dataclasses.dataclass
+class DevSet:
+    """The rows held out of training (dev_set.py) and what measures the objective on them."""
+
+    examples: list  # Example
+    questions: int
+    loss_fn: Any  # make_dev_loss
+    batches: list | None = None  # (indices, batch), with the cached states attached
 
 
 @dataclasses.dataclass
@@ -87,6 +99,7 @@ class Start:
     position: DataPosition = DataPosition()
     elapsed0: float = 0.0
     resumed_from: int | None = None
+    dev: DevHistory = dataclasses.field(default_factory=DevHistory)
 
 
 @dataclasses.dataclass
@@ -109,6 +122,7 @@ class Progress:
     state: Any
     step: int
     log: MetricsLog
+    dev: DevHistory
     first_step_s: float | None = None  # compilation included
     first_rows: int = 0
     examples_seen: int = 0
@@ -145,12 +159,14 @@ def train(model_spec: str, data_path: str | Path, out_dir: str | Path, cfg: Trai
         run, state = _prepare(inputs, cfg, init_adapter, load_adapter=saved is None)
         start = _restore(run, checkpoints, state) if saved is not None else Start(state)
         start_step = start.position.global_step(run.data.steps_per_epoch)
+        steps_left = start_step < run.total_steps and not start.dev.stopped_early
         teacher = _teacher_cache(run, start.state) if (
-            run.cache_teacher and start_step < run.total_steps) else TeacherCache()
-        lower = _lower_cache(run, start.state) if (
-            run.cache_lower and start_step < run.total_steps) else LowerCache()
+            run.cache_teacher and steps_left) else TeacherCache()
+        lower = _lower_cache(run, start.state) if run.cache_lower and steps_left else LowerCache()
         retention_s = _retention_cache(run, start.state, teacher, lower) if (
-            run.retention is not None and start_step < run.total_steps) else None
+            run.retention is not None and steps_left) else None
+        if run.dev is not None and steps_left:
+            _dev_batches(run, start.state)
         write_run_config(inputs.out, {
             "model": str(model_spec), "model_path": str(run.model_path),
             "data": str(inputs.data_file), "data_sha256": inputs.data_sha,
@@ -238,7 +254,12 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
 
     lm, cfg = _load_model(inputs.model_spec, cfg, init_adapter if load_adapter else None)
     rows_per_step = cfg.batch_size * cfg.grad_accum
-    data = make_train_data(inputs.qa_rows, lm.tokenizer, objective=cfg.objective,
+    train_rows, dev_rows = split_dev_rows(inputs.qa_rows, cfg.dev_share, cfg.seed)
+    if cfg.dev_share and not dev_rows:
+        raise ValueError(f"dev_share={cfg.dev_share:g} holds out no question from "
+                         f"{inputs.data_file}: no document has two or more questions; set "
+                         "dev_share to 0 or generate more questions a document")
+    data = make_train_data(train_rows, lm.tokenizer, objective=cfg.objective,
                            max_seq_len=cfg.max_seq_len, system=cfg.system,
                            rows_per_step=rows_per_step, seed=cfg.seed,
                            open_book_share=cfg.open_book_share)
@@ -263,8 +284,54 @@ def _prepare(inputs: RunInputs, cfg: TrainConfig, init_adapter: str | None,
     lm.model = None  # the base now lives (sharded) in `base`; drop the unsharded copy
     step_fn = make_train_step(graphdef, optimizer, cfg, mesh, student_prefix=data.student_prefix,
                               retention_prefix=retention.prefix if retention else ())
+    dev = _dev_set(dev_rows, lm.tokenizer, cfg, graphdef, mesh, data) if dev_rows else None
     return Run(inputs, cfg, init_adapter, lm.cfg, lm.path, data, cache_teacher, cache_lower,
-               total_steps, mesh, graphdef, base, step_fn, retention), state
+               total_steps, mesh, graphdef, base, step_fn, retention, dev), state
+
+
+def _dev_set(dev_rows, tokenizer, cfg: TrainConfig, graphdef, mesh, data: TrainData) -> DevSet:
+    from pdistill_jax.train.batches import tokenize_rows
+    from pdistill_jax.train.dev_set import question_key
+    from pdistill_jax.train.step import make_dev_loss
+
+    examples = tokenize_rows(dev_rows, tokenizer, objective=cfg.objective,
+                             max_seq_len=cfg.max_seq_len, system=cfg.system).examples
+    questions = len({question_key(r) for r in dev_rows})
+    if not examples:
+        raise ValueError(f"the {len(dev_rows)} dev rows are all longer than max_seq_len="
+                         f"{cfg.max_seq_len}; raise max_seq_len")
+    _log.info(f"dev set: {questions} questions ({len(examples)} rows) held out of training; the "
+              f"dev loss is measured every {cfg.eval_every or 'epoch'}"
+              + (" steps" if cfg.eval_every else "")
+              + (f", training stops after {cfg.early_stop_patience} measurements without a new "
+                 "lowest" if cfg.early_stop_patience else "")
+              + "; the adapter written is the one of the lowest dev loss")
+    return DevSet(examples, questions, make_dev_loss(graphdef, cfg, mesh, data.student_prefix))
+
+
+def _dev_batches(run: Run, state) -> None:
+    """run.dev.batches, with the teacher's states (and the frozen lower layers' with
+    lora.first_layer > 0) computed once like the training rows'."""
+    dev = run.dev
+    batches = dev_batches(dev.examples, run.cfg.batch_size, run.data.pad_id,
+                          run.data.student_prefix)
+    if run.cache_teacher:
+        hidden = _teacher_cache(run, state, dev.examples, "dev rows").hidden
+        batches = [(i, attach_teacher_hidden(b, i, hidden)) for i, b in batches]
+    if run.cache_lower:
+        states = _lower_cache(run, state, dev.examples, "dev rows").states
+        batches = [(i, attach_student_lower(b, i, states)) for i, b in batches]
+    dev.batches = batches
+
+
+def _dev_loss(run: Run, lora) -> float:
+    from pdistill_jax.model.sharding import global_batch
+
+    total, count = 0.0, 0.0
+    for _, batch in run.dev.batches:
+        t, c = run.dev.loss_fn(lora, run.base, global_batch(_local_rows(batch), run.mesh))
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
 
 
 def _retention_batches(inputs: RunInputs, cfg: TrainConfig, lm, student_prefix):
@@ -342,7 +409,7 @@ def _restore(run: Run, checkpoints: RunCheckpoints, state) -> Start:
     _log.info(f"{checkpoints.damage_note()}resuming from step {restored.step} "
               f"(epoch {position.epoch}, batch {position.index})")
     return Start(restored.state, position, float(restored.meta.get("elapsed_s", 0.0)),
-                 restored.step)
+                 restored.step, DevHistory.from_dict(restored.meta.get("dev")))
 
 
 def _teacher_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig) -> bool:
@@ -375,8 +442,9 @@ def _lower_cache_fits(data: TrainData, hidden_size: int, cfg: TrainConfig,
     return True
 
 
-def _lower_cache(run: Run, state) -> LowerCache:
-    """The states entering lora.first_layer over every row's student tokens, computed once."""
+def _lower_cache(run: Run, state, examples=None, what: str = "rows") -> LowerCache:
+    """The states entering lora.first_layer over every row's student tokens (the training
+    rows', or `examples`'), computed once."""
     from pdistill_jax.model.sharding import global_batch
     from pdistill_jax.train.step import make_student_lower
 
@@ -384,17 +452,18 @@ def _lower_cache(run: Run, state) -> LowerCache:
     data = run.data
     lower_fn = make_student_lower(run.graphdef, run.mesh, data.student_prefix)
     states = compute_student_cache(
-        data.examples, run.cfg.batch_size, lambda batch: lower_fn(state.lora, run.base, batch),
+        data.examples if examples is None else examples, run.cfg.batch_size,
+        lambda batch: lower_fn(state.lora, run.base, batch),
         lambda batch: global_batch(_local_rows(batch), run.mesh), data.pad_id,
         len(data.student_prefix))
     seconds = time.perf_counter() - start
     need = sum(x.nbytes for x in states)
     _log.info(f"the frozen layers below lora.first_layer={run.cfg.lora.first_layer} run once over "
-              f"{len(states)} rows: their states kept ({need / 2**20:.0f} MiB) in {seconds:.0f} s")
+              f"{len(states)} {what}: their states kept ({need / 2**20:.0f} MiB) in {seconds:.0f} s")
     return LowerCache(states, round(seconds, 3))
 
 
-def _teacher_cache(run: Run, state) -> TeacherCache:
+def _teacher_cache(run: Run, state, examples=None, what: str = "rows") -> TeacherCache:
     """The teacher's hidden states at every row's answer positions, computed once.
 
     Rows whose teacher sequence the states generation kept (beside the data) hold are taken from
@@ -404,7 +473,8 @@ def _teacher_cache(run: Run, state) -> TeacherCache:
     from pdistill_jax.train.step import make_teacher_hidden
 
     folder, fingerprint = run.inputs.data_file.parent / TEACHER_STATES_DIR, model_fingerprint(run.model_path)
-    cfg, examples, hidden_size = run.cfg, run.data.examples, run.model_cfg.hidden_size
+    cfg, hidden_size = run.cfg, run.model_cfg.hidden_size
+    examples = run.data.examples if examples is None else examples
     dtype = compute_dtype(cfg.compute_dtype)
     need = teacher_cache_bytes(examples, hidden_size, dtype)
     start = time.perf_counter()
@@ -430,8 +500,8 @@ def _teacher_cache(run: Run, state) -> TeacherCache:
             lambda batch: global_batch(_local_rows(batch), run.mesh), run.data.pad_id)
         reused = 0
     seconds = time.perf_counter() - start
-    source = (f"{reused} rows from the states generation kept, the teacher run once over "
-              f"{len(cache) - reused}" if reused else f"teacher run once over {len(cache)} rows")
+    source = (f"{reused} {what} from the states generation kept, the teacher run once over "
+              f"{len(cache) - reused}" if reused else f"teacher run once over {len(cache)} {what}")
     _log.info(f"{source}: its hidden states at the answer positions kept ({need / 2**20:.0f} MiB) "
               f"in {seconds:.0f} s")
     return TeacherCache(cache, round(seconds, 3), reused)
@@ -458,12 +528,14 @@ def _run_steps(run: Run, start: Start, teacher: TeacherCache, lower: LowerCache,
     bar = tqdm(total=run.total_steps, initial=start_step, unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=not progress or jax.process_index() != 0)
     done = Progress(start.state, start_step,
-                    MetricsLog(run.inputs.out / METRICS_FILE, spe, cfg.log_every, start.elapsed0, bar))
+                    MetricsLog(run.inputs.out / METRICS_FILE, spe, cfg.log_every, start.elapsed0, bar),
+                    start.dev)
     next_position = start.position
+    batches = () if done.dev.stopped_early else run.data.batches(start.position, cfg.epochs)
     try:
         loop_start = time.perf_counter()
         with steps_finish_first():  # a SIGTERM waits for the step in flight, then stops below
-            for pos, indices, batch in run.data.batches(start.position, cfg.epochs):
+            for pos, indices, batch in batches:
                 if teacher.hidden is not None:
                     batch = attach_teacher_hidden(batch, indices, teacher.hidden)
                 if lower.states is not None:
@@ -481,8 +553,13 @@ def _run_steps(run: Run, start: Start, teacher: TeacherCache, lower: LowerCache,
                 next_position = pos.advance(spe)
                 bar.update(1)
                 done.log.add(done.step, len(indices), metrics)
+                if run.dev is not None and measures_at(done.step, cfg.eval_every, spe,
+                                                       run.total_steps):
+                    _measure_dev(run, done)
                 if done.step % cfg.save_every == 0:
                     _save(run, checkpoints, done, next_position)
+                if done.dev.stopped_early:
+                    break
                 raise_if_terminated()  # here the state, the step count and the position agree
                 if stop_after is not None and done.step - start_step >= stop_after:
                     break
@@ -508,6 +585,29 @@ def _run_steps(run: Run, start: Start, teacher: TeacherCache, lower: LowerCache,
     return done
 
 
+def _measure_dev(run: Run, done: Progress) -> None:
+    """The dev loss after done.step: recorded, its adapter kept when it is the lowest so far
+    (RUN/dev_best), and the run marked to stop when early_stop_patience measurements in a row
+    brought no new lowest."""
+    from pdistill_jax.weights.peft import save_peft_adapter
+
+    done.log.flush()
+    loss = _dev_loss(run, done.state.lora)
+    history, out = done.dev, run.inputs.out
+    if history.add(done.step, loss):
+        save_peft_adapter(out / DEV_BEST_DIR, done.state.lora, run.model_cfg, run.cfg.lora,
+                          str(run.inputs.model_spec))
+        if jax.process_index() == 0:  # names the step the folder holds, for _finish to check
+            write_text_atomic(out / DEV_BEST_FILE, json.dumps(
+                {"step": done.step, "dev_loss": loss}) + "\n")
+    patience = run.cfg.early_stop_patience
+    history.stopped_early = bool(patience) and history.since_best() >= patience \
+        and done.step < run.total_steps
+    _log.info(f"step {done.step}: dev loss {loss:.4f} (lowest {history.best_loss:.4f} at step "
+              f"{history.best_step})" + (f"; no new lowest in {patience} measurements: stopping "
+                                         "early" if history.stopped_early else ""))
+
+
 def _save(run: Run, checkpoints: RunCheckpoints, done: Progress, position: DataPosition) -> None:
     """A checkpoint of the state after done.step, only when every step up to it and the weights
     it holds are finite (checked on the host: the save fetches the state anyway)."""
@@ -518,7 +618,7 @@ def _save(run: Run, checkpoints: RunCheckpoints, done: Progress, position: DataP
         "data_position": dataclasses.asdict(position), "config": to_dict(run.cfg),
         "model": str(run.inputs.model_spec), "data_sha256": run.inputs.data_sha,
         "elapsed_s": done.log.elapsed, "total_steps": run.total_steps,
-        "init_adapter": run.init_adapter})
+        "init_adapter": run.init_adapter, "dev": done.dev.to_dict() if run.dev else None})
 
 
 @jax.jit
@@ -544,13 +644,19 @@ def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache, lower
     from pdistill_jax.weights.peft import save_peft_adapter
 
     out, adapter = run.inputs.out, None
-    if done.step >= run.total_steps:
-        adapter = save_peft_adapter(out / ADAPTER_DIR, done.state.lora, run.model_cfg,
-                                    run.cfg.lora, str(run.inputs.model_spec))
+    if done.step >= run.total_steps or done.dev.stopped_early:
+        if run.dev is None:
+            adapter = save_peft_adapter(out / ADAPTER_DIR, done.state.lora, run.model_cfg,
+                                        run.cfg.lora, str(run.inputs.model_spec))
+        else:
+            adapter = _adapter_of_best_dev(out, done.dev)
         _log.info(f"adapter written to {adapter}")
     else:
         _log.info(f"stopped at step {done.step} of {run.total_steps}; continue with --resume")
     summary = _summary(run, done, start.resumed_from, adapter, session_start)
+    if run.dev is not None:
+        summary["dev"] = {"questions": run.dev.questions, "rows": len(run.dev.examples),
+                          **done.dev.to_dict()}
     summary["teacher_cache_s"] = teacher.seconds
     summary["teacher_rows_from_generation"] = teacher.reused
     if run.cfg.lora.first_layer:
@@ -560,6 +666,30 @@ def _finish(run: Run, done: Progress, start: Start, teacher: TeacherCache, lower
     if jax.process_index() == 0:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _adapter_of_best_dev(out: Path, history: DevHistory) -> Path:
+    """RUN/adapter as a copy of RUN/dev_best, the adapter of the lowest dev loss."""
+    from pdistill_jax.files import write_dir_atomic
+    from pdistill_jax.weights.peft import looks_like_adapter
+
+    if jax.process_index() == 0:
+        kept = json.loads((out / DEV_BEST_FILE).read_text()) if (out / DEV_BEST_FILE).exists() else {}
+        if kept.get("step") != history.best_step:
+            raise RuntimeError(f"{out / DEV_BEST_DIR} holds the adapter of step {kept.get('step')}, "
+                               f"but the lowest dev loss was measured at step {history.best_step}; "
+                               "train into a new --out")
+
+        def fill(tmp: Path) -> None:
+            for f in (out / DEV_BEST_DIR).iterdir():
+                (tmp / f.name).write_bytes(f.read_bytes())
+
+        write_dir_atomic(out / ADAPTER_DIR, fill, looks_like_adapter)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pdistill: adapter of the lowest dev loss")
+    return out / ADAPTER_DIR
 
 
 def _summary(run: Run, done: Progress, resumed_from: int | None, adapter: Path | None,
@@ -574,7 +704,7 @@ def _summary(run: Run, done: Progress, resumed_from: int | None, adapter: Path |
     steady_rows = done.examples_seen - done.first_rows
     cfg, data = run.cfg, run.data
     return {
-        "finished": done.step >= run.total_steps, "steps": done.step,
+        "finished": done.step >= run.total_steps or done.dev.stopped_early, "steps": done.step,
         "total_steps": run.total_steps, "steps_per_epoch": data.steps_per_epoch,
         "epochs": cfg.epochs, "objective": cfg.objective,
         "rows": len(data.examples), "rows_truncated": data.truncated,

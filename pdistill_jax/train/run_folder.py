@@ -5,7 +5,9 @@
                   examples_per_s and elapsed (both measured over the log window of that step)
   checkpoints/    Orbax checkpoints of the trainable state (see checkpoint.py)
   adapter/        the final adapter as a PEFT folder (`pdistill answer --adapter RUN`, peft, vLLM)
-  summary.json    counts, losses and timings of the run
+  summary.json    counts, losses and timings of the run (with a dev set: its losses too)
+  dev_best/       with dev_share > 0: the adapter of the lowest dev loss so far, which becomes
+  dev_best.json   adapter/ at the end; the json names its step
   retention.jsonl with retention_weight > 0: the base model's answers to the retention prompts
                   (made before the first step, reused on resume; see retention.py)
 """
@@ -24,6 +26,7 @@ from pdistill_jax.weights.peft import resolve_adapter
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 CHECKPOINT_DIR, ADAPTER_DIR = "checkpoints", "adapter"
 RETENTION_FILE = "retention.jsonl"
+DEV_BEST_DIR, DEV_BEST_FILE = "dev_best", "dev_best.json"
 
 
 def file_sha256(path: Path) -> str:
@@ -70,8 +73,9 @@ def remove_unstarted_run(out: Path, fresh: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
         return
     shutil.rmtree(directory, ignore_errors=True)
-    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RETENTION_FILE):
+    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RETENTION_FILE, DEV_BEST_FILE):
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / DEV_BEST_DIR, ignore_errors=True)
 
 
 def training_system_message(adapter_path) -> str | None:

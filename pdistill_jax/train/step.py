@@ -16,6 +16,7 @@ KL(base || student) on general prompts the batch brings as RETENTION_KEYS (reten
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -516,3 +517,20 @@ def make_teacher_hidden(graphdef: nnx.GraphDef, mesh: Mesh
 
     jitted = _jit_on_mesh(hidden, mesh, batch_sharding(mesh))
     return lambda lora, base, batch: jitted(lora, base, {k: batch[k] for k in TEACHER_KEYS})
+
+
+def make_dev_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh,
+                  student_prefix: Sequence[int] = ()
+                  ) -> Callable[[nnx.State, nnx.State, dict], tuple[jax.Array, jax.Array]]:
+    """(lora, base, batch) -> (sum of per-row mean losses, rows with answers): the objective
+    alone (no CE or retention term) on a batch of dev rows, forward only. `student_prefix` as
+    for `make_loss_sums`; any number of rows that splits over data x fsdp."""
+    plain = dataclasses.replace(cfg, ce_weight=0.0, retention_weight=0.0)
+    loss_sums = make_loss_sums(graphdef, plain, student_prefix=student_prefix)
+
+    def dev_sums(lora, base, batch):
+        total, (count, _tokens) = loss_sums(lora, base, batch)
+        return total, count
+
+    jitted = _jit_on_mesh(dev_sums, mesh, replicated(mesh))
+    return lambda lora, base, batch: jitted(lora, base, _step_inputs(batch, plain))

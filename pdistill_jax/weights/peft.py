@@ -404,7 +404,7 @@ def load_peft_adapter(path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
     return lora, pure
 
 
-def _looks_like_adapter(folder: Path) -> bool:
+def looks_like_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG_FILE).exists()
 
 
@@ -445,7 +445,7 @@ def save_peft_adapter(out_dir, lora_state, cfg: ModelConfig, lora: LoraConfig,
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
-        write_dir_atomic(out, fill, _looks_like_adapter)
+        write_dir_atomic(out, fill, looks_like_adapter)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -236,6 +236,33 @@ def test_docs_n_trains_and_tests_on_the_first_documents_and_resumes_a_training(
     assert "| base model | - | - | 1 |" in (out / "results.md").read_text()
 
 
+def test_a_variant_with_a_dev_set_records_the_step_it_kept_and_counts_only_trained_rows(
+        root, tmp_path):
+    from pdistill_jax.infer.evaluate import exposures
+    from pdistill_jax.pipeline.study_table import HEADER
+
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out, symlinks=True)
+    variant = {"name": "pd-dev", "train": {"epochs": 2, "dev_share": 0.25}}
+    assert _study(_write_study(root, tmp_path / "study.yaml", [variant]), "--out", out) == 0
+    row = next(r for r in _rows(out) if r["name"] == "pd-dev")
+    summary = json.loads((out / "pd-dev" / "run" / "summary.json").read_text())
+    assert row["dev"]["questions"] == 2 and row["dev"]["rows"] == 2  # one of 4 a document
+    assert row["rows"] == summary["rows"] == 6 and row["steps"] == 4
+    assert [s for s, _ in row["dev"]["losses"]] == [2, 4]  # at each epoch's end
+    # exposures count the 6 rows trained, over the passes up to the step kept
+    from pdistill_jax.datagen.dataset import read_qa_rows
+    from pdistill_jax.train.dev_set import split_dev_rows
+
+    kept, _ = split_dev_rows(read_qa_rows(Path(row["data"])), 0.25, 0)
+    taught = [{"doc_id": r.doc_id, "answer": r.answer} for r in kept]
+    passes = row["dev"]["best_step"] / summary["steps_per_epoch"]
+    assert row["exposures_per_fact"] == pytest.approx(
+        exposures(_jsonl(root / "tests.jsonl"), taught, passes)["mean"])
+    line = next(x for x in (out / "results.md").read_text().splitlines() if x.startswith("| pd-dev |"))
+    assert line.split(" | ")[HEADER.index("steps")] == f"4 (kept {row['dev']['best_step']})"
+
+
 @pytest.mark.parametrize("variants, line, message", [
     ("  - name: a\n  - name: b\n    train:\n      lr: -1\n", 7,
      "variants[1].train.lr must be > 0, got -1.0"),
