@@ -503,6 +503,11 @@ class TrainConfig:
     # Weight of the student's cross-entropy on the answer tokens the batches carry, added to a
     # distillation objective (kl, reverse_kl, jsd): loss = distillation + ce_weight * CE; 0 = off.
     ce_weight: float = added_option(0.0)
+    # Weight of a hidden-state term added to a distillation objective: the student's final-norm
+    # hidden states at the answer positions pulled towards the teacher's, ||h_S - h_T||_1 /
+    # ||h_T||_1 per token (deep context distillation's term, on the last layer, whose teacher
+    # states the run already holds); 0 = off.
+    hidden_weight: float = added_option(0.0)
     # Weight of the retention regulariser: forward KL(base || student) on the base model's own
     # greedy answers to general prompts, added to the loss (train/retention.py); 0 = off.
     retention_weight: float = added_option(0.0)
@@ -541,6 +546,10 @@ class TrainConfig:
         if self.ce_weight and self.objective == "ce":
             raise _fail("ce_weight", "0 with objective ce (the objective is cross-entropy "
                         "already; ce_weight adds it to kl, reverse_kl or jsd)", self.ce_weight)
+        check_range(self, "hidden_weight", 0)
+        if self.hidden_weight and self.objective == "ce":
+            raise _fail("hidden_weight", "0 with objective ce (SFT has no teacher; hidden_weight "
+                        "adds a term to kl, reverse_kl or jsd)", self.hidden_weight)
         check_range(self, "retention_weight", 0)
         check_range(self, "retention_batch_size", 1)
         check_range(self, "open_book_share", 0, 1)

@@ -20,7 +20,7 @@ _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
-               "ce_weight", "retention_weight", "retention_prompts", "retention_batch_size",
+               "ce_weight", "hidden_weight", "retention_weight", "retention_prompts", "retention_batch_size",
                "open_book_share", "dev_share", "eval_every", "early_stop_patience")
 LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
 
@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ce-weight", type=float,
                    help="add this x the student's cross-entropy on the answer tokens to a "
                         f"distillation objective {default('ce_weight')}")
+    p.add_argument("--hidden-weight", type=float,
+                   help="add this x |h_student - h_teacher|_1 / |h_teacher|_1 on the final hidden "
+                        f"states at the answer tokens to a distillation objective "
+                        f"{default('hidden_weight')}")
     p.add_argument("--retention-weight", type=float,
                    help="add this x KL(base || student) on the base model's own answers to "
                         f"--retention-prompts {default('retention_weight')}")

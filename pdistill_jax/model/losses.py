@@ -57,6 +57,17 @@ def cross_entropy_per_token(student_logits: jax.Array, targets: jax.Array) -> ja
     return -jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def relative_l1_per_token(teacher_hidden: jax.Array, student_hidden: jax.Array) -> jax.Array:
+    """||h_S - h_T||_1 / ||h_T||_1 per position, over the hidden axis (B, A, D) -> (B, A).
+
+    The hidden-state term of deep context distillation (Caccia et al. 2025, "Knowledge
+    Modules"): an L1 distance normalised by the teacher's own scale, so that it reads the same
+    whatever the hidden size or the norm's gain.
+    """
+    t, s = teacher_hidden.astype(jnp.float32), student_hidden.astype(jnp.float32)
+    return jnp.sum(jnp.abs(s - t), axis=-1) / jnp.maximum(jnp.sum(jnp.abs(t), axis=-1), 1e-6)
+
+
 def sequence_sums(per_token: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum over sequences of their mean masked token loss, number of sequences with answers).
 

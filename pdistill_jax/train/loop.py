@@ -703,6 +703,13 @@ def _summary(run: Run, done: Progress, resumed_from: int | None, adapter: Path |
     steady_s = done.loop_s - (done.first_step_s or 0.0)
     steady_rows = done.examples_seen - done.first_rows
     cfg, data = run.cfg, run.data
+    rate = round(steady_rows / steady_s, 3) if steady_rows and steady_s > 0 else None
+    first_step = None if done.first_step_s is None else round(done.first_step_s, 3)
+    if rate is None and first_step is None:
+        # A resume that ran no step (the run had finished): the throughput stays the one the
+        # steps were measured at, not a null.
+        before = _previous_summary(run.inputs.out / SUMMARY_FILE)
+        rate, first_step = before.get("examples_per_s"), before.get("first_step_s")
     return {
         "finished": done.step >= run.total_steps or done.dev.stopped_early, "steps": done.step,
         "total_steps": run.total_steps, "steps_per_epoch": data.steps_per_epoch,
@@ -712,8 +719,14 @@ def _summary(run: Run, done: Progress, resumed_from: int | None, adapter: Path |
         "first_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(tail)) if tail else None,  # mean of the last ~10% of steps
         "session_wall_s": round(wall, 3), "elapsed_s": round(done.log.elapsed, 3),
-        "first_step_s": None if done.first_step_s is None else round(done.first_step_s, 3),
-        "examples_per_s": (round(steady_rows / steady_s, 3)
-                           if steady_rows and steady_s > 0 else None),
+        "first_step_s": first_step, "examples_per_s": rate,
         "adapter": None if adapter is None else str(adapter),
     }
+
+
+def _previous_summary(path: Path) -> dict:
+    """The summary.json an earlier session of this run wrote ({} if none or unreadable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

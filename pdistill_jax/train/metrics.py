@@ -12,8 +12,9 @@ import numpy as np
 from pdistill_jax.files import write_jsonl_atomic
 
 
-# loss = distill_loss + ce_weight * ce_loss + retention_weight * retention_loss (train/step.py)
-LOSS_PARTS = ("distill_loss", "ce_loss", "retention_loss")
+# loss = distill_loss + ce_weight * ce_loss + hidden_weight * hidden_loss
+#        + retention_weight * retention_loss (train/step.py)
+LOSS_PARTS = ("distill_loss", "ce_loss", "hidden_loss", "retention_loss")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -49,7 +50,7 @@ class MetricsLog:
         elapsed = self.elapsed0 + now - self.session_start
         rows = [{"step": step, "epoch": round(step / self.spe, 4), "loss": float(v["loss"]),
                  # the loss's parts, only in a step that has them (TrainConfig.ce_weight,
-                 # retention_weight): without them the rows are what they always were
+                 # hidden_weight, retention_weight): without them the rows are what they always were
                  **{k: float(v[k]) for k in LOSS_PARTS if k in v},
                  "grad_norm": float(v["grad_norm"]), "lr": float(v["lr"]),
                  "answer_tokens": int(v["answer_tokens"]), "examples_per_s": round(rate, 3),

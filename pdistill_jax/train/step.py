@@ -10,8 +10,9 @@ the LoRA gradients, and one AdamW update. One copy of the base weights serves bo
 never an output of the step, so it is never copied; only the TrainState (LoRA + optimizer state
 + step) is donated and returned.
 
-Two optional terms, each a trace-time branch (off: the computation is the plain objective's):
-TrainConfig.ce_weight adds the student's CE on the answer tokens, and retention_weight the
+Three optional terms, each a trace-time branch (off: the computation is the plain objective's):
+TrainConfig.ce_weight adds the student's CE on the answer tokens, hidden_weight the distance
+between the student's and the teacher's final hidden states there, and retention_weight the
 KL(base || student) on general prompts the batch brings as RETENTION_KEYS (retention.py).
 """
 from __future__ import annotations
@@ -250,14 +251,15 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
     (`TrainData.student_prefix`; empty when they carry whole sequences). `retention_prefix`:
     the same for the retention rows (`RetentionBatches.prefix`).
 
-    With cfg.ce_weight or cfg.retention_weight (`has_parts`) the aux gains a third entry, the
-    sums of the loss's parts ({"distill_loss", "ce_loss"} and/or {"retention_loss",
-    "retention_rows"}), and the function takes a 4th argument, `retention_scale` (see
+    With cfg.ce_weight, hidden_weight or retention_weight (`has_parts`) the aux gains a third
+    entry, the sums of the loss's parts ("distill_loss" and any of "ce_loss", "hidden_loss",
+    {"retention_loss", "retention_rows"}), and the function takes a 4th argument, `retention_scale` (see
     `make_train_step`): the retention sum enters the total as retention_weight *
     retention_scale * sum. Both are trace-time branches: with them off the computation is
     exactly the plain objective's.
     """
     objective, tau, alpha, weight = cfg.objective, cfg.tau, cfg.ce_weight, cfg.retention_weight
+    hidden_weight = cfg.hidden_weight
     prefix = tuple(int(i) for i in student_prefix)
     retention_ids = tuple(int(i) for i in retention_prefix)
 
@@ -295,11 +297,15 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
                     (h_t, h_s), chunk)
         total, count = losses.sequence_sums(per_token, mask)
         aux = (count, jnp.sum(mask.astype(jnp.float32)))
-        if alpha:
-            parts.update(distill_loss=total, ce_loss=ce)
-            total = total + alpha * ce
-        elif weight and objective != "ce":
+        if objective != "ce" and has_parts(cfg):
             parts.update(distill_loss=total)
+        if alpha:
+            parts.update(ce_loss=ce)
+            total = total + alpha * ce
+        if hidden_weight:  # the states the KL reads, already gathered: no extra forward
+            hidden, _ = losses.sequence_sums(losses.relative_l1_per_token(h_t, h_s), mask)
+            parts.update(hidden_loss=hidden)
+            total = total + hidden_weight * hidden
         if weight:
             retention, rows = retention_sums(model, batch, tau, loss_chunk, retention_ids)
             parts.update(retention_loss=retention, retention_rows=rows)
@@ -311,7 +317,7 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
 
 def has_parts(cfg: TrainConfig) -> bool:
     """Whether the loss has terms beyond the objective (then the step logs each part)."""
-    return bool(cfg.ce_weight or cfg.retention_weight)
+    return bool(cfg.ce_weight or cfg.hidden_weight or cfg.retention_weight)
 
 
 def _distill_token_loss(cfg: TrainConfig) -> Callable[[jax.Array, jax.Array, float], jax.Array]:
@@ -459,10 +465,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def _part_metrics(parts: dict, sequences: jax.Array) -> dict:
-    """The loss's parts as means: distillation and CE over the step's sequences (loss =
-    distill_loss + ce_weight * ce_loss + retention_weight * retention_loss), retention over
-    its own rows."""
-    out = {name: parts[name] / sequences for name in ("distill_loss", "ce_loss") if name in parts}
+    """The loss's parts as means: distillation, CE and the hidden-state term over the step's
+    sequences (loss = distill_loss + ce_weight * ce_loss + hidden_weight * hidden_loss +
+    retention_weight * retention_loss), retention over its own rows."""
+    out = {name: parts[name] / sequences for name in ("distill_loss", "ce_loss", "hidden_loss")
+           if name in parts}
     if "retention_loss" in parts:
         out["retention_loss"] = parts["retention_loss"] / jnp.maximum(parts["retention_rows"], 1.0)
     return out
@@ -525,7 +532,7 @@ def make_dev_loss(graphdef: nnx.GraphDef, cfg: TrainConfig, mesh: Mesh,
     """(lora, base, batch) -> (sum of per-row mean losses, rows with answers): the objective
     alone (no CE or retention term) on a batch of dev rows, forward only. `student_prefix` as
     for `make_loss_sums`; any number of rows that splits over data x fsdp."""
-    plain = dataclasses.replace(cfg, ce_weight=0.0, retention_weight=0.0)
+    plain = dataclasses.replace(cfg, ce_weight=0.0, hidden_weight=0.0, retention_weight=0.0)
     loss_sums = make_loss_sums(graphdef, plain, student_prefix=student_prefix)
 
     def dev_sums(lora, base, batch):

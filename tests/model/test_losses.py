@@ -148,3 +148,14 @@ def test_chunking_bounds_logits_memory():
     full_logits = b * a * v * 4
     assert scratch_bytes(0) > 2 * full_logits
     assert scratch_bytes(8) < full_logits
+
+
+def test_relative_l1_is_the_l1_distance_over_the_teachers_l1_norm():
+    t = jnp.asarray([[[1.0, -2.0, 1.0], [0.0, 0.0, 0.0]]])  # (1, 2, 3); a zero teacher row too
+    s = jnp.asarray([[[2.0, -2.0, 0.0], [0.5, 0.0, 0.0]]])
+    got = np.asarray(losses.relative_l1_per_token(t, s))
+    np.testing.assert_allclose(got[0, 0], 2.0 / 4.0)  # |1| + 0 + |-1| over 1 + 2 + 1
+    assert np.isfinite(got[0, 1])  # the floor on the norm: no division by zero
+    assert float(losses.relative_l1_per_token(t, t).sum()) == 0.0
+    # the same whatever the scale both share (the norm's gain, the hidden size's magnitude)
+    np.testing.assert_allclose(np.asarray(losses.relative_l1_per_token(7 * t, 7 * s))[0, 0], 0.5)

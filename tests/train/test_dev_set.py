@@ -3,6 +3,7 @@ lowest loss, stopping early, and resuming to the same result."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,17 @@ def test_a_stalled_dev_loss_stops_the_run_early_and_a_resume_adds_nothing(runs):
     assert (runs / "stalled" / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((runs / "stalled" / "dev_best.json").read_text())["step"] == 1
     assert len(metrics(runs / "stalled")) == 3  # the resume ran no step
+    # ... and kept the throughput its steps were measured at
+    assert s["examples_per_s"] > 0 and s["first_step_s"] > 0
+
+
+def test_a_dev_share_that_holds_out_no_question_is_refused(tiny_llama, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"document": f"Document {d}.", "question": f"q{d}?",
+                                      "answer": "a"}) + "\n" for d in range(3)))
+    with pytest.raises(ValueError, match=r"dev_share=0.25 holds out no question from .*qa.jsonl"):
+        train(tiny_llama, qa, tmp_path / "run", config(), progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_the_report_names_the_step_whose_adapter_was_kept(runs, tmp_path):
@@ -129,4 +141,5 @@ def test_the_report_names_the_step_whose_adapter_was_kept(runs, tmp_path):
     assert rates["train_pd"]["kept_step"] == 1 and rates["train_pd"]["stopped_early"]
     (line,) = [x for x in _time_lines({"timings_s": {"train_pd": 12.0}, "throughput": rates})
                if x.startswith("| train_pd |")]
-    assert line.endswith("| 3 steps; adapter of step 1 (lowest dev loss), stopped early |")
+    assert re.search(r"\| 3 steps, [0-9.]+ examples/s; adapter of step 1 \(lowest dev loss\), "
+                     r"stopped early \|$", line), line

@@ -1,4 +1,5 @@
-"""The step's extra loss terms on the tiny Llama: KL + alpha * CE, the retention KL-to-base."""
+"""The step's extra loss terms on the tiny Llama: KL + alpha * CE, the hidden-state term, the
+retention KL-to-base."""
 from __future__ import annotations
 
 import jax
@@ -10,8 +11,9 @@ from pdistill_jax.config import FieldError, LoraConfig, TrainConfig
 from pdistill_jax.model import losses
 from pdistill_jax.train.batches import Example
 from pdistill_jax.train.retention import RetentionBatches
-from pdistill_jax.train.step import (RETENTION_HIDDEN, make_train_step, retention_sums,
-                                    student_hidden, teacher_hidden)
+from pdistill_jax.train.step import (RETENTION_HIDDEN, TEACHER_HIDDEN, TEACHER_KEYS,
+                                    make_train_step, retention_sums, student_hidden,
+                                    teacher_hidden)
 from pdistill_jax.weights.load import load_model
 from test_step import random_batch, run_steps, setup, train_config
 
@@ -86,6 +88,43 @@ def test_ce_weight_accumulates_exactly(tiny_lora):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
     for a, b in zip(*loras):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_hidden_weight_adds_the_relative_l1_of_the_final_states_with_or_without_the_cache(tiny_lora):
+    """loss = KL + w * mean over rows of the per-token ||h_S - h_T||_1 / ||h_T||_1 on the answer
+    positions, the teacher's states computed in the step or brought by the batch (the cache)."""
+    weight = 0.7
+    cfg = train_config(hidden_weight=weight)
+    loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+    batch = random_batch(15, loaded.cfg.vocab_size, 4)
+    batch["target_mask"][2] = False  # a filler row counts in neither term
+    model = nnx.merge(graphdef, jax.tree.map(np.array, state.lora), base)
+    h_t = teacher_hidden(model, batch)
+    h_s = take(student_hidden(model, batch), batch["student_pos"])
+    kl_sum, rows = losses.sequence_sums(
+        losses.forward_kl_per_token(model.logits(h_t, False), model.logits(h_s, True), cfg.tau),
+        batch["target_mask"])
+    l1_sum, _ = losses.sequence_sums(losses.relative_l1_per_token(h_t, h_s), batch["target_mask"])
+    kl, l1 = float(kl_sum / rows), float(l1_sum / rows)
+    assert l1 > 0.05  # the document moves the teacher's states: the term is not zero at step 0
+
+    cached = {k: v for k, v in batch.items() if k not in TEACHER_KEYS}
+    cached[TEACHER_HIDDEN] = np.asarray(h_t)
+    for b in (batch, cached):
+        _, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        _, (m,) = run_steps(make_train_step(graphdef, opt, cfg, mesh), state, base, b, 1)
+        assert set(m) == BASE_KEYS | {"distill_loss", "hidden_loss"}
+        assert m["distill_loss"] == pytest.approx(kl, abs=1e-5)
+        assert m["hidden_loss"] == pytest.approx(l1, rel=1e-5)
+        assert m["loss"] == pytest.approx(kl + weight * l1, rel=1e-5)
+
+
+def test_hidden_weight_alone_pulls_the_student_states_towards_the_teachers(tiny_lora):
+    cfg = train_config(hidden_weight=1.0, lr=3e-2)
+    loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+    batch = random_batch(16, loaded.cfg.vocab_size, 4)
+    _, hist = run_steps(make_train_step(graphdef, opt, cfg, mesh), state, base, batch, 8)
+    assert hist[-1]["hidden_loss"] < 0.8 * hist[0]["hidden_loss"]
 
 
 def retention_rows(vocab: int, n: int = 6, seed: int = 3) -> list[Example]:
@@ -172,6 +211,8 @@ def test_retention_rows_cycle_deterministically_from_seed_and_step():
     (dict(ce_weight=-0.1), "ce_weight must be >= 0"),
     (dict(ce_weight=float("nan")), "ce_weight must be a finite number"),
     (dict(objective="ce", ce_weight=0.5), "ce_weight must be 0 with objective ce"),
+    (dict(hidden_weight=-1.0), "hidden_weight must be >= 0"),
+    (dict(objective="ce", hidden_weight=0.5), "hidden_weight must be 0 with objective ce"),
     (dict(retention_weight=-1.0, retention_prompts="x"), "retention_weight must be >= 0"),
     (dict(retention_weight=0.5), "retention_prompts must be a JSONL"),
     (dict(retention_batch_size=0), "retention_batch_size must be >= 1"),
