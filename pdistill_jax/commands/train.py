@@ -20,8 +20,9 @@ _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
 TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
-               "ce_weight", "hidden_weight", "retention_weight", "retention_prompts", "retention_batch_size",
-               "open_book_share", "dev_share", "eval_every", "early_stop_patience")
+               "ce_weight", "hidden_weight", "retention_weight", "retention_prompts",
+               "retention_batch_size", "open_book_share", "dev_share", "eval_every",
+               "early_stop_patience")
 LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
 
 

@@ -50,7 +50,7 @@ class MetricsLog:
         elapsed = self.elapsed0 + now - self.session_start
         rows = [{"step": step, "epoch": round(step / self.spe, 4), "loss": float(v["loss"]),
                  # the loss's parts, only in a step that has them (TrainConfig.ce_weight,
-                 # hidden_weight, retention_weight): without them the rows are what they always were
+                 # hidden_weight, retention_weight): without them the rows are as they were
                  **{k: float(v[k]) for k in LOSS_PARTS if k in v},
                  "grad_norm": float(v["grad_norm"]), "lr": float(v["lr"]),
                  "answer_tokens": int(v["answer_tokens"]), "examples_per_s": round(rate, 3),

@@ -253,10 +253,10 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
 
     With cfg.ce_weight, hidden_weight or retention_weight (`has_parts`) the aux gains a third
     entry, the sums of the loss's parts ("distill_loss" and any of "ce_loss", "hidden_loss",
-    {"retention_loss", "retention_rows"}), and the function takes a 4th argument, `retention_scale` (see
-    `make_train_step`): the retention sum enters the total as retention_weight *
-    retention_scale * sum. Both are trace-time branches: with them off the computation is
-    exactly the plain objective's.
+    {"retention_loss", "retention_rows"}), and the function takes a 4th argument,
+    `retention_scale` (see `make_train_step`): the retention sum enters the total as
+    retention_weight * retention_scale * sum. Each term is a trace-time branch: with them off
+    the computation is exactly the plain objective's.
     """
     objective, tau, alpha, weight = cfg.objective, cfg.tau, cfg.ce_weight, cfg.retention_weight
     hidden_weight = cfg.hidden_weight

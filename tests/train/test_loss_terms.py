@@ -90,7 +90,7 @@ def test_ce_weight_accumulates_exactly(tiny_lora):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_hidden_weight_adds_the_relative_l1_of_the_final_states_with_or_without_the_cache(tiny_lora):
+def test_hidden_weight_adds_the_relative_l1_of_the_final_states_cached_or_not(tiny_lora):
     """loss = KL + w * mean over rows of the per-token ||h_S - h_T||_1 / ||h_T||_1 on the answer
     positions, the teacher's states computed in the step or brought by the batch (the cache)."""
     weight = 0.7
