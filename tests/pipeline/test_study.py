@@ -236,6 +236,7 @@ def test_docs_n_trains_and_tests_on_the_first_documents_and_resumes_a_training(
     assert "| base model | - | - | 1 |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # a second study training (about 25 s); the dev set itself: test_dev_set
 def test_a_variant_with_a_dev_set_records_the_step_it_kept_and_counts_only_trained_rows(
         root, tmp_path):
     from pdistill_jax.infer.evaluate import exposures
