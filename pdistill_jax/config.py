@@ -437,17 +437,13 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     # The adapter sits on layers first_layer .. num_layers - 1 only (0 = every layer). The layers
     # below run frozen, so the backward pass stops at first_layer: cheaper steps (PEFT's
-    # layers_to_transform on export).
+    # layers_to_transform on export; a target_modules regex when the head is a target too).
     first_layer: int = added_option(0)
 
     def __post_init__(self):
         coerce_fields(self)
         check_range(self, "rank", 1)
         check_range(self, "first_layer", 0)
-        if self.first_layer and "lm_head" in self.targets:
-            # PEFT's layers_to_transform drops every module without a layer index, the head too
-            raise _fail("first_layer", "0 when targets include lm_head (an adapter on the upper "
-                        "layers only cannot carry the head in PEFT's format)", self.first_layer)
         if self.alpha is None:
             object.__setattr__(self, "alpha", 2.0 * self.rank)
         check_range(self, "alpha", 0, low_open=True)
@@ -818,6 +814,10 @@ class StudyConfig:
     # Each variant also answers the test questions with the gold document in its prompt (PD +
     # RAG(gold)): whether its adapter still reads what it is given.
     with_document: bool = False
+    # Each variant trained once per seed (train.seed: the adapter's initial A and the order of
+    # the batches), as <name>-seed<k>; results.md then gives each variant's mean and range over
+    # them. Empty: once, with the variant's own train.seed.
+    seeds: tuple[int, ...] = ()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # each variant's defaults
     rows: RowsConfig = dataclasses.field(default_factory=RowsConfig)
 
@@ -827,6 +827,8 @@ class StudyConfig:
             check_range(self, name, 1)
         if self.train.system is not None:
             raise _fail("train.system", "unset: set `system` once, in base", self.train.system)
+        if any(k < 0 for k in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise _fail("seeds", "distinct integers >= 0", list(self.seeds))
 
 
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

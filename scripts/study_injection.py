@@ -5,7 +5,8 @@
 
 Each variant of VARIANTS.yaml (see configs/study/example.yaml) trains into OUT/<name>/run,
 answers the test questions closed-book and the retention questions; its row goes into
-OUT/results.jsonl and OUT/results.md, beside the base model closed-book and RAG(gold). A rerun
+OUT/results.jsonl and OUT/results.md, beside the base model closed-book and RAG(gold); with
+`seeds:` in its base, once per seed, and results.md adds each variant's mean and range. A rerun
 skips the variants already measured, redoes the ones whose settings changed and continues an
 interrupted training. The library is pdistill_jax/pipeline/study.py.
 """

@@ -3,6 +3,7 @@
 VARIANTS.yaml holds `base:` (a StudyConfig: the model, the generated data, the questions, the
 system message, answering, and each variant's default `train:` and `rows:`) and `variants:`, a
 list of {name, train: {TrainConfig fields}, rows: {RowsConfig fields}} laid over the base's.
+With `base.seeds` each variant runs once per seed, as <name>-seed<k>.
 
 Each variant trains into OUT/<name>/run on its rows (study_data.py), then answers the test
 questions closed-book with its adapter and the retention questions; one row per variant goes
@@ -88,8 +89,26 @@ def load_study(path: str | Path) -> Study:
             raise ValueError(f"{where(key + '.name')}{label}.name {variant.name!r} is taken by "
                              f"variants[{names[variant.name]}]; each variant needs its own name")
         names[variant.name] = i
+        if base.seeds and "seed" in merged["train"]:
+            at = f"{key}.train.seed" if f"{key}.train.seed" in lines else "base.train.seed"
+            raise ValueError(f"{where(at)}train.seed is set while base.seeds is "
+                             f"{list(base.seeds)}; set one of them")
         variants.append(variant)
-    return Study(base, variants, path)
+    return Study(base, with_seeds(variants, base.seeds), path)
+
+
+def with_seeds(variants: list[VariantConfig], seeds: tuple[int, ...]) -> list[VariantConfig]:
+    """Each variant once per seed, as <name>-seed<k> with train.seed k (seed-major order, so an
+    interrupted study has every variant at its first seeds); the variants as they are without."""
+    if not seeds:
+        return variants
+    out = [dataclasses.replace(v, name=f"{v.name}-seed{k}", train=dataclasses.replace(v.train, seed=k))
+           for k in seeds for v in variants]
+    taken = {v.name for v in variants} & {v.name for v in out}
+    if taken:
+        raise ValueError(f"variant name {sorted(taken)[0]!r} is also one of another variant's "
+                         "seeds (<name>-seed<k>); rename it")
+    return out
 
 
 def _overlay(base, override):
@@ -378,7 +397,8 @@ def _row(inputs: _Inputs, variant: VariantConfig, cfg: TrainConfig, stages: list
                         passes)
     seconds = {s.name: (read_record(s) or {}).get("seconds") for s in stages}
     return {
-        "name": variant.name, "fingerprint": fingerprint, "baselines": baselines["key"],
+        "name": variant.name, "seed": cfg.seed, "fingerprint": fingerprint,
+        "baselines": baselines["key"],
         "objective": cfg.objective, "changes": _changes(inputs.base, variant),
         "docs": inputs.docs_n,
         "rows": summary["rows"], "rows_skipped": summary.get("rows_skipped"),

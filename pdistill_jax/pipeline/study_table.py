@@ -62,8 +62,63 @@ def table_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+SEEDS_INTRO = """
+## Across seeds
+
+Each variant trained with several seeds (the study's `seeds`; its rows above are
+<name>-seed<k>): the mean over them, and the lowest and highest in brackets. A difference
+between two variants within these ranges is the seed's, not the variant's.
+"""
+SEEDS_HEADER = ("variant", "seeds", "closed-book", "with document", "retention", "train s")
+
+
+def _seed(row: dict):
+    """The row's train seed (rows written before they carried "seed" have it in "train")."""
+    return row["seed"] if "seed" in row else (row.get("train") or {}).get("seed")
+
+
+def seed_groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows named <variant>-seed<k> (k their train seed) by variant, in file order; only
+    variants with two seeds or more, measured against the same baselines."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        suffix = f"-seed{_seed(row)}"
+        if row["name"].endswith(suffix) and len(row["name"]) > len(suffix):
+            groups.setdefault((row["name"][:-len(suffix)], row["baselines"]), []).append(row)
+    return {name: group for (name, _), group in groups.items() if len(group) > 1}
+
+
+def _spread(values: list, digits: int = 1, percent: bool = True) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    scale, unit = (100, "%") if percent else (1, "")
+    mean, low, high = (scale * x for x in (sum(values) / len(values), min(values), max(values)))
+    return f"{mean:.{digits}f}{unit} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def seed_lines(rows: Sequence[dict]) -> list[str]:
+    """One line per variant of `seed_groups`: mean (lowest–highest) of each score."""
+    groups = seed_groups(rows)
+    if not groups:
+        return []
+    lines = ["| " + " | ".join(SEEDS_HEADER) + " |", "|" + "---|" * len(SEEDS_HEADER)]
+    for name, group in groups.items():
+        lines.append("| " + " | ".join([
+            name, ", ".join(str(_seed(r)) for r in group),
+            _spread([r["closed_book"] for r in group]),
+            _spread([r.get("with_document") for r in group]),
+            _spread([r["retention"] for r in group]),
+            _spread([r["train_wall_s"] for r in group], 0, percent=False)]) + " |")
+    return lines
+
+
 def write_table(path: Path, rows: Sequence[dict]) -> None:
-    write_text_atomic(path, INTRO + "\n" + "\n".join(table_lines(rows)) + "\n")
+    seeds = seed_lines(rows)
+    text = INTRO + "\n" + "\n".join(table_lines(rows)) + "\n"
+    if seeds:
+        text += SEEDS_INTRO + "\n" + "\n".join(seeds) + "\n"
+    write_text_atomic(path, text)
 
 
 def _steps(row: dict) -> str:

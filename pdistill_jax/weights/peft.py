@@ -30,8 +30,8 @@ from pdistill_jax.config import LORA_TARGETS, LoraConfig, ModelConfig
 from pdistill_jax.files import write_dir_atomic
 from pdistill_jax.log import logger
 from pdistill_jax.weights.hf import read_safetensors
-from pdistill_jax.weights.names import (HF_MODULE, LAYER_PATH, Fused, fused_of, hf_module_paths,
-                                        target_dims)
+from pdistill_jax.weights.names import (HF_MODULE, LAYER_PATH, LORA_TENSORS, Fused, fused_of,
+                                        hf_module_paths, target_dims)
 from pdistill_jax.weights.registry import REGISTRY
 
 _log = logger("export")
@@ -72,6 +72,25 @@ def target_modules(cfg: ModelConfig, targets) -> list[str]:
         if name not in out:
             out.append(name)
     return out
+
+
+def target_regex(cfg: ModelConfig, lora: LoraConfig) -> str:
+    """PEFT's target_modules as one regex, which peft matches whole against each module path: the
+    targets' modules in layers first_layer..L-1, and the head. Written for an upper-layer adapter
+    that also adapts the head, where layers_to_transform would drop the head (it has no layer
+    index); peft ignores layers_to_transform when target_modules is a string."""
+    by_part = _fused_by_part(cfg)
+    layers = "|".join(str(i) for i in range(lora.first_layer, cfg.num_layers))
+    templates: list[str] = []
+    for t in lora.targets:
+        template = by_part[t].hf_module if t in by_part else LORA_TENSORS[t].hf_module
+        if template not in templates:
+            templates.append(template)
+    return "|".join(re.escape(t).replace(re.escape("{i}"), f"(?:{layers})") for t in templates)
+
+
+def _needs_regex(lora: LoraConfig) -> bool:
+    return bool(lora.first_layer) and "lm_head" in lora.targets
 
 
 # ---------------------------------------------------------------- tree <-> PEFT tensors
@@ -256,12 +275,14 @@ def peft_config_dict(lora: LoraConfig, base_model: str, cfg: ModelConfig) -> dic
         "lora_alpha": lora.alpha,  # PEFT's scale alpha / r equals ours; hence no rslora
         "use_rslora": False,
         "use_dora": False,
-        "target_modules": target_modules(cfg, lora.targets),
+        "target_modules": (target_regex(cfg, lora) if _needs_regex(lora)
+                           else target_modules(cfg, lora.targets)),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
-        "layers_to_transform": list(range(lora.first_layer, num_layers)) if lora.first_layer else None,
+        "layers_to_transform": (list(range(lora.first_layer, num_layers))
+                                if lora.first_layer and not _needs_regex(lora) else None),
         "layers_pattern": None,
         "rank_pattern": {f.module_name: len(f.parts) * lora.rank for f in fused},
         "alpha_pattern": {f.module_name: len(f.parts) * lora.alpha for f in fused},
@@ -284,24 +305,36 @@ def _modules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], list[str]]]:
     return out
 
 
-def _targets_from_config(target_modules, cfg: ModelConfig, source: str) -> tuple[str, ...]:
+def _targets_from_config(target_modules, cfg: ModelConfig, source: str
+                         ) -> tuple[tuple[str, ...], int | None]:
+    """(our targets, first layer) of PEFT's target_modules; the first layer only when a regex
+    decides it (peft then ignores layers_to_transform), else None."""
     modules = _modules(cfg)
     supported = ", ".join(name for name, _, _ in modules)
     if isinstance(target_modules, str):
         if target_modules == "all-linear":  # peft's shorthand: every linear layer but the head
-            return tuple(t for t in LORA_TARGETS if t != "lm_head")
-        found = []
+            return tuple(t for t in LORA_TARGETS if t != "lm_head"), None
+        found, firsts = [], set()
         for name, targets, paths in modules:  # peft matches a string as a regex on module paths
-            hits = [bool(re.fullmatch(target_modules, p)) for p in paths]
-            if all(hits):
-                found += targets
-            elif any(hits):
-                raise ValueError(f"{source}: target_modules={target_modules!r} matches "
-                                 f"{name} in some layers only; pdistill adapts every layer alike")
+            hits = [i for i, p in enumerate(paths) if re.fullmatch(target_modules, p)]
+            if not hits:
+                continue
+            if len(paths) > 1:  # a per-layer module: the regex must pick a top range of layers
+                if hits != list(range(hits[0], cfg.num_layers)):
+                    raise ValueError(
+                        f"{source}: target_modules={target_modules!r} matches {name} in layers "
+                        f"{hits}; pdistill adapts a top range of layers (k, ..., "
+                        f"{cfg.num_layers - 1}) alike")
+                firsts.add(hits[0])
+            found += targets
         if not found:
             raise ValueError(f"{source}: target_modules={target_modules!r} matches none of "
                              f"{supported}")
-        return tuple(t for t in LORA_TARGETS if t in found)
+        if len(firsts) > 1:
+            raise ValueError(f"{source}: target_modules={target_modules!r} starts its modules at "
+                             f"different layers ({sorted(firsts)}); pdistill adapts the same top "
+                             "range of layers in every target")
+        return tuple(t for t in LORA_TARGETS if t in found), min(firsts, default=0)
     if not target_modules:
         raise ValueError(f"{source}: target_modules is empty")
     by_name = {name: targets for name, targets, _ in modules}
@@ -312,7 +345,7 @@ def _targets_from_config(target_modules, cfg: ModelConfig, source: str) -> tuple
             raise ValueError(f"{source}: target_modules entry {entry!r} is not supported; "
                              f"pdistill adapts {supported}")
         names.update(by_name[name])
-    return tuple(t for t in LORA_TARGETS if t in names)
+    return tuple(t for t in LORA_TARGETS if t in names), None
 
 
 def lora_config_from_peft(conf: dict, cfg: ModelConfig,
@@ -326,7 +359,7 @@ def lora_config_from_peft(conf: dict, cfg: ModelConfig,
         raise ValueError(f"{source}: missing field {'r' if 'r' not in conf else 'target_modules'!r}")
     rank = int(conf["r"])
     alpha = float(conf.get("lora_alpha", 8))  # peft's default lora_alpha
-    targets = _targets_from_config(conf["target_modules"], cfg, source)
+    targets, regex_first = _targets_from_config(conf["target_modules"], cfg, source)
     # The rank/alpha patterns of fused modules as `peft_config_dict` writes them are plain LoRA.
     ours = peft_config_dict(LoraConfig(rank=rank, alpha=alpha, targets=targets), "", cfg)
     for field, default in _UNSUPPORTED_FIELDS.items():
@@ -335,8 +368,9 @@ def lora_config_from_peft(conf: dict, cfg: ModelConfig,
             raise ValueError(f"{source}: {field}={conf[field]!r} is not supported (plain LoRA only); "
                              "use an adapter without it, or merge it with peft's merge_and_unload "
                              "and pass the merged model as --model")
-    return LoraConfig(rank=rank, alpha=alpha, targets=targets,
-                      first_layer=_first_layer(conf.get("layers_to_transform"), cfg, source))
+    first = regex_first if regex_first is not None else \
+        _first_layer(conf.get("layers_to_transform"), cfg, source)
+    return LoraConfig(rank=rank, alpha=alpha, targets=targets, first_layer=first)
 
 
 def _first_layer(layers, cfg: ModelConfig, source: str) -> int:

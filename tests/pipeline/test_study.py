@@ -324,3 +324,46 @@ def test_every_shipped_study_file_reads(path):
         load_yaml(GenerateConfig, path)
     else:
         assert load_study(path).variants
+
+
+def test_seeds_train_each_variant_once_per_seed(tmp_path, capsys):
+    from pdistill_jax.pipeline.study import load_study
+
+    path = tmp_path / "seeds.yaml"
+    path.write_text("base:\n  seeds: [0, 3]\n  train: {epochs: 1}\nvariants:\n  - name: a\n"
+                    "  - name: b\n    train: {epochs: 2}\n")
+    study = load_study(path)
+    assert [(v.name, v.train.seed, v.train.epochs) for v in study.variants] == [
+        ("a-seed0", 0, 1), ("b-seed0", 0, 2), ("a-seed3", 3, 1), ("b-seed3", 3, 2)]
+
+    path.write_text("base:\n  seeds: [0, 1]\nvariants:\n  - name: a\n    train: {seed: 4}\n")
+    assert _study(path) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"pdistill study: error: {path}:5: train.seed is set while base.seeds is [0, 1]; set one "
+        "of them")
+    path.write_text("base:\n  seeds: [0]\nvariants:\n  - name: a\n  - name: a-seed0\n")
+    assert _study(path) == 2
+    assert "variant name 'a-seed0' is also one of another variant's seeds" in capsys.readouterr().err
+
+
+def test_results_md_gives_each_variant_its_mean_and_range_over_seeds(tmp_path):
+    from pdistill_jax.pipeline.study_table import write_table
+
+    def row(name, seed, closed, retention, baselines="k"):
+        return {"name": name, "seed": seed, "baselines": baselines, "objective": "kl",
+                "changes": {"seed": seed}, "docs": None, "rows": 10, "steps": 5, "epochs": 1,
+                "exposures_per_fact": 1.0, "train_wall_s": 10.0 + seed, "answer_wall_s": 1.0,
+                "closed_book": closed, "with_document": None, "retention": retention,
+                "coverage": 0.5, "base_closed_book": 0.0, "rag_gold": 0.8, "base_retention": 0.9}
+
+    rows = [row("a-seed0", 0, 0.25, 0.75), row("a-seed1", 1, 0.5, 0.5), row("a-seed2", 2, 0.0, 1.0),
+            row("b-seed0", 0, 0.1, 0.1), row("c-seed5", 4, 0.1, 0.1),  # one seed; not its seed
+            row("a-seed3", 3, 1.0, 1.0, baselines="other")]  # other questions: not pooled
+    write_table(tmp_path / "results.md", rows)
+    text = (tmp_path / "results.md").read_text()
+    across = text[text.index("## Across seeds"):].splitlines()
+    assert [line for line in across if line.startswith("| a")] == [
+        "| a | 0, 1, 2 | 25.0% (0.0–50.0) | - | 75.0% (50.0–100.0) | 11 (10–12) |"]
+    assert not any(line.startswith(("| b", "| c")) for line in across)
+    write_table(tmp_path / "results.md", rows[3:5])
+    assert "Across seeds" not in (tmp_path / "results.md").read_text()

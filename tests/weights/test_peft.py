@@ -277,7 +277,7 @@ def test_regex_and_all_linear_target_modules(exported):
     assert load_peft_adapter(folder, cfg)[0].targets == ("q", "v", "lm_head")
     conf["target_modules"] = r"model\.layers\.0\..*q_proj"
     (folder / "adapter_config.json").write_text(json.dumps(conf))
-    with pytest.raises(ValueError, match="some layers only"):
+    with pytest.raises(ValueError, match=r"matches q_proj in layers \[0\]; pdistill adapts a top"):
         load_peft_adapter(folder, cfg)
     conf["target_modules"] = "all-linear"  # 7 projections expected: their tensors are missing
     (folder / "adapter_config.json").write_text(json.dumps(conf))
@@ -428,6 +428,51 @@ def test_upper_layer_adapter_is_peft_layers_to_transform(tiny_llama, tmp_path):
     conf["layers_to_transform"] = [0]  # a lower range leaves the top unadapted: refused by name
     (out / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] is not supported"):
+        load_peft_adapter(out, lm.cfg)
+
+
+def test_upper_layer_adapter_with_the_head_is_a_peft_regex(tiny_qwen2, tmp_path):
+    """first_layer=1 with the (tied) head as a target: layers_to_transform would drop the head,
+    so target_modules is a regex naming layer 1's modules and lm_head. peft builds the same key
+    set from it, computes our student's logits, and our import reads back first_layer and the
+    head."""
+    import peft
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    targets = PROJECTIONS + ("lm_head",)
+    lm = load_model(tiny_qwen2, LoraConfig(rank=4, alpha=8.0, targets=targets, first_layer=1),
+                    with_tokenizer=False)
+    randomize_lora(lm.model, seed=5)
+    state = nnx.state(lm.model, nnx.LoRAParam)  # layer 0's B stays zero, as training leaves it
+    nnx.update(lm.model, jax.tree_util.tree_map_with_path(
+        lambda p, a: a.at[0].set(0.0) if "layers" in jax.tree_util.keystr(p)
+        and "lora_b" in jax.tree_util.keystr(p) else a, state))
+    out = save_peft_adapter(tmp_path / "adapter", nnx.state(lm.model, nnx.LoRAParam), lm.cfg,
+                            lm.model.lora_config, str(tiny_qwen2))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert isinstance(conf["target_modules"], str) and conf["layers_to_transform"] is None
+    ref_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=conf["target_modules"],
+                                 task_type="CAUSAL_LM")
+    ref = get_peft_model_state_dict(peft.get_peft_model(torch_base(tiny_qwen2), ref_config),
+                                    save_embedding_layers=False)
+    ours = load_file(str(out / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert "base_model.model.lm_head.lora_B.weight" in ours
+    assert not any(".layers.0." in k for k in ours)
+
+    peft_model = PeftModel.from_pretrained(torch_base(tiny_qwen2), str(out)).eval()
+    want = jax_logits(lm.model)
+    np.testing.assert_allclose(torch_logits(peft_model), want, atol=1e-4, rtol=0)
+    loaded = load_model(str(tiny_qwen2), adapter=out, with_tokenizer=False)
+    assert loaded.model.lora_config.first_layer == 1
+    assert loaded.model.lora_config.targets == targets
+    np.testing.assert_array_equal(jax_logits(loaded.model), want)
+
+    # A regex that starts the modules at different layers is refused by name.
+    conf["target_modules"] = r"model\.layers\.1\.self_attn\.q_proj|model\.layers\.(0|1)\.mlp\.up_proj"
+    (out / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=r"different layers \(\[0, 1\]\)"):
         load_peft_adapter(out, lm.cfg)
 
 
