@@ -78,14 +78,14 @@ def _seed(row: dict):
 
 
 def seed_groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """Rows named <variant>-seed<k> (k their train seed) by variant, in file order; only
+    """Rows named <variant>-seed<k> (k their train seed) by variant, in seed order; only
     variants with two seeds or more, measured against the same baselines."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         suffix = f"-seed{_seed(row)}"
         if row["name"].endswith(suffix) and len(row["name"]) > len(suffix):
             groups.setdefault((row["name"][:-len(suffix)], row["baselines"]), []).append(row)
-    return {name: group for (name, _), group in groups.items() if len(group) > 1}
+    return {name: sorted(group, key=_seed) for (name, _), group in groups.items() if len(group) > 1}
 
 
 def _spread(values: list, digits: int = 1, percent: bool = True) -> str:
