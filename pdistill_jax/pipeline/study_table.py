@@ -77,15 +77,15 @@ def _seed(row: dict):
     return row["seed"] if "seed" in row else (row.get("train") or {}).get("seed")
 
 
-def seed_groups(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """Rows named <variant>-seed<k> (k their train seed) by variant, in seed order; only
-    variants with two seeds or more, measured against the same baselines."""
+def seed_groups(rows: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """(variant, its rows in seed order) of the rows named <variant>-seed<k> (k their train
+    seed): one group per variant and baselines (a --docs subset is its own), two seeds or more."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         suffix = f"-seed{_seed(row)}"
         if row["name"].endswith(suffix) and len(row["name"]) > len(suffix):
             groups.setdefault((row["name"][:-len(suffix)], row["baselines"]), []).append(row)
-    return {name: sorted(group, key=_seed) for (name, _), group in groups.items() if len(group) > 1}
+    return [(name, sorted(group, key=_seed)) for (name, _), group in groups.items() if len(group) > 1]
 
 
 def _spread(values: list, digits: int = 1, percent: bool = True) -> str:
@@ -103,7 +103,7 @@ def seed_lines(rows: Sequence[dict]) -> list[str]:
     if not groups:
         return []
     lines = ["| " + " | ".join(SEEDS_HEADER) + " |", "|" + "---|" * len(SEEDS_HEADER)]
-    for name, group in groups.items():
+    for name, group in groups:
         lines.append("| " + " | ".join([
             name, ", ".join(str(_seed(r)) for r in group),
             _spread([r["closed_book"] for r in group]),

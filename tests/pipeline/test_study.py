@@ -358,12 +358,14 @@ def test_results_md_gives_each_variant_its_mean_and_range_over_seeds(tmp_path):
 
     rows = [row("a-seed0", 0, 0.25, 0.75), row("a-seed1", 1, 0.5, 0.5), row("a-seed2", 2, 0.0, 1.0),
             row("b-seed0", 0, 0.1, 0.1), row("c-seed5", 4, 0.1, 0.1),  # one seed; not its seed
-            row("a-seed3", 3, 1.0, 1.0, baselines="other")]  # other questions: not pooled
+            row("a-seed4", 4, 1.0, 1.0, baselines="other"),  # other questions: not pooled
+            row("a-seed3", 3, 0.5, 0.5, baselines="other")]
     write_table(tmp_path / "results.md", rows)
     text = (tmp_path / "results.md").read_text()
     across = text[text.index("## Across seeds"):].splitlines()
     assert [line for line in across if line.startswith("| a")] == [
-        "| a | 0, 1, 2 | 25.0% (0.0–50.0) | - | 75.0% (50.0–100.0) | 11 (10–12) |"]
+        "| a | 0, 1, 2 | 25.0% (0.0–50.0) | - | 75.0% (50.0–100.0) | 11 (10–12) |",
+        "| a | 3, 4 | 75.0% (50.0–100.0) | - | 75.0% (50.0–100.0) | 14 (13–14) |"]
     assert not any(line.startswith(("| b", "| c")) for line in across)
     write_table(tmp_path / "results.md", rows[3:5])
     assert "Across seeds" not in (tmp_path / "results.md").read_text()
