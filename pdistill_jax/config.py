@@ -671,6 +671,13 @@ class GenerateConfig:
     # times, each answer sampled afresh at a_temperature / sft_temperature and a row of its own
     # recording "answer_index" (1, 2, ... after the first); 1 = one answer a question.
     answers_per_question: int = added_option(1)
+    # The teacher reads, after the document and before the question, this many of the document's
+    # sentences that match the question best (BM25 over its sentences, best first; datagen/
+    # answers.py `teacher_contexts`); 0 = the document alone. A small teacher tends to recite the
+    # document's opening whatever the question; the sentences a question is about, read last,
+    # start its answer instead. The row's "document" is that context, so that training's teacher
+    # reads what generation's did. Restatements keep the document alone.
+    relevant_sentences: int = added_option(0)
     # Teacher restatements (datagen/restatements.py): this many requests per document ("List the
     # facts about <title>, one per line.", a summary, a description, ...; at most
     # MAX_RESTATEMENTS), each answered by the teacher with the document in its prompt, up to
@@ -698,6 +705,7 @@ class GenerateConfig:
         check_range(self, "recitations_per_doc", 0, MAX_RECITATIONS)
         check_choice(self, "question_mode", QUESTION_MODES)
         check_range(self, "paraphrases_per_question", 0)
+        check_range(self, "relevant_sentences", 0)
         for name in ("q_temperature", "a_temperature", "sft_temperature"):
             check_range(self, name, 0)
         for name in ("q_top_k", "a_top_k", "seed"):  # top-k 0 = off

@@ -12,7 +12,7 @@ from . import (DOCS_HELP, add_decode_dtype_argument, add_model_argument, add_no_
 FLAGS = ("questions_per_doc", "q_temperature", "a_temperature", "sft_temperature", "seed",
          "batch_size", "system", "question_mode", "paraphrases_per_question",
          "answers_per_question", "restatements_per_doc", "recitations_per_doc", "decode_dtype",
-         "name_the_subject")
+         "name_the_subject", "relevant_sentences")
 
 
 def add_arguments(p) -> None:
@@ -42,6 +42,10 @@ def add_arguments(p) -> None:
                    help="a question that does not name its document's subject (the title, else "
                         "the start of the first sentence) is asked about it: \"About <subject>: "
                         f"<question>\" {default('name_the_subject')}")
+    p.add_argument("--relevant-sentences", type=int,
+                   help="the teacher reads this many of the document's sentences that match "
+                        "the question best (BM25) again after the document, just before the "
+                        f"question; 0 = the document alone {default('relevant_sentences')}")
     p.add_argument("--answers-per-question", type=int,
                    help="teacher answers to each question (and rewrite), each sampled afresh "
                         f"and a row of its own {default('answers_per_question')}")

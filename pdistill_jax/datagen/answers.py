@@ -8,8 +8,9 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from pdistill_jax.config import GenerateConfig, SamplingParams
-from pdistill_jax.datagen.documents import Document
+from pdistill_jax.datagen.documents import Document, split_sentences
 from pdistill_jax.datagen.seeds import derive_seed
+from pdistill_jax.infer.retrieval import BM25Index
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_token_ids
 
 
@@ -18,14 +19,30 @@ def teacher_message(document: str, question: str) -> str:
     return f"{document}{DOC_SEPARATOR}{question}"
 
 
+def teacher_contexts(document: str, questions: Sequence[str], count: int) -> list[str]:
+    """What the teacher reads before each question: the whole document, a blank line, then the
+    `count` sentences of it that match the question best (BM25 over its sentences, best first);
+    `document` alone when count is 0 or it has one sentence. After the document, not before:
+    a document's questions still share their prompt up to its end, which the sampler prefills
+    once for all of them."""
+    sentences = split_sentences(document)
+    if not count or len(sentences) < 2:
+        return [document] * len(questions)
+    best = BM25Index(sentences).search(questions, count)
+    return [document + "\n\n" + " ".join(sentences[i] for i in picked) for picked in best]
+
+
 class AnswerCall(NamedTuple):
     """One logical call of the teacher: its (document, question) items, its seed, its answer
-    length (None: cfg.max_answer_tokens). Several run through the same decode slots
-    (`teacher_answers_many`), each row sampling as it would in a call of its own."""
+    length (None: cfg.max_answer_tokens), and whether its items are questions (the teacher reads
+    their best-matching sentences again, cfg.relevant_sentences) or requests about the
+    whole document (restatements: the document alone). Several run through the same decode
+    slots (`teacher_answers_many`), each row sampling as it would in a call of its own."""
 
     items: Sequence[tuple[Document, str]]
     seed: int
     max_tokens: int | None = None
+    questions: bool = True
 
 
 def teacher_answers(lm, items: Sequence[tuple[Document, str]], cfg: GenerateConfig, seed: int,
@@ -56,9 +73,11 @@ def teacher_answers_many(lm, calls: Sequence[AnswerCall], cfg: GenerateConfig,
     # teacher prompt, asked together so that the sampler prefills the prompt once for both.
     shared = cfg.a_temperature == cfg.sft_temperature
     prompts, temperatures, limits, keys, spans = [], [], [], [], []
+    contexts = []  # per call, what the teacher reads before each item's question
     for call in calls:
-        mine = [chat_prompt_ids(tokenizer, teacher_message(d.text, q), cfg.system)
-                for d, q in call.items]
+        contexts.append(_contexts(call, cfg.relevant_sentences if call.questions else 0))
+        mine = [chat_prompt_ids(tokenizer, teacher_message(c, q), cfg.system)
+                for c, (_, q) in zip(contexts[-1], call.items)]
         n = len(mine)
         temps = [cfg.a_temperature] * n + ([] if shared else [cfg.sft_temperature] * n)
         spans.append((len(prompts), n))
@@ -83,16 +102,30 @@ def teacher_answers_many(lm, calls: Sequence[AnswerCall], cfg: GenerateConfig,
                     temperatures=temperatures, max_new_tokens=limits, row_keys=keys,
                     keep_hidden=on_teacher_state is not None, progress=progress)
     results = []
-    for call, (start, n) in zip(calls, spans):
+    for call, (start, n), context in zip(calls, spans, contexts):
         pds = outs[start:start + n]
         sfts = pds if shared else outs[start + n:start + 2 * n]
         if on_teacher_state is not None:
             for prompt, pd in zip(prompts[start:start + n], pds):
                 on_teacher_state(prompt + pd.tokens, pd.hidden)
         results.append([{
-            "doc_id": doc.id, "document": doc.text, "question": question,
+            "doc_id": doc.id, "document": text, "question": question,
             "answer": tokenizer.decode(pd.tokens, skip_special_tokens=True).strip(),
             "sft_answer": tokenizer.decode(sft.tokens, skip_special_tokens=True).strip(),
             "answer_finished": pd.finished, "sft_finished": sft.finished,
-        } for (doc, question), pd, sft in zip(call.items, pds, sfts)])
+        } for (doc, question), text, pd, sft in zip(call.items, context, pds, sfts)])
     return results
+
+
+def _contexts(call: AnswerCall, count: int) -> list[str]:
+    """`teacher_contexts` of a call's items, one BM25 index per document."""
+    if not count:
+        return [d.text for d, _ in call.items]
+    by_doc: dict[str, list[int]] = {}
+    for i, (d, _) in enumerate(call.items):
+        by_doc.setdefault(d.text, []).append(i)
+    out = [""] * len(call.items)
+    for text, rows in by_doc.items():
+        for i, context in zip(rows, teacher_contexts(text, [call.items[i][1] for i in rows], count)):
+            out[i] = context
+    return out

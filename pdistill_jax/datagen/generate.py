@@ -225,7 +225,8 @@ def _run_wave(lm, docs: list[Document], cfg: GenerateConfig, states_dir: Path, f
         if more:
             calls["more restatements"] = AnswerCall(
                 [item for item in calls["restatements"].items for _ in range(more)],
-                derive_seed(restate_seed, "more answers"), cfg.max_restatement_tokens)
+                derive_seed(restate_seed, "more answers"), cfg.max_restatement_tokens,
+                questions=False)
     bar.questions += sum(len(c.items) for name, c in calls.items() if name != "answers")
     answered = dict(zip(calls, teacher_answers_many(lm, list(calls.values()), cfg, bar.on_batch,
                                                     on_teacher_state if keep else None)))

@@ -59,7 +59,9 @@ def write_manifest(out: Path, job: GenerationJob, progress: Progress) -> dict:
             "system": cfg.system,
             "question_user": question_prompt("{document}"),
             "question_instruction": QUESTION_INSTRUCTION,
-            "answer_user": teacher_message("{document}", "{question}"),
+            "answer_user": teacher_message(
+                "{document}\n\n{the question's best-matching sentences}"
+                if cfg.relevant_sentences else "{document}", "{question}"),
         },
         "complete": len(per_doc) == len(docs),
         "counts": {

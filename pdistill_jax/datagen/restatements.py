@@ -72,7 +72,7 @@ def restatement_call(docs: Sequence[Document], cfg: GenerateConfig, seed: int) -
     the teacher's prompt, up to max_restatement_tokens."""
     items = [(d, request) for d in docs
              for request in restatement_requests(d, cfg.restatements_per_doc)]
-    return AnswerCall(items, seed, cfg.max_restatement_tokens)
+    return AnswerCall(items, seed, cfg.max_restatement_tokens, questions=False)
 
 
 def restated_rows(docs: Sequence[Document], answered: Sequence[dict]) -> dict[str, list[dict]]:

@@ -1,6 +1,7 @@
 """The data-side levers of `pdistill generate`: fact-targeted questions (question_mode: sentences),
 paraphrase augmentation (paraphrases_per_question), questions that name their document's subject
-(name_the_subject), further answers, restatements and recitations, each off by default.
+(name_the_subject), the question's best sentences again in the teacher's prompt
+(relevant_sentences), further answers, restatements and recitations, each off by default.
 
 The generation tests use a tiny model trained (test_generate.train_question_writer) to answer the
 question and paraphrase prompts with numbered questions (and it answers the span prompt so too),
@@ -52,7 +53,7 @@ FIELDS_BEFORE = ["questions_per_doc", "max_calls_per_doc", "q_temperature", "q_t
 LEVER_FIELDS = ["question_mode", "sentences_per_prompt", "questions_per_span",
                 "max_calls_per_span", "paraphrases_per_question", "max_paraphrase_calls",
                 "answers_per_question", "restatements_per_doc", "max_restatement_tokens",
-                "recitations_per_doc", "name_the_subject"]
+                "recitations_per_doc", "name_the_subject", "relevant_sentences"]
 
 
 def writer_prompts() -> list[str]:
@@ -254,6 +255,50 @@ def test_more_answers_follow_each_row_and_leave_the_first_alone(writer, docs_fil
     ds = load_from_disk(str(out / "dataset"))
     assert ds.to_list() == [{**r, "paraphrase_of": r.get("paraphrase_of"),
                              "answer_index": r.get("answer_index")} for r in rows]
+
+
+def test_the_teacher_reads_the_questions_best_sentences_again():
+    from pdistill_jax.datagen.answers import teacher_contexts
+
+    doc = DOCS[0]["text"]
+    assert teacher_contexts(doc, ["When was Tarsk founded?", "What does the fox jump over?"], 1) == [
+        doc + "\n\nTarsk was founded in 1873.",
+        doc + "\n\nThe quick brown fox of Tarsk jumps over the lazy dog."]
+    assert teacher_contexts(doc, ["Which kingdom has Tarsk, founded in 1873?"], 2) == [
+        doc + "\n\nTarsk was founded in 1873. The capital of the kingdom of Velloria is Tarsk."]
+    assert teacher_contexts(doc, ["q", "r"], 0) == [doc, doc]  # off
+    assert teacher_contexts("One sentence only here.", ["q"], 2) == ["One sentence only here."]
+
+
+def test_best_sentences_change_the_teachers_prompt_and_training_reads_it(
+        writer, docs_file, default_run, tmp_path_factory):
+    from pdistill_jax.config import LoraConfig, TrainConfig
+    from pdistill_jax.datagen.answers import teacher_contexts
+    from pdistill_jax.train.loop import train
+
+    cfg = dataclasses.replace(CFG, relevant_sentences=1, restatements_per_doc=1,
+                              max_restatement_tokens=6)
+    out, manifest = _run(writer, docs_file, tmp_path_factory, cfg, "relevant")
+    rows = jsonl(out / "qa.jsonl")
+    reference = jsonl(default_run[0] / "qa.jsonl")
+    questions = [r for r in rows if "restatement" not in r]
+    assert [r["question"] for r in questions] == [r["question"] for r in reference]
+    texts = {d["id"]: d["text"] for d in DOCS}
+    for r in questions:  # the row records what the teacher read: the document, its best sentence
+        assert r["document"] == teacher_contexts(texts[r["doc_id"]], [r["question"]], 1)[0]
+        assert r["document"].startswith(texts[r["doc_id"]] + "\n\n")
+    assert all(r["document"] == texts[r["doc_id"]] for r in rows if "restatement" in r)
+    assert manifest["config"]["relevant_sentences"] == 1
+    assert manifest["prompts"]["answer_user"].startswith(
+        "{document}\n\n{the question's best-matching sentences}")
+    # training's teacher reads the rows' context: it finds the states generation kept for them
+    # (at 14 of the 15 rows here; a row whose answer re-tokenises to other ids than were sampled
+    # runs the teacher itself, and question rows whose context differed from the teacher's
+    # would all be missed)
+    lora = TrainConfig(lora=LoraConfig(rank=4, alpha=8), batch_size=4, epochs=1, mesh=(1, 1, 1))
+    result = train(str(writer), out, tmp_path_factory.mktemp("relevant_train"), lora,
+                   progress=False)
+    assert result["teacher_rows_from_generation"] > len(rows) - len(questions)
 
 
 def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
