@@ -272,9 +272,7 @@ def test_the_teacher_reads_the_questions_best_sentences_again():
 
 def test_best_sentences_change_the_teachers_prompt_and_training_reads_it(
         writer, docs_file, default_run, tmp_path_factory):
-    from pdistill_jax.config import LoraConfig, TrainConfig
     from pdistill_jax.datagen.answers import teacher_contexts
-    from pdistill_jax.train.loop import train
 
     cfg = dataclasses.replace(CFG, relevant_sentences=1, restatements_per_doc=1,
                               max_restatement_tokens=6)
@@ -291,14 +289,21 @@ def test_best_sentences_change_the_teachers_prompt_and_training_reads_it(
     assert manifest["config"]["relevant_sentences"] == 1
     assert manifest["prompts"]["answer_user"].startswith(
         "{document}\n\n{the question's best-matching sentences}")
-    # training's teacher reads the rows' context: it finds the states generation kept for them
-    # (at 14 of the 15 rows here; a row whose answer re-tokenises to other ids than were sampled
-    # runs the teacher itself, and question rows whose context differed from the teacher's
-    # would all be missed)
-    lora = TrainConfig(lora=LoraConfig(rank=4, alpha=8), batch_size=4, epochs=1, mesh=(1, 1, 1))
-    result = train(str(writer), out, tmp_path_factory.mktemp("relevant_train"), lora,
-                   progress=False)
-    assert result["teacher_rows_from_generation"] > len(rows) - len(questions)
+    # training's teacher reads the rows' context: its teacher sequences are those generation
+    # kept states for (all but a row whose answer re-tokenises to other ids than were sampled;
+    # question rows whose context differed from the teacher's would all be missed)
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from pdistill_jax.datagen.teacher_states import (load_teacher_states, model_fingerprint,
+                                                     teacher_sequence_key)
+    from pdistill_jax.train.batches import tokenize_rows
+
+    examples = tokenize_rows(read_qa_rows(out), AutoTokenizer.from_pretrained(str(writer))).examples
+    keys = [teacher_sequence_key(model_fingerprint(writer), np.float32, e.teacher[:-1])
+            for e in examples]
+    found = load_teacher_states(out / "teacher_states", keys)
+    assert sum(k in found for k in keys) > len(rows) - len(questions)
 
 
 def test_a_looping_restatement_is_cut_before_the_loop_and_marked_unfinished():
