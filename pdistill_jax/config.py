@@ -674,9 +674,10 @@ class GenerateConfig:
     # The teacher reads, after the document and before the question, this many of the document's
     # sentences that match the question best (BM25 over its sentences, best first; datagen/
     # answers.py `teacher_contexts`); 0 = the document alone. A small teacher tends to recite the
-    # document's opening whatever the question; the sentences a question is about, read last,
-    # start its answer instead. The row's "document" is that context, so that training's teacher
-    # reads what generation's did. Restatements keep the document alone.
+    # document's opening whatever the question; read last, the sentences a question is about
+    # pull its answer toward them (on SmolLM2-135M this did not help the student: docs/
+    # results.md, "Where an answer's facts sit"). The row's "document" is that context, so that
+    # training's teacher reads what generation's did. Restatements keep the document alone.
     relevant_sentences: int = added_option(0)
     # Teacher restatements (datagen/restatements.py): this many requests per document ("List the
     # facts about <title>, one per line.", a summary, a description, ...; at most
