@@ -10,7 +10,7 @@ import numpy as np
 from pdistill_jax.config import GenerateConfig, SamplingParams
 from pdistill_jax.datagen.documents import Document, split_sentences
 from pdistill_jax.datagen.seeds import derive_seed
-from pdistill_jax.infer.retrieval import BM25Index
+from pdistill_jax.retrieval import BM25Index
 from pdistill_jax.weights.tokenizer import DOC_SEPARATOR, chat_prompt_ids, end_token_ids
 
 

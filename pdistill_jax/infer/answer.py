@@ -26,7 +26,7 @@ import numpy as np
 
 from pdistill_jax.config import CONTEXTS, AnswerConfig, differences, to_dict
 from pdistill_jax.files import Field, Schema, append_jsonl_durable, read_committed_jsonl, write_jsonl_atomic
-from pdistill_jax.infer.retrieval import BM25Index
+from pdistill_jax.retrieval import BM25Index
 from pdistill_jax.model.sampler import batch_rows, generate, generate_batches
 from pdistill_jax.model.sharding import barrier, check_peers, work_share
 from pdistill_jax.weights.load import LoadedModel

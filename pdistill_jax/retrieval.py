@@ -1,4 +1,6 @@
-"""BM25 retrieval over the document collection (bm25s: a small, well-kept, pure-Python library)."""
+"""BM25 retrieval over a list of texts: the documents RAG reads (infer/answer.py), the sentences
+of one document the teacher reads again (datagen/answers.py). bm25s: a small, well-kept,
+pure-Python library."""
 from __future__ import annotations
 
 import logging

@@ -1,7 +1,7 @@
 """BM25 retrieval: the best document first, and no library debug log on the user's terminal."""
 import logging
 
-from pdistill_jax.infer.retrieval import BM25Index
+from pdistill_jax.retrieval import BM25Index
 
 
 def test_bm25_finds_the_document_that_shares_the_query_words_and_logs_nothing(caplog):
