@@ -25,8 +25,8 @@ def teacher_contexts(document: str, questions: Sequence[str], count: int) -> lis
     `document` alone when count is 0 or it has one sentence. After the document, not before:
     a document's questions still share their prompt up to its end, which the sampler prefills
     once for all of them."""
-    sentences = split_sentences(document)
-    if not count or len(sentences) < 2:
+    sentences = split_sentences(document) if count else []
+    if len(sentences) < 2:
         return [document] * len(questions)
     best = BM25Index(sentences).search(questions, count)
     return [document + "\n\n" + " ".join(sentences[i] for i in picked) for picked in best]

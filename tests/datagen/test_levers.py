@@ -489,4 +489,8 @@ def test_a_lever_value_is_recorded_and_a_bad_one_is_one_line(tmp_path, capsys, d
                      "--paraphrases-per-question", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("paraphrases_per_question must be >= 0, got -1") and "\n" not in err
+    assert cli.main(["generate", "--docs", str(docs_file), "--out", str(tmp_path / "o"),
+                     "--relevant-sentences", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("relevant_sentences must be >= 0, got -1") and "\n" not in err
     assert not (tmp_path / "o").exists()
