@@ -477,6 +477,10 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
     weight_decay: float = 0.0
+    # The learning rate of every LoRA B matrix (the zero-initialised one) is lr times this; the A
+    # matrices keep lr. LoRA+ (Hayou, Ghosh & Yu, 2024) sets it near 16: the adapter then learns
+    # in fewer steps. 1 = one rate for both, as PEFT trains.
+    lora_b_lr_ratio: float = added_option(1.0)
     max_grad_norm: float = 1.0
     epochs: int = 10
     batch_size: int = 8
@@ -504,6 +508,12 @@ class TrainConfig:
     # ||h_T||_1 per token (deep context distillation's term, on the last layer, whose teacher
     # states the run already holds); 0 = off.
     hidden_weight: float = added_option(0.0)
+    # Context boost (context-aware decoding's contrast, as a distillation target): the teacher's
+    # logits become (1 + context_boost) x the teacher's - context_boost x the base model's on the
+    # student's own prompt (the question alone, adapter off), so the target leans further
+    # towards what the document changes. The LM head is linear, so the run mixes the two final
+    # hidden states once per row (train/context_boost.py); 0 = the teacher as it is.
+    context_boost: float = added_option(0.0)
     # Weight of the retention regulariser: forward KL(base || student) on the base model's own
     # greedy answers to general prompts, added to the loss (train/retention.py); 0 = off.
     retention_weight: float = added_option(0.0)
@@ -528,7 +538,7 @@ class TrainConfig:
         coerce_fields(self)  # a `lora` dict becomes a LoraConfig here
         check_choice(self, "objective", OBJECTIVES)
         check_choice(self, "compute_dtype", COMPUTE_DTYPES)
-        for name in ("tau", "lr", "max_grad_norm"):
+        for name in ("tau", "lr", "max_grad_norm", "lora_b_lr_ratio"):
             check_range(self, name, 0, low_open=True)
         check_range(self, "jsd_beta", 0, 1)
         check_range(self, "warmup_ratio", 0, 1, high_open=True)
@@ -546,6 +556,11 @@ class TrainConfig:
         if self.hidden_weight and self.objective == "ce":
             raise _fail("hidden_weight", "0 with objective ce (SFT has no teacher; hidden_weight "
                         "adds a term to kl, reverse_kl or jsd)", self.hidden_weight)
+        check_range(self, "context_boost", 0)
+        if self.context_boost and self.objective == "ce":
+            raise _fail("context_boost", "0 with objective ce (SFT has no teacher to boost; "
+                        "context_boost changes the target of kl, reverse_kl or jsd)",
+                        self.context_boost)
         check_range(self, "retention_weight", 0)
         check_range(self, "retention_batch_size", 1)
         check_range(self, "open_book_share", 0, 1)

@@ -40,6 +40,7 @@ def files_under(path: Path) -> list[str]:
     ({"warmup_ratio": 1.0}, "warmup_ratio must be in [0, 1), got 1.0"),
     ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
     ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0, got 0.0"),
+    ({"lora_b_lr_ratio": 0.0}, "lora_b_lr_ratio must be > 0, got 0.0"),
     ({"epochs": 0}, "epochs must be >= 1, got 0"),
     ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
     ({"grad_accum": -1}, "grad_accum must be >= 1, got -1"),

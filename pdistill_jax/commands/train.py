@@ -18,9 +18,9 @@ from . import (add_model_argument, add_no_progress_argument, add_recipe_argument
 
 _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
-TRAIN_FLAGS = ("objective", "tau", "lr", "epochs", "batch_size", "grad_accum", "seed",
+TRAIN_FLAGS = ("objective", "tau", "lr", "lora_b_lr_ratio", "epochs", "batch_size", "grad_accum", "seed",
                "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
-               "ce_weight", "hidden_weight", "retention_weight", "retention_prompts",
+               "ce_weight", "hidden_weight", "context_boost", "retention_weight", "retention_prompts",
                "retention_batch_size", "open_book_share", "dev_share", "eval_every",
                "early_stop_patience")
 LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kl = KL(teacher||student) (prompt distillation); ce = SFT baseline "
                         f"{default('objective')}")
     p.add_argument("--tau", type=float, help=f"distillation temperature {default('tau')}")
+    p.add_argument("--lora-b-lr-ratio", type=float,
+                   help="the LoRA B matrices learn at this x the learning rate, the A matrices at "
+                        f"it (LoRA+ uses about 16) {default('lora_b_lr_ratio')}")
     p.add_argument("--ce-weight", type=float,
                    help="add this x the student's cross-entropy on the answer tokens to a "
                         f"distillation objective {default('ce_weight')}")
@@ -53,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add this x |h_student - h_teacher|_1 / |h_teacher|_1 on the final hidden "
                         f"states at the answer tokens to a distillation objective "
                         f"{default('hidden_weight')}")
+    p.add_argument("--context-boost", type=float,
+                   help="distil towards (1 + this) x the teacher's logits - this x the base "
+                        "model's on the question alone: the target leans further towards what "
+                        f"the document changes {default('context_boost')}")
     p.add_argument("--retention-weight", type=float,
                    help="add this x KL(base || student) on the base model's own answers to "
                         f"--retention-prompts {default('retention_weight')}")

@@ -206,6 +206,31 @@ def _fit(n: int, widths: Sequence[int] | None, minimum: int = 32) -> int:
     return next((w for w in widths or () if w >= n), None) or bucket_length(n, minimum)
 
 
+def states_per_row(examples: Sequence[Example], rows: int, length, keys: Sequence[str],
+                   states_fn, to_global, keep, pad_id: int = 0, student_prefix: int = 0
+                   ) -> list[np.ndarray]:
+    """What a frozen pass computes for each example, computed once: `states_fn` over batches of
+    `rows` examples of similar `length(example)` (little padding), each batch `collate`d, cut
+    to `keys` and made global by `to_global`; row r of its (rows, N, D) result, gathered from
+    every process, keeps its first `keep(example)` entries. The caches of the teacher's states,
+    the frozen lower layers' and the closed-book states are all this loop."""
+    import jax
+
+    order = np.argsort([length(e) for e in examples], kind="stable")
+    out: list[np.ndarray | None] = [None] * len(examples)
+    for start in range(0, len(order), rows):
+        idx = order[start:start + rows]
+        batch = collate(examples, idx, rows, pad_id, student_prefix=student_prefix)
+        states = states_fn(to_global({k: batch[k] for k in keys}))
+        if jax.process_count() > 1:
+            from jax.experimental.multihost_utils import process_allgather
+            states = process_allgather(states, tiled=True)
+        states = np.asarray(states)
+        for r, i in enumerate(idx):
+            out[i] = states[r, :keep(examples[i])].copy()
+    return out  # type: ignore[return-value]
+
+
 def collate(examples: Sequence[Example], indices: Sequence[int], rows: int,
             pad_id: int = 0, student_prefix: int = 0,
             student_widths: Sequence[int] | None = None,

@@ -504,7 +504,29 @@ def _teacher_cache(run: Run, state, examples=None, what: str = "rows") -> Teache
               f"{len(cache) - reused}" if reused else f"teacher run once over {len(cache)} {what}")
     _log.info(f"{source}: its hidden states at the answer positions kept ({need / 2**20:.0f} MiB) "
               f"in {seconds:.0f} s")
+    if cfg.context_boost:
+        cache = _boosted(run, state, examples, cache, what)
+        seconds = time.perf_counter() - start
     return TeacherCache(cache, round(seconds, 3), reused)
+
+
+def _boosted(run: Run, state, examples, teacher: list, what: str) -> list:
+    """The teacher cache turned into context_boost's targets: the base model runs once over
+    every row's student prompt (train/context_boost.py)."""
+    from pdistill_jax.model.sharding import global_batch
+    from pdistill_jax.train.context_boost import boost_cache, compute_closed_book_cache
+    from pdistill_jax.train.step import make_closed_book_hidden
+
+    start = time.perf_counter()
+    hidden_fn = make_closed_book_hidden(run.graphdef, run.mesh, run.data.student_prefix)
+    closed_book = compute_closed_book_cache(
+        examples, run.cfg.batch_size, lambda batch: hidden_fn(state.lora, run.base, batch),
+        lambda batch: global_batch(_local_rows(batch), run.mesh), run.data.pad_id,
+        len(run.data.student_prefix))
+    _log.info(f"context_boost={run.cfg.context_boost:g}: the base model run once over {len(examples)} "
+              f"{what} without their documents, their targets mixed, in "
+              f"{time.perf_counter() - start:.0f} s")
+    return boost_cache(teacher, closed_book, run.cfg.context_boost)
 
 
 def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -84,14 +84,27 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
          optax.linear_schedule(cfg.lr, 0.0, max(total - warmup, 1))], [warmup])
 
 
+def scale_lora_b(ratio: float) -> optax.GradientTransformation:
+    """Multiplies the updates of every LoRA B leaf (`lora_b`, `lm_head_lora_b`) by `ratio`: after
+    AdamW this is a learning rate `ratio` times larger for B than for A (LoRA+)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * ratio if "lora_b" in jax.tree_util.keystr(path) else u,
+            updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with clipping on the LoRA leaves; every other leaf gets a zero update (frozen)."""
+    """AdamW with clipping on the LoRA leaves, B's updates scaled by lora_b_lr_ratio (LoRA+);
+    every other leaf gets a zero update (frozen)."""
     adamw = optax.inject_hyperparams(optax.adamw)(  # injected: the lr in use is read back as a metric
         learning_rate=lr_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
-    return optax.multi_transform(
-        {"lora": optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw),
-         "frozen": optax.set_to_zero()},
-        lora_labels)
+    lora = [optax.clip_by_global_norm(cfg.max_grad_norm), adamw]
+    if cfg.lora_b_lr_ratio != 1.0:
+        lora.append(scale_lora_b(cfg.lora_b_lr_ratio))
+    return optax.multi_transform({"lora": optax.chain(*lora), "frozen": optax.set_to_zero()},
+                                 lora_labels)
 
 
 def current_lr(opt_state: optax.OptState) -> jax.Array:
@@ -167,6 +180,26 @@ def student_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()
         return model(tokens, positions, key_valid, prefix=kv, use_lora=True, lower=lower)[0]
 
     return _with_prefix(run, model, batch, prefix)
+
+
+def closed_book_hidden(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()) -> jax.Array:
+    """The base model's (adapter off) final hidden states over the student's prompt at the
+    answer positions, (B, A, D): what the model says without the document, which context_boost
+    contrasts with the teacher."""
+    lower = batch.get(STUDENT_LOWER)  # the frozen lower layers are adapter-free either way
+
+    def run(tokens, positions, key_valid, kv):
+        return model(tokens, positions, key_valid, prefix=kv, use_lora=False, lower=lower)[0]
+
+    return _gather(_with_prefix(run, model, batch, prefix, use_lora=False), batch["student_pos"])
+
+
+def boosted_target(teacher: jax.Array, closed_book: jax.Array, boost: float) -> jax.Array:
+    """(1 + boost) x teacher - boost x closed_book: final hidden states whose logits are the same
+    mix of the two models' logits, since the LM head is linear (with a bias, the weights still
+    sum to one). The extrapolation runs in float32 whatever the compute dtype."""
+    mixed = (1.0 + boost) * teacher.astype(jnp.float32) - boost * closed_book.astype(jnp.float32)
+    return mixed.astype(teacher.dtype)
 
 
 def student_lower(model: Transformer, batch: dict, prefix: tuple[int, ...] = ()) -> jax.Array:
@@ -259,7 +292,7 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
     the computation is exactly the plain objective's.
     """
     objective, tau, alpha, weight = cfg.objective, cfg.tau, cfg.ce_weight, cfg.retention_weight
-    hidden_weight = cfg.hidden_weight
+    hidden_weight, boost = cfg.hidden_weight, cfg.context_boost
     prefix = tuple(int(i) for i in student_prefix)
     retention_ids = tuple(int(i) for i in retention_prefix)
 
@@ -274,7 +307,12 @@ def make_loss_sums(graphdef: nnx.GraphDef, cfg: TrainConfig, loss_chunk: int | N
                 lambda h, t: losses.cross_entropy_per_token(model.logits(h, True), t),
                 (h_s, batch["targets"]), chunk)
         else:
-            h_t = batch[TEACHER_HIDDEN] if TEACHER_HIDDEN in batch else teacher_hidden(model, batch)
+            if TEACHER_HIDDEN in batch:  # the cache holds the boosted target already
+                h_t = batch[TEACHER_HIDDEN]
+            else:
+                h_t = teacher_hidden(model, batch)
+                if boost:
+                    h_t = boosted_target(h_t, closed_book_hidden(model, batch, prefix), boost)
             h_t = jax.lax.stop_gradient(h_t.astype(model.dtype))
             token_loss = _distill_token_loss(cfg)
             if alpha:
@@ -511,6 +549,20 @@ def make_student_lower(graphdef: nnx.GraphDef, mesh: Mesh, student_prefix: Seque
 
     jitted = _jit_on_mesh(lower, mesh, batch_sharding(mesh))
     keys = ("student_tokens", "student_valid")
+    return lambda lora, base, batch: jitted(lora, base, {k: batch[k] for k in keys})
+
+
+def make_closed_book_hidden(graphdef: nnx.GraphDef, mesh: Mesh, student_prefix: Sequence[int] = ()
+                            ) -> Callable[[nnx.State, nnx.State, dict], jax.Array]:
+    """(lora, base, batch) -> `closed_book_hidden` states (B, A, D), sharded over the batch like
+    it; `student_prefix` as for `make_loss_sums`."""
+    prefix = tuple(int(i) for i in student_prefix)
+
+    def hidden(lora, base, batch):
+        return closed_book_hidden(nnx.merge(graphdef, lora, base), batch, prefix)
+
+    jitted = _jit_on_mesh(hidden, mesh, batch_sharding(mesh))
+    keys = ("student_tokens", "student_valid", "student_pos")
     return lambda lora, base, batch: jitted(lora, base, {k: batch[k] for k in keys})
 
 

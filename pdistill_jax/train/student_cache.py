@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from pdistill_jax.train.batches import Example, collate
+from pdistill_jax.train.batches import Example, states_per_row
 from pdistill_jax.train.step import STUDENT_LOWER
 
 
@@ -33,19 +33,9 @@ def compute_student_cache(examples: Sequence[Example], rows: int,
     shared prefix, (tokens, D). lower_fn maps a global batch of `rows` rows to (rows, Ts, D)
     (step.make_student_lower with the state bound); to_global as in compute_teacher_cache.
     Rows of similar length are batched together, so padding stays small."""
-    order = np.argsort([len(e.student) for e in examples], kind="stable")
-    cache: list[np.ndarray | None] = [None] * len(examples)
-    for start in range(0, len(order), rows):
-        idx = order[start:start + rows]
-        batch = collate(examples, idx, rows, pad_id, student_prefix=student_prefix)
-        states = lower_fn(to_global({k: batch[k] for k in ("student_tokens", "student_valid")}))
-        if jax.process_count() > 1:
-            from jax.experimental.multihost_utils import process_allgather
-            states = process_allgather(states, tiled=True)
-        states = np.asarray(states)
-        for r, i in enumerate(idx):
-            cache[i] = states[r, :len(examples[i].student) - student_prefix].copy()
-    return cache  # type: ignore[return-value]
+    return states_per_row(examples, rows, lambda e: len(e.student),
+                          ("student_tokens", "student_valid"), lower_fn, to_global,
+                          lambda e: len(e.student) - student_prefix, pad_id, student_prefix)
 
 
 def attach_student_lower(batch: dict[str, np.ndarray], indices: Sequence[int],

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pdistill_jax.train.batches import Example, collate
+from pdistill_jax.train.batches import Example, collate, states_per_row
 from pdistill_jax.model.prefill import pack_prefill, plan_prefill, prefill, prefill_rows
 from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS
 
@@ -42,19 +42,8 @@ def compute_teacher_cache(examples: Sequence[Example], rows: int,
     with the state bound); to_global turns the numpy batch into global arrays (this process's rows).
     Rows of similar teacher length are batched together, so padding stays small.
     """
-    order = np.argsort([len(e.teacher) for e in examples], kind="stable")
-    cache: list[np.ndarray | None] = [None] * len(examples)
-    for start in range(0, len(order), rows):
-        idx = order[start:start + rows]
-        batch = collate(examples, idx, rows, pad_id)
-        hidden = hidden_fn(to_global({k: batch[k] for k in TEACHER_KEYS}))
-        if jax.process_count() > 1:
-            from jax.experimental.multihost_utils import process_allgather
-            hidden = process_allgather(hidden, tiled=True)
-        hidden = np.asarray(hidden)
-        for r, i in enumerate(idx):
-            cache[i] = hidden[r, :len(examples[i].targets)].copy()
-    return cache  # type: ignore[return-value]
+    return states_per_row(examples, rows, lambda e: len(e.teacher), TEACHER_KEYS, hidden_fn,
+                          to_global, lambda e: len(e.targets), pad_id)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

@@ -12,8 +12,8 @@ from pdistill_jax.model import losses
 from pdistill_jax.train.batches import Example
 from pdistill_jax.train.retention import RetentionBatches
 from pdistill_jax.train.step import (RETENTION_HIDDEN, TEACHER_HIDDEN, TEACHER_KEYS,
-                                    make_train_step, retention_sums, student_hidden,
-                                    teacher_hidden)
+                                    boosted_target, closed_book_hidden, make_train_step,
+                                    retention_sums, student_hidden, teacher_hidden)
 from pdistill_jax.weights.load import load_model
 from test_step import random_batch, run_steps, setup, train_config
 
@@ -128,6 +128,37 @@ def test_hidden_weight_alone_pulls_the_student_states_towards_the_teachers(tiny_
     assert hist[-1]["hidden_loss"] < 0.8 * hist[0]["hidden_loss"]
 
 
+def test_context_boost_distils_towards_the_mixed_logits_cached_or_not(tiny_lora):
+    """The target is softmax((1 + a) z_teacher - a z_base(question alone)): computed here on full
+    logits, in logit space, against the step's mix of hidden states (one LM head, linear), with
+    the teacher computed in the step or the mixed states brought by the batch (the cache)."""
+    boost = 0.5
+    cfg = train_config(context_boost=boost)
+    loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+    batch = random_batch(17, loaded.cfg.vocab_size, 4)
+    batch["target_mask"][1] = False  # a filler row
+    model = nnx.merge(graphdef, jax.tree.map(np.array, state.lora), base)
+    h_t, h_b = teacher_hidden(model, batch), closed_book_hidden(model, batch)
+    np.testing.assert_allclose(  # the base without the document = the student at step 0 (B = 0)
+        np.asarray(h_b), take(student_hidden(model, batch), batch["student_pos"]), atol=1e-5)
+    target = (1 + boost) * model.logits(h_t, False) - boost * model.logits(h_b, False)
+    student = model.logits(h_b, True)
+    kl_sum, rows = losses.sequence_sums(losses.forward_kl_per_token(target, student, cfg.tau),
+                                        batch["target_mask"])
+    plain_sum, _ = losses.sequence_sums(
+        losses.forward_kl_per_token(model.logits(h_t, False), student, cfg.tau), batch["target_mask"])
+    kl, plain = float(kl_sum / rows), float(plain_sum / rows)
+    assert kl > 1.5 * plain > 0  # the boost moves the target further from the student
+
+    cached = {k: v for k, v in batch.items() if k not in TEACHER_KEYS}
+    cached[TEACHER_HIDDEN] = np.asarray(boosted_target(h_t, h_b, boost))
+    for b in (batch, cached):
+        _, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        _, (m,) = run_steps(make_train_step(graphdef, opt, cfg, mesh), state, base, b, 1)
+        assert set(m) == BASE_KEYS
+        assert m["loss"] == pytest.approx(kl, rel=1e-4)
+
+
 def retention_rows(vocab: int, n: int = 6, seed: int = 3) -> list[Example]:
     """Examples whose teacher sequence is the student sequence (prompt + answer + end)."""
     rng = np.random.default_rng(seed)
@@ -214,6 +245,8 @@ def test_retention_rows_cycle_deterministically_from_seed_and_step():
     (dict(objective="ce", ce_weight=0.5), "ce_weight must be 0 with objective ce"),
     (dict(hidden_weight=-1.0), "hidden_weight must be >= 0"),
     (dict(objective="ce", hidden_weight=0.5), "hidden_weight must be 0 with objective ce"),
+    (dict(context_boost=-0.5), "context_boost must be >= 0"),
+    (dict(objective="ce", context_boost=0.5), "context_boost must be 0 with objective ce"),
     (dict(retention_weight=-1.0, retention_prompts="x"), "retention_weight must be >= 0"),
     (dict(retention_weight=0.5), "retention_prompts must be a JSONL"),
     (dict(retention_batch_size=0), "retention_batch_size must be >= 1"),

@@ -166,6 +166,31 @@ def test_grad_accum_equals_full_batch(tiny_lora):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
+def test_lora_b_lr_ratio_scales_the_b_updates_only(tiny_lora):
+    # B starts at zero, so the first step moves B only (A's gradient is zero there): with the
+    # ratio, that step's B is `ratio` times the plain run's, and A stays where it started.
+    batch = random_batch(4, 384, 4)
+    paths = lambda tree: {jax.tree_util.keystr(p): np.array(x)
+                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    runs = {}
+    for ratio in (1.0, 4.0):
+        cfg = train_config(lr=1e-3, max_grad_norm=1e9, lora_b_lr_ratio=ratio)
+        loaded, mesh, graphdef, base, state, opt = setup(tiny_lora, cfg)
+        start = paths(state.lora)  # before the step, which donates the state's buffers
+        state, _ = make_train_step(graphdef, opt, cfg, mesh)(state, base, batch)
+        runs[ratio] = paths(state.lora)
+    plain, plus = runs[1.0], runs[4.0]
+    b_paths = [p for p in start if "lora_b" in p]
+    assert b_paths and len(b_paths) == len(start) // 2
+    for p in start:
+        if "lora_b" in p:
+            assert np.abs(plain[p]).max() > 0
+            np.testing.assert_allclose(plus[p], 4.0 * plain[p], rtol=1e-5, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(plain[p], start[p])
+            np.testing.assert_array_equal(plus[p], start[p])
+
+
 @pytest.mark.parametrize("objective", ["kl", pytest.param("ce", marks=pytest.mark.slow)])
 def test_a_shared_student_prefix_run_once_trains_as_in_every_row(tiny_lora, objective):
     # The prefix's keys/values are computed for one row and read by all: same losses, same
