@@ -18,11 +18,11 @@ from . import (add_model_argument, add_no_progress_argument, add_recipe_argument
 
 _log = logger("train")
 # The TrainConfig and LoraConfig fields that have a flag of the same name.
-TRAIN_FLAGS = ("objective", "tau", "lr", "lora_b_lr_ratio", "epochs", "batch_size", "grad_accum", "seed",
-               "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
-               "ce_weight", "hidden_weight", "context_boost", "retention_weight", "retention_prompts",
-               "retention_batch_size", "open_book_share", "dev_share", "eval_every",
-               "early_stop_patience")
+TRAIN_FLAGS = ("objective", "tau", "lr", "lora_b_lr_ratio", "epochs", "batch_size", "grad_accum",
+               "seed", "compute_dtype", "remat", "system", "max_seq_len", "save_every", "mesh",
+               "ce_weight", "hidden_weight", "context_boost", "retention_weight",
+               "retention_prompts", "retention_batch_size", "open_book_share", "dev_share",
+               "eval_every", "early_stop_patience")
 LORA_FLAGS = ("rank", "alpha", "targets", "first_layer")
 
 

@@ -523,8 +523,8 @@ def _boosted(run: Run, state, examples, teacher: list, what: str) -> list:
         examples, run.cfg.batch_size, lambda batch: hidden_fn(state.lora, run.base, batch),
         lambda batch: global_batch(_local_rows(batch), run.mesh), run.data.pad_id,
         len(run.data.student_prefix))
-    _log.info(f"context_boost={run.cfg.context_boost:g}: the base model run once over {len(examples)} "
-              f"{what} without their documents, their targets mixed, in "
+    _log.info(f"context_boost={run.cfg.context_boost:g}: the base model run once over "
+              f"{len(examples)} {what} without their documents, their targets mixed, in "
               f"{time.perf_counter() - start:.0f} s")
     return boost_cache(teacher, closed_book, run.cfg.context_boost)
 

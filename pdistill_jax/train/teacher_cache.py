@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pdistill_jax.train.batches import Example, collate, states_per_row
+from pdistill_jax.train.batches import Example, states_per_row
 from pdistill_jax.model.prefill import pack_prefill, plan_prefill, prefill, prefill_rows
 from pdistill_jax.train.step import TEACHER_HIDDEN, TEACHER_KEYS
 
